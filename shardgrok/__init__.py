@@ -1,0 +1,8 @@
+"""shardgrok: GrokAdamW and SuperGrok for PyTorch, with ZeRO-style sharded state."""
+from .gradfilters import gradfilter_ema, gradfilter_ma
+from .metanet import SimpleMetaNet
+from .optim import GrokAdamW, SuperGrok
+
+__version__ = "0.1.0"
+__all__ = ["GrokAdamW", "SuperGrok", "SimpleMetaNet", "gradfilter_ema", "gradfilter_ma",
+           "__version__"]

@@ -1,0 +1,104 @@
+"""SuperGrok's bilevel meta-net training: the one-step look-ahead hypergradient.
+
+Objective (DESIGN.md §1, SuperGrok 7): F(phi) = L_val(theta - lr * smart_phi(g)), with g the
+training gradient and smart_phi(g) = rescale * ||g|| * h / ||h||, h = exp(f_phi(g)) * g. Since
+theta' depends on phi only through smart,
+
+    dF/dphi = -lr * sum_i  d/dphi <v_i, smart_i(phi)>,    v = grad L_val(theta')  (held fixed)
+
+and for one tensor, with A = <v, h>, H = ||h||, G = ||g||:  <v, smart> = rescale * G * A / H.
+A and H^2 are sums over elements, so each rank differentiates only its own elements:
+
+    J_local = rescale * G * (A_local / H - A * (H2_local - stopgrad(H2_local)) / (2 H^3))
+
+with A, H the reduced values (constants). Summed over ranks, J has the value rescale * G * A / H
+and exactly its gradient. The MLP is re-run chunk by chunk under autograd and each chunk's part
+is backpropagated at once, so memory stays at one chunk's activations.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from . import metanet as M
+from .reference import ACC
+
+if TYPE_CHECKING:
+    from .optim.supergrok import SuperGrok
+
+
+def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
+                  lookahead_lr: float | None) -> float | None:
+    net = opt.meta_net
+    segs = opt._layout.segments(opt)
+    if not segs:
+        raise RuntimeError("SuperGrok.meta_step needs the training gradients in p.grad; no "
+                           "parameter has a gradient (call loss.backward() first)")
+    n = opt._layout.num_tensors(opt)
+    reduce_ = opt._reducer.all_reduce_
+
+    with torch.no_grad():
+        hs = [M.masked_grad(net, s.grad) for s in segs]
+        sums = torch.zeros(n, 2, dtype=ACC)
+        for s, h in zip(segs, hs):
+            sums[s.index, 0] += torch.dot(s.grad.reshape(-1).to(ACC), s.grad.reshape(-1).to(ACC)).cpu()
+            sums[s.index, 1] += torch.dot(h.to(ACC), h.to(ACC)).cpu()
+        reduce_(sums)
+        g_norm, h_norm = sums[:, 0].sqrt(), sums[:, 1].sqrt()
+        rescale = float(M.rescale_of(net))
+        lrs = [float(opt.param_groups[s.group]["lr"]) if lookahead_lr is None else lookahead_lr
+               for s in segs]
+        saved = [s.param.detach().clone() for s in segs]
+
+    try:
+        with torch.no_grad():
+            for s, h, lr in zip(segs, hs, lrs):
+                if h_norm[s.index] > 0:
+                    scale = rescale * float(g_norm[s.index] / h_norm[s.index])
+                    s.param.sub_(h.view_as(s.param).to(s.param.dtype), alpha=lr * scale)
+        with torch.enable_grad():
+            val_loss = val_closure()
+            if not isinstance(val_loss, torch.Tensor) or not val_loss.requires_grad:
+                raise TypeError("val_closure must return the validation loss as a tensor that "
+                                "requires grad (do not call backward or .item() on it)")
+            vs = torch.autograd.grad(val_loss, [s.param for s in segs], allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for s, p0 in zip(segs, saved):
+                s.param.copy_(p0)
+
+    with torch.no_grad():
+        vs = [torch.zeros_like(s.param) if v is None else v for s, v in zip(segs, vs)]
+        dots = torch.zeros(n, 2, dtype=ACC)
+        for s, v, h in zip(segs, vs, hs):
+            dots[s.index, 0] += torch.dot(v.reshape(-1).to(ACC), h.to(ACC)).cpu()
+        dots[0, 1] = float(val_loss.detach())
+        reduce_(dots)
+        loss_value = float(dots[0, 1]) / opt._reducer.world_size
+    if not torch.isfinite(dots).all():
+        opt._reject("non-finite validation loss or gradient in meta_step", None)
+        return None
+
+    device, dtype = M.net_device_dtype(net)
+    dtype = torch.promote_types(dtype, torch.float32)
+    for s, v, lr in zip(segs, vs, lrs):
+        i = s.index
+        H = float(h_norm[i])
+        if H == 0.0:
+            continue
+        A = float(dots[i, 0])
+        k = -lr * float(g_norm[i])
+        flat_g, flat_v = s.grad.reshape(-1), v.reshape(-1)
+        for a in range(0, flat_g.numel(), M.CHUNK):
+            g = flat_g[a:a + M.CHUNK].to(device=device, dtype=dtype)
+            h = torch.exp(M.log_mask(net, g)) * g
+            h2 = (h * h).sum()
+            v = flat_v[a:a + M.CHUNK].to(device=device, dtype=dtype)
+            part = (v * h).sum() / H - A * (h2 - h2.detach()) / (2 * H ** 3)
+            j = M.rescale_of(net) * (k * part)
+            if isinstance(j, torch.Tensor) and j.requires_grad:
+                j.backward()
+    opt._reducer.all_reduce_grads_(net)
+    return loss_value

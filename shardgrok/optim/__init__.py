@@ -1,0 +1,5 @@
+from .base import GrokOptimizerBase
+from .grokadamw import GrokAdamW
+from .supergrok import SuperGrok
+
+__all__ = ["GrokOptimizerBase", "GrokAdamW", "SuperGrok"]

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .. import _validation as V
+from .. import reference as R
+from .base import GrokOptimizerBase, StepInputs
+
+SignalFn = Callable[[], Any]
+
+GROKADAMW_SPECS: dict[str, V.Check] = {
+    "lr": V.real(0.0),
+    "betas": V.betas,
+    "eps": V.real(0.0),
+    "weight_decay": V.real(0.0),
+    "alpha_init": V.real(0.0, 1.0, hi_open=True),
+    "lamb": V.real(0.0),
+    "gamma": V.real(0.0, 1.0, hi_open=True),
+    "grokking_signal_decay_rate": V.real(0.0),
+    "gradient_clipping": V.real(0.0),
+    "layer_index": V.optional(V.integer(0)),
+}
+
+
+def _signal_fns(fns: SignalFn | Sequence[SignalFn] | None, fn: SignalFn | None) -> list[SignalFn]:
+    if fns is not None and fn is not None:
+        raise ValueError("pass either grokking_signal_fns (a list) or grokking_signal_fn (one "
+                         "function), not both")
+    if fn is not None:
+        fns = [fn]
+    if fns is None:
+        return []
+    if callable(fns):
+        fns = [fns]
+    fns = list(fns)
+    for i, f in enumerate(fns):
+        if not callable(f):
+            raise TypeError(f"grokking_signal_fns[{i}] must be a callable taking no arguments and "
+                            f"returning a number or None, got {type(f).__name__}")
+    return fns
+
+
+class GrokAdamW(GrokOptimizerBase):
+    r"""AdamW with Grokfast's slow-gradient amplification (seed 000, DESIGN.md §1).
+
+    Per step, with GS the mean of the grokking signals (averaged over ranks)::
+
+        alpha  = clamp(alpha_init * exp(-grokking_signal_decay_rate * GS), 0, 1 - 1e-8)
+        g      = g * min(1, gradient_clipping / (||g_all||_2 + 1e-6))     # global norm
+        mu     = alpha * mu + (1 - alpha) * g                              # mu starts at 0
+        g_hat  = g + lamb * mu
+        m      = beta1_l * m + (1 - beta1_l) * g_hat,  beta1_l = beta1 * (1 - gamma)^l
+        v      = beta2 * v + (1 - beta2) * g_hat^2
+        theta -= lr * (m / (1 - beta1^t) / (sqrt(v / (1 - beta2^t)) + eps) + weight_decay * theta)
+
+    ``l`` is the tensor's index over all param groups in construction order, unless its group
+    sets ``layer_index``. ``p.grad`` is read, never modified. Where this differs from the
+    ``grokadamw`` 0.1.2 package, see docs/algorithms.md.
+
+    Args:
+        grokking_signal_fns: callables taking no arguments and returning a number (or None to
+            abstain); their mean is GS. ``grokking_signal_fn=`` accepts a single one.
+        nonfinite: ``"skip"`` (default) or ``"raise"``: what a step does when a gradient is
+            NaN/Inf or a signal function raises or returns NaN/Inf. Either way no parameter or
+            state is changed.
+    """
+
+    SPECS = GROKADAMW_SPECS
+    STATS = R.GROKADAMW_STATS
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, alpha_init: float = 0.98,
+                 lamb: float = 2.0, gamma: float = 0.1,
+                 grokking_signal_fns: Sequence[SignalFn] | None = None,
+                 grokking_signal_decay_rate: float = 0.1, gradient_clipping: float = 1.0, *,
+                 grokking_signal_fn: SignalFn | None = None, nonfinite: str = "skip"):
+        self.grokking_signal_fns = _signal_fns(grokking_signal_fns, grokking_signal_fn)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        alpha_init=alpha_init, lamb=lamb, gamma=gamma,
+                        grokking_signal_decay_rate=grokking_signal_decay_rate,
+                        gradient_clipping=gradient_clipping, layer_index=None)
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One optimizer step; returns ``closure()``'s value when a closure is given."""
+        return self._step(closure, self._signal_inputs)
+
+    def _signal_inputs(self) -> StepInputs:
+        values = []
+        for i, fn in enumerate(self.grokking_signal_fns):
+            try:
+                v = fn()
+                if v is None:
+                    continue
+                v = float(v)
+            except Exception as e:  # the policy decides: skip the step or raise
+                return StepInputs([0.0, 0.0], f"grokking_signal_fns[{i}] raised {e!r}", e)
+            if not math.isfinite(v):
+                return StepInputs([0.0, 0.0], f"grokking_signal_fns[{i}] returned {v}")
+            values.append(v)
+        if not values:
+            return StepInputs([0.0, 0.0])
+        return StepInputs([sum(values) / len(values), 1.0])
+
+    def _phase1(self, segs, n):
+        return self._scatter_stats(segs, [R.grokadamw_partial_stats(s.grad) for s in segs], n, 1), None
+
+    def _phase2(self, segs, stats, values, aux) -> dict[str, Any]:
+        signal_sum, signal_ranks = values
+        signal = signal_sum / signal_ranks if signal_ranks else None
+        norm_sq = float(stats[:, 0].sum())
+        alphas, coefs = [], []
+        for group in self.param_groups:
+            alphas.append(R.alpha_from_signal(group["alpha_init"],
+                                              group["grokking_signal_decay_rate"], signal))
+            coefs.append(R.clip_coefficient(group["gradient_clipping"], norm_sq))
+        for s in segs:
+            group = self.param_groups[s.group]
+            k = R.GrokAdamWScalars(
+                adam=R.adam_scalars(group, s.layer, int(s.state["step"]),
+                                    layerwise_bias_correction=False),
+                grad_scale=coefs[s.group], alpha=alphas[s.group], lamb=float(group["lamb"]))
+            R.grokadamw_update_(s.param, s.grad, s.state["exp_avg"], s.state["exp_avg_sq"],
+                                s.state["mu"], k=k)
+        return {"grokking_signal": signal, "alpha": alphas[0], "alphas": alphas,
+                "grad_norm": math.sqrt(norm_sq), "last_clip_coef": min(coefs),
+                "last_clip_coefs": coefs}
+
+    def get_alpha(self) -> float:
+        """alpha used at the last step (first param group); alpha_init before any step."""
+        return self._last_report.get("alpha", R.alpha_from_signal(self.param_groups[0]["alpha_init"], 0.0, None))

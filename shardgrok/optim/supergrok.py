@@ -1,0 +1,213 @@
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .. import _validation as V
+from .. import reference as R
+from ..bilevel import meta_gradient
+from ..metanet import SimpleMetaNet, check_elementwise, masked_grad, rescale_of
+from .base import GrokOptimizerBase, StepInputs
+from .grokadamw import GROKADAMW_SPECS
+
+SUPERGROK_SPECS: dict[str, V.Check] = {
+    **{k: v for k, v in GROKADAMW_SPECS.items() if k != "grokking_signal_decay_rate"},
+    "kappa": V.real(0.0),
+    "warmup_steps": V.integer(0),
+}
+
+ZERO_LOSS = 1e-6       # train_loss below this -> the zero-loss signal (Rule 3)
+ZERO_LOSS_SIGNAL = 10.0
+
+
+def loss_signal(train_loss: float, val_loss: float) -> float:
+    """SuperGrok's grokking signal: (val - train) / train, or 10 once train loss is ~0."""
+    if train_loss < ZERO_LOSS:
+        return ZERO_LOSS_SIGNAL
+    return (val_loss - train_loss) / train_loss
+
+
+class SuperGrok(GrokOptimizerBase):
+    r"""GrokAdamW's AdamW base, a learned per-element gradient transform (NeuralGrok) and a
+    cosine-gated Grokfast amplification (seed 001, DESIGN.md §1).
+
+    Per step, per tensor::
+
+        alpha  = clamp(alpha_init * exp(-kappa * signal), 0, 1 - 1e-8)    # cached signal
+        mu     = alpha * mu + (1 - alpha) * g           # raw g; mu starts at the first g
+        h      = exp(f(g)) * g,  f = meta_net(g) per element, clamped to [-20, 20]
+        smart  = rescale * ||g|| * h / ||h||
+        final  = smart + lamb * mu   if step > warmup_steps and cos(smart, mu) > 0 else smart
+        final *= min(1, gradient_clipping / (||final_group||_2 + 1e-6))   # per param group
+        AdamW on final with beta1_l = beta1 * (1 - gamma)^l, bias-corrected with beta1_l
+
+    ``signal`` is updated only by ``step(train_loss=..., val_loss=...)`` with both losses
+    (averaged over ranks): ``(val - train) / train``, or 10 when ``train_loss < 1e-6``.
+
+    The meta-net is trained by :meth:`meta_step` (one-step look-ahead hypergradient) with its own
+    Adam optimizer, ``meta_optimizer`` (learning rate ``meta_lr``).
+
+    Args:
+        meta_net: a module mapping an ``(N, 1)`` tensor of gradient elements to an ``(N, 1)``
+            log-mask, element by element; an optional ``rescale`` parameter on it scales the
+            smart gradient. Default: ``SimpleMetaNet(meta_hidden_dim)``. It is moved to the
+            device of the first parameter.
+        meta_lr: learning rate of ``meta_optimizer``.
+        nonfinite: ``"skip"`` (default) or ``"raise"``; see :class:`GrokAdamW`.
+    """
+
+    SPECS = SUPERGROK_SPECS
+    STATS = R.SUPERGROK_STATS
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, alpha_init: float = 0.98,
+                 lamb: float = 2.0, gamma: float = 0.1, kappa: float = 0.1,
+                 warmup_steps: int = 100, gradient_clipping: float = 1.0,
+                 meta_net: nn.Module | None = None, meta_hidden_dim: int = 32, *,
+                 meta_lr: float = 1e-4, nonfinite: str = "skip"):
+        V.integer(1)("meta_hidden_dim", meta_hidden_dim)
+        V.real(0.0, lo_open=True)("meta_lr", meta_lr)
+        if meta_net is not None and not isinstance(meta_net, nn.Module):
+            raise TypeError(f"meta_net must be a torch.nn.Module or None, got {type(meta_net).__name__}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        alpha_init=alpha_init, lamb=lamb, gamma=gamma, kappa=kappa,
+                        warmup_steps=warmup_steps, gradient_clipping=gradient_clipping,
+                        layer_index=None)
+        super().__init__(params, defaults, nonfinite=nonfinite)
+        net = meta_net if meta_net is not None else SimpleMetaNet(hidden_dim=meta_hidden_dim)
+        first = self.param_groups[0]["params"][0]
+        self.meta_net = net.to(first.device)
+        check_elementwise(self.meta_net)
+        self.meta_optimizer = torch.optim.Adam(self.meta_net.parameters(), lr=meta_lr)
+        self._cached_signal: float | None = None
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, train_loss: float | None = None,
+             val_loss: float | None = None):
+        """One optimizer step. ``train_loss`` and ``val_loss`` (floats or 0-dim tensors) update
+        the cached alpha when both are given; otherwise the cached alpha is used."""
+        return self._step(closure, lambda: self._loss_inputs(train_loss, val_loss))
+
+    @staticmethod
+    def _loss_inputs(train_loss, val_loss) -> StepInputs:
+        values = []
+        for name, v in (("train_loss", train_loss), ("val_loss", val_loss)):
+            if v is None:
+                values += [0.0, 0.0]
+                continue
+            try:
+                v = float(v)
+            except Exception as e:
+                return StepInputs([0.0] * 4, f"{name} must be a number, got {type(v).__name__}", e)
+            if not math.isfinite(v):
+                return StepInputs([0.0] * 4, f"{name} is {v}")
+            values += [v, 1.0]
+        return StepInputs(values)
+
+    def _phase1(self, segs, n):
+        hs, partials = [], []
+        for s in segs:
+            h = masked_grad(self.meta_net, s.grad)
+            hs.append(h)
+            partials.append(R.supergrok_partial_stats(s.grad, h, s.state["mu"]))
+        return self._scatter_stats(segs, partials, n, len(self.STATS)), hs
+
+    def _phase2(self, segs, stats, values, hs) -> dict[str, Any]:
+        train_sum, train_n, val_sum, val_n = values
+        if train_n and val_n:
+            self._cached_signal = loss_signal(train_sum / train_n, val_sum / val_n)
+        alphas = self._alphas()
+        n = stats.shape[0]
+        mu_alpha = torch.zeros(n, dtype=torch.float64)
+        lamb = torch.zeros(n, dtype=torch.float64)
+        amplify = torch.zeros(n, dtype=torch.bool)
+        t_next = self._global_step + 1
+        for s in segs:
+            group = self.param_groups[s.group]
+            first = int(s.state["step"]) == 1       # already incremented for this step
+            mu_alpha[s.index] = 0.0 if first else alphas[s.group]
+            lamb[s.index] = float(group["lamb"])
+            amplify[s.index] = t_next > group["warmup_steps"]
+        d = R.supergrok_decide(stats, mu_alpha, lamb, float(rescale_of(self.meta_net)), amplify)
+
+        group_sq = [0.0] * len(self.param_groups)
+        for s in segs:
+            group_sq[s.group] += float(d.final_sq[s.index])
+        coefs = [R.clip_coefficient(g["gradient_clipping"], sq)
+                 for g, sq in zip(self.param_groups, group_sq)]
+        for s, h in zip(segs, hs):
+            group = self.param_groups[s.group]
+            k = R.SuperGrokScalars(
+                adam=R.adam_scalars(group, s.layer, int(s.state["step"]),
+                                    layerwise_bias_correction=True),
+                mu_alpha=float(mu_alpha[s.index]), smart_scale=float(d.smart_scale[s.index]),
+                amp=float(d.amp[s.index]), grad_scale=coefs[s.group])
+            R.supergrok_update_(s.param, s.grad, h, s.state["exp_avg"], s.state["exp_avg_sq"],
+                                s.state["mu"], k=k)
+        stepped = [s.index for s in segs]
+        engaged = d.engaged[stepped].tolist() if stepped else []
+        return {"cached_alpha": alphas[0], "gate_engaged": engaged,
+                "gate_engaged_fraction": sum(engaged) / len(engaged) if engaged else 0.0,
+                "last_clip_coef": min(coefs), "last_clip_coefs": coefs}
+
+    def _alphas(self) -> list[float]:
+        return [R.alpha_from_signal(g["alpha_init"], g["kappa"], self._cached_signal)
+                for g in self.param_groups]
+
+    # ------------------------------------------------------------------ bilevel
+    def meta_step(self, val_closure: Callable[[], torch.Tensor], *,
+                  lookahead_lr: float | None = None) -> float | None:
+        """Train the meta-net one step on the one-step look-ahead validation loss.
+
+        Call it after ``loss.backward()`` on a training batch (``p.grad`` holds the training
+        gradients) and before :meth:`step`. It evaluates ``val_closure()`` (a function returning
+        the validation loss as a tensor, without calling backward) at
+        ``theta' = theta - lr * smart(g)``, computes d L_val(theta') / d phi for the meta-net
+        parameters phi, and takes one ``meta_optimizer`` step. Parameters and ``p.grad`` are
+        left as they were. ``lookahead_lr`` defaults to each group's ``lr``.
+
+        Returns the look-ahead validation loss, or None when the non-finite policy skipped it.
+        """
+        loss = self.meta_gradient(val_closure, lookahead_lr=lookahead_lr)
+        if loss is not None:
+            self.meta_optimizer.step()
+        return loss
+
+    def meta_gradient(self, val_closure: Callable[[], torch.Tensor], *,
+                      lookahead_lr: float | None = None) -> float | None:
+        """Like :meth:`meta_step` but only fills ``meta_net``'s ``.grad`` (zeroed first)."""
+        if lookahead_lr is not None:
+            V.real(0.0)("lookahead_lr", lookahead_lr)
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        return meta_gradient(self, val_closure, lookahead_lr)
+
+    # ------------------------------------------------------------------ inspection
+    def get_cached_alpha(self) -> float:
+        """The alpha the next step will use (first param group's alpha_init and kappa)."""
+        return self._alphas()[0]
+
+    def get_state_summary(self) -> dict[str, Any]:
+        summary = super().get_state_summary()
+        summary["cached_alpha"] = self.get_cached_alpha()
+        summary["cached_signal"] = self._cached_signal
+        summary.setdefault("gate_engaged_fraction", 0.0)
+        summary.setdefault("last_clip_coef", 1.0)
+        return summary
+
+    # ------------------------------------------------------------------ checkpoints
+    def _extra_state(self) -> dict[str, Any]:
+        extra = super()._extra_state()
+        extra.update(cached_signal=self._cached_signal,
+                     meta_net=self.meta_net.state_dict(),
+                     meta_optimizer=self.meta_optimizer.state_dict())
+        return extra
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        super()._load_extra_state(extra)
+        self._cached_signal = extra["cached_signal"]
+        self.meta_net.load_state_dict(extra["meta_net"])
+        self.meta_optimizer.load_state_dict(extra["meta_optimizer"])

@@ -1,0 +1,188 @@
+"""The reference math: one implementation of every formula in DESIGN.md §1, per tensor (or per
+local piece of a tensor). The optimizers call these on whatever local storage a layout hands them;
+the compiled kernels are tested against them.
+
+Two phases per step (DESIGN.md §2):
+- phase 1 reads gradients and state and returns per-tensor partial sums (fp64), never writing;
+- after one reduction of those sums, ``*_decide`` turns them into per-tensor scalars (gate, clip
+  coefficient, smart-gradient scale), and phase 2 applies the update in place.
+Phase 1 writes nothing, so a step found non-finite after the reduction leaves all state intact.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+ACC = torch.float64  # accumulator dtype for the per-tensor sums
+ALPHA_MAX = 1.0 - 1e-8
+
+
+@dataclass(frozen=True)
+class AdamScalars:
+    lr: float
+    beta1: float              # the tensor's (layer-wise) beta1
+    beta2: float
+    eps: float
+    weight_decay: float
+    bias_correction1: float   # 1 - beta1^t (GrokAdamW: global beta1; SuperGrok: layer-wise)
+    bias_correction2: float   # 1 - beta2^t
+
+
+@dataclass(frozen=True)
+class GrokAdamWScalars:
+    adam: AdamScalars
+    grad_scale: float         # clip coefficient (global norm)
+    alpha: float              # EMA momentum of mu
+    lamb: float
+
+
+@dataclass(frozen=True)
+class SuperGrokScalars:
+    adam: AdamScalars
+    mu_alpha: float           # 0 on a tensor's first step: mu starts at the raw gradient
+    smart_scale: float        # rescale * ||g|| / ||h||  (smart = smart_scale * h)
+    amp: float                # lamb if the cosine gate engaged, else 0
+    grad_scale: float         # clip coefficient of the tensor's param group
+
+
+def layer_beta1(beta1: float, gamma: float, layer: int) -> float:
+    return beta1 * (1.0 - gamma) ** layer
+
+
+def adam_scalars(group: dict, layer: int, step: int, *, layerwise_bias_correction: bool) -> AdamScalars:
+    beta1, beta2 = group["betas"]
+    b1l = layer_beta1(beta1, group["gamma"], layer)
+    return AdamScalars(
+        lr=float(group["lr"]), beta1=b1l, beta2=float(beta2), eps=float(group["eps"]),
+        weight_decay=float(group["weight_decay"]),
+        bias_correction1=1.0 - (b1l if layerwise_bias_correction else beta1) ** step,
+        bias_correction2=1.0 - beta2 ** step,
+    )
+
+
+def alpha_from_signal(alpha_init: float, kappa: float, signal: float | None) -> float:
+    """alpha = alpha_init * exp(-kappa * signal), clamped to [0, 1 - 1e-8]; alpha_init without a
+    signal. The exponent is capped so a very negative signal saturates instead of overflowing."""
+    alpha = alpha_init if signal is None else alpha_init * math.exp(min(-kappa * signal, 50.0))
+    return min(max(alpha, 0.0), ALPHA_MAX)
+
+
+def clip_coefficient(max_norm: float, norm_sq: float) -> float:
+    """``clip_grad_norm_``'s coefficient: min(1, max_norm / (norm + 1e-6)); 1 when disabled."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (math.sqrt(max(norm_sq, 0.0)) + 1e-6))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.dot(a.reshape(-1).to(ACC), b.reshape(-1).to(ACC))
+
+
+_WIDE = (torch.float32, torch.float64)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32: bf16/fp16 storage is updated in fp32 math."""
+    return t if t.dtype in _WIDE else t.float()
+
+
+def adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+           update: torch.Tensor, k: AdamScalars) -> None:
+    """m, v update with ``update`` as the gradient, then
+    ``theta -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * theta)``."""
+    exp_avg.mul_(k.beta1).add_(update, alpha=1.0 - k.beta1)
+    exp_avg_sq.mul_(k.beta2).addcmul_(update, update, value=1.0 - k.beta2)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(k.bias_correction2)).add_(k.eps)
+    param.mul_(1.0 - k.lr * k.weight_decay)
+    param.addcdiv_(exp_avg, denom, value=-k.lr / k.bias_correction1)
+
+
+def _in_fp32(fn):
+    """Run an in-place update in fp32 on low-precision storage and write the result back."""
+    def wrapper(param, grad, *rest, k):
+        tensors = (param, *rest[-3:])  # param, exp_avg, exp_avg_sq, mu
+        if all(t.dtype in _WIDE for t in tensors):
+            return fn(param, grad, *rest, k=k)
+        work = [_f32(t) for t in (param, *rest)]
+        fn(work[0], grad, *work[1:], k=k)
+        for dst, src in zip((param, *rest), work):
+            if dst is not src:
+                dst.copy_(src)
+    return wrapper
+
+
+# ---------------------------------------------------------------- GrokAdamW (seed 000)
+GROKADAMW_STATS = ("grad_sq",)
+
+
+def grokadamw_partial_stats(grad: torch.Tensor) -> torch.Tensor:
+    return _dot(grad, grad).reshape(1)
+
+
+@_in_fp32
+def grokadamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                      exp_avg_sq: torch.Tensor, mu: torch.Tensor, *, k: GrokAdamWScalars) -> None:
+    g = _f32(grad)
+    if k.grad_scale != 1.0:
+        g = g * k.grad_scale
+    mu.mul_(k.alpha).add_(g, alpha=1.0 - k.alpha)          # mu = a mu + (1 - a) g
+    g_hat = g + k.lamb * mu                                 # g_hat = g + lamb mu
+    adamw_(param, exp_avg, exp_avg_sq, g_hat, k.adam)
+
+
+# ---------------------------------------------------------------- SuperGrok (seed 001)
+# Sums against the *previous* mu; the gate needs mu_t = a mu + (1 - a) g, whose inner products
+# are linear in these, so phase 1 needs no global value (alpha comes from rank-averaged losses).
+SUPERGROK_STATS = ("grad_sq", "h_sq", "h_mu", "h_grad", "mu_sq", "mu_grad")
+
+
+def supergrok_partial_stats(grad: torch.Tensor, h: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    g = grad.reshape(-1).to(ACC)
+    h = h.reshape(-1).to(ACC)
+    m = mu.reshape(-1).to(ACC)
+    return torch.stack([g @ g, h @ h, h @ m, h @ g, m @ m, m @ g])
+
+
+@dataclass(frozen=True)
+class SuperGrokDecision:
+    smart_scale: torch.Tensor   # [n] rescale * ||g|| / ||h||
+    amp: torch.Tensor           # [n] lamb where the gate engaged, else 0
+    final_sq: torch.Tensor      # [n] ||smart + amp * mu_t||^2 (before clipping)
+    engaged: torch.Tensor       # [n] bool
+
+
+def supergrok_decide(stats: torch.Tensor, mu_alpha: torch.Tensor, lamb: torch.Tensor,
+                     rescale: float, amplify: torch.Tensor) -> SuperGrokDecision:
+    """Per-tensor gate and norms from the reduced sums ``stats[n, len(SUPERGROK_STATS)]``."""
+    gg, hh, hm, hg, mm, mg = stats.unbind(1)
+    a = mu_alpha.to(stats.dtype)
+    h_mu = a * hm + (1 - a) * hg                                    # <h, mu_t>
+    mu_sq = (a * a * mm + 2 * a * (1 - a) * mg + (1 - a) ** 2 * gg).clamp_min(0)
+    h_norm = hh.clamp_min(0).sqrt()
+    g_norm = gg.clamp_min(0).sqrt()
+    scale = torch.where(h_norm > 0, rescale * g_norm / torch.where(h_norm > 0, h_norm, 1), 0)
+    smart_norm = scale.abs() * h_norm
+    smart_mu = scale * h_mu
+    mu_norm = mu_sq.sqrt()
+    valid = (smart_norm >= 1e-8) & (mu_norm >= 1e-8)
+    cos = torch.where(valid, smart_mu / torch.where(valid, smart_norm * mu_norm, 1), 0)
+    engaged = (cos > 0) & amplify
+    amp = torch.where(engaged, lamb.to(stats.dtype), 0)
+    final_sq = (smart_norm ** 2 + 2 * amp * smart_mu + amp * amp * mu_sq).clamp_min(0)
+    return SuperGrokDecision(scale, amp, final_sq, engaged)
+
+
+@_in_fp32
+def supergrok_update_(param: torch.Tensor, grad: torch.Tensor, h: torch.Tensor,
+                      exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, mu: torch.Tensor, *,
+                      k: SuperGrokScalars) -> None:
+    g = _f32(grad)
+    mu.mul_(k.mu_alpha).add_(g, alpha=1.0 - k.mu_alpha)    # raw, unclipped g (Rule 1)
+    final = h.view_as(g) * k.smart_scale
+    if k.amp:
+        final.add_(mu, alpha=k.amp)
+    if k.grad_scale != 1.0:
+        final.mul_(k.grad_scale)
+    adamw_(param, exp_avg, exp_avg_sq, final, k.adam)
