@@ -81,7 +81,9 @@ class SuperGrok(GrokOptimizerBase):
         first = self.param_groups[0]["params"][0]
         self.meta_net = net.to(first.device)
         check_elementwise(self.meta_net)
-        self.meta_optimizer = torch.optim.Adam(self.meta_net.parameters(), lr=meta_lr)
+        # A parameter-free meta-net (a fixed transform) has nothing to train.
+        trainable = [p for p in self.meta_net.parameters() if p.requires_grad]
+        self.meta_optimizer = torch.optim.Adam(trainable, lr=meta_lr) if trainable else None
         self._cached_signal: float | None = None
 
     # ------------------------------------------------------------------ step
@@ -173,7 +175,7 @@ class SuperGrok(GrokOptimizerBase):
         Returns the look-ahead validation loss, or None when the non-finite policy skipped it.
         """
         loss = self.meta_gradient(val_closure, lookahead_lr=lookahead_lr)
-        if loss is not None:
+        if loss is not None and self.meta_optimizer is not None:
             self.meta_optimizer.step()
         return loss
 
@@ -182,6 +184,8 @@ class SuperGrok(GrokOptimizerBase):
         """Like :meth:`meta_step` but only fills ``meta_net``'s ``.grad`` (zeroed first)."""
         if lookahead_lr is not None:
             V.real(0.0)("lookahead_lr", lookahead_lr)
+        if self.meta_optimizer is None:
+            raise RuntimeError("SuperGrok.meta_step: meta_net has no trainable parameters")
         self.meta_optimizer.zero_grad(set_to_none=True)
         return meta_gradient(self, val_closure, lookahead_lr)
 
@@ -203,11 +207,13 @@ class SuperGrok(GrokOptimizerBase):
         extra = super()._extra_state()
         extra.update(cached_signal=self._cached_signal,
                      meta_net=self.meta_net.state_dict(),
-                     meta_optimizer=self.meta_optimizer.state_dict())
+                     meta_optimizer=(self.meta_optimizer.state_dict()
+                                     if self.meta_optimizer is not None else None))
         return extra
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
         self._cached_signal = extra["cached_signal"]
         self.meta_net.load_state_dict(extra["meta_net"])
-        self.meta_optimizer.load_state_dict(extra["meta_optimizer"])
+        if self.meta_optimizer is not None:
+            self.meta_optimizer.load_state_dict(extra["meta_optimizer"])
