@@ -16,6 +16,8 @@ all-reduce completes (DESIGN.md §1, SuperGrok 3).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -100,26 +102,22 @@ def check_elementwise(net: nn.Module) -> None:
             "tensor of gradient elements and must return an (N, 1) log-mask whose row i depends only "
             "on input row i (no softmax, normalisation or mixing across elements; the optimizer "
             "applies the normalisation itself)")
+    net = copy.deepcopy(net)  # probe a copy: a module with buffers must not see test inputs
     device, dtype = net_device_dtype(net)
     gen = torch.Generator().manual_seed(1234)
     x = (torch.randn(16, 1, generator=gen) * 1e-2).to(device=device, dtype=dtype)
     perm = torch.randperm(16, generator=gen).to(device or "cpu")
-    was_training = net.training
-    try:
-        net.eval()
-        with torch.no_grad():
-            try:
-                y = net(x)
-            except Exception as e:  # a module with the wrong call signature
-                raise ValueError(f"{rule}; calling it on an (16, 1) tensor raised {e!r}") from e
-            if not isinstance(y, torch.Tensor) or tuple(y.shape) != (16, 1):
-                got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-                raise ValueError(f"{rule}; for an input of shape (16, 1) it returned {got}")
-            y_part = net(x[:5])
-            y_perm = net(x[perm])
-            tol = 1e-5 * (1.0 + float(y.abs().max()))
-            if (y_part - y[:5]).abs().max() > tol or (y_perm - y[perm]).abs().max() > tol:
-                raise ValueError(f"{rule}; its output for some elements changed when the other "
-                                 "elements changed")
-    finally:
-        net.train(was_training)
+    with torch.no_grad():
+        try:
+            y = net(x)
+        except Exception as e:  # a module with the wrong call signature
+            raise ValueError(f"{rule}; calling it on an (16, 1) tensor raised {e!r}") from e
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != (16, 1):
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"{rule}; for an input of shape (16, 1) it returned {got}")
+        y_part = net(x[:5])
+        y_perm = net(x[perm])
+        tol = 1e-5 * (1.0 + float(y.abs().max()))
+        if (y_part - y[:5]).abs().max() > tol or (y_perm - y[perm]).abs().max() > tol:
+            raise ValueError(f"{rule}; its output for some elements changed when the other "
+                             "elements changed")
