@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Sets up a virtual environment (once) and runs one of: demo, test.
+#   ./dev.sh demo [demo args]     train the grokking demo with AdamW, GrokAdamW and SuperGrok
+#   ./dev.sh test [pytest args]   run the test suite (what CI runs)
+# torch is pinned and installed first: an unpinned torch would pull the multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${SHARDGROK_VENV:-.venv}"
+PY="$VENV/bin/python"
+stamp="$VENV/.shardgrok-installed"
+
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || constraints.txt -nt "$stamp" ]]; then
+  python3 -m venv "$VENV"
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q -c constraints.txt "torch==$(sed -n 's/^torch==//p' constraints.txt)"
+  "$PY" -m pip install -q -c constraints.txt -e ".[test,demo]"
+  touch "$stamp"
+fi
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  demo) exec "$PY" -m shardgrok.demo "$@" ;;
+  test) exec "$PY" -m pytest -q "$@" ;;
+  *) echo "usage: ./dev.sh demo|test [args]" >&2; exit 2 ;;
+esac
