@@ -1,0 +1,313 @@
+"""The Grokfast modular-arithmetic task, its transformer and the training loop of the demo.
+
+See ``shardgrok/demo/__main__.py`` for the command line and the reasons behind the defaults.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OPTIMIZERS = ("adamw", "grokadamw", "supergrok")
+
+
+@dataclass
+class DemoConfig:
+    """Everything a run depends on. ``run(DemoConfig(steps=50))`` is a quick smoke run."""
+
+    p: int = 97                     # modulus: the task is x * y mod p
+    train_fraction: float = 0.5     # share of the p*p pairs used for training
+    steps: int = 4500               # step budget per optimizer
+    optimizers: tuple[str, ...] = OPTIMIZERS
+    seed: int = 0                   # data split, initial weights, batch order
+    lr: float = 1e-3
+    weight_decay: float = 0.3
+    betas: tuple[float, float] = (0.9, 0.98)
+    lr_warmup: int = 10             # linear learning-rate warmup (steps)
+    batch_size: int = 512           # 0 = full batch
+    eval_every: int = 20            # validation every K steps
+    target: float = 0.95            # validation accuracy that counts as "grokked"
+    alpha: float = 0.98             # Grokfast EMA momentum (GrokAdamW alpha_init, SuperGrok alpha_init)
+    lamb: float = 2.0               # Grokfast amplification
+    grok_signal: bool = False       # give GrokAdamW the (val - train) / train grokking signal
+    supergrok_warmup: int = 100     # SuperGrok warmup_steps (no amplification before)
+    layer_groups: bool = True       # one param group per transformer layer (layer_index), see below
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    threads: int | None = 2         # torch.set_num_threads; None leaves torch's choice
+    device: str = "cpu"
+    progress: bool = True           # tqdm bar (or plain prints without tqdm)
+
+    def __post_init__(self):
+        if isinstance(self.optimizers, str):
+            self.optimizers = tuple(o.strip() for o in self.optimizers.split(",") if o.strip())
+        else:
+            self.optimizers = tuple(self.optimizers)
+        bad = [o for o in self.optimizers if o not in OPTIMIZERS]
+        if bad or not self.optimizers:
+            raise ValueError(f"optimizers must be a non-empty subset of {', '.join(OPTIMIZERS)}; "
+                             f"got {', '.join(self.optimizers) or 'none'}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.p < 2:
+            raise ValueError(f"p must be >= 2, got {self.p}")
+        if not 0.0 < self.train_fraction < 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
+        for name in ("steps", "eval_every", "width", "depth", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0 (0 = full batch), got {self.batch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+# ---------------------------------------------------------------------------------------- data
+def make_data(p: int, train_fraction: float, seed: int):
+    """All p*p sequences ``[x, op, y, eq]`` with label ``x * y mod p``, split at random.
+
+    Tokens ``0..p-1`` are the numbers, ``p`` is ``op`` (the multiplication sign) and ``p + 1``
+    is ``eq``. Returns ``(x_train, y_train, x_val, y_val)``.
+    """
+    a = torch.arange(p).repeat_interleave(p)
+    b = torch.arange(p).repeat(p)
+    inputs = torch.stack([a, torch.full_like(a, p), b, torch.full_like(a, p + 1)], dim=1)
+    labels = (a * b) % p
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(p * p, generator=gen)
+    n_train = int(round(train_fraction * p * p))
+    tr, va = perm[:n_train], perm[n_train:]
+    return inputs[tr], labels[tr], inputs[va], labels[va]
+
+
+# ---------------------------------------------------------------------------------------- model
+class Block(nn.Module):
+    """Pre-LN transformer block: causal multi-head self-attention and a 4x GELU MLP."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        bsz, seq, width = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(width, dim=-1)
+        k = k.view(bsz, seq, self.heads, -1).transpose(1, 2)
+        v = v.view(bsz, seq, self.heads, -1).transpose(1, 2)
+        if last_only:
+            # Only the last position is read out after this block, and under the causal mask
+            # it sees every position: same result as the full causal block, less work.
+            x = x[:, -1:]
+            q = q[:, -1:].reshape(bsz, 1, self.heads, -1).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            q = q.reshape(bsz, seq, self.heads, -1).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(bsz, x.shape[1], width))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer as in Grokfast: token + position embeddings, ``depth`` blocks,
+    final LayerNorm and a linear head; the prediction is read from the last position."""
+
+    def __init__(self, vocab: int, n_classes: int, seq_len: int = 4, width: int = 128,
+                 depth: int = 2, heads: int = 4):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(seq_len, width)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok(tokens) + self.pos.weight[: tokens.shape[1]]
+        for i, block in enumerate(self.blocks):
+            x = block(x, last_only=i == len(self.blocks) - 1)
+        return self.head(self.ln_f(x[:, -1]))
+
+
+def make_model(cfg: DemoConfig) -> Transformer:
+    torch.manual_seed(cfg.seed)
+    return Transformer(cfg.p + 2, cfg.p, 4, cfg.width, cfg.depth, cfg.heads)
+
+
+# ---------------------------------------------------------------------------------------- optimizers
+def layer_param_groups(model: Transformer) -> list[dict[str, Any]]:
+    """Param groups with ``layer_index``: embeddings 0, block i at i + 1, final LN + head last.
+
+    GrokAdamW and SuperGrok decay beta1 per layer, ``beta1 * (1 - gamma)^l``; without groups
+    ``l`` is the tensor's position (30 tensors here: beta1 ~0.05 for the head).
+    """
+    groups = [{"params": [model.tok.weight, model.pos.weight], "layer_index": 0}]
+    for i, block in enumerate(model.blocks):
+        groups.append({"params": list(block.parameters()), "layer_index": i + 1})
+    groups.append({"params": [*model.ln_f.parameters(), *model.head.parameters()],
+                   "layer_index": len(model.blocks) + 1})
+    return groups
+
+
+def make_optimizer(name: str, model: nn.Module, cfg: DemoConfig, signal: Callable[[], Any]):
+    common = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), **common)
+    import shardgrok
+    params = layer_param_groups(model) if cfg.layer_groups else model.parameters()
+    if name == "grokadamw":
+        return shardgrok.GrokAdamW(params, alpha_init=cfg.alpha, lamb=cfg.lamb,
+                                   grokking_signal_fn=signal if cfg.grok_signal else None,
+                                   **common)
+    if name == "supergrok":
+        return shardgrok.SuperGrok(params, alpha_init=cfg.alpha, lamb=cfg.lamb,
+                                   warmup_steps=cfg.supergrok_warmup, **common)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+# ---------------------------------------------------------------------------------------- training
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(loss, accuracy) on the whole set, without autograd."""
+    model.eval()
+    logits = model(x)
+    model.train()
+    return F.cross_entropy(logits, y).item(), (logits.argmax(-1) == y).float().mean().item()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, file=sys.stderr)
+
+
+def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tensor],
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one optimizer from ``init_state`` until val acc >= target or the step budget."""
+    device = torch.device(cfg.device)
+    x_tr, y_tr, x_va, y_va = (t.to(device) for t in data)
+    model = make_model(cfg).to(device)
+    model.load_state_dict(init_state)
+    latest = {"train": None, "val": None}
+
+    def grokking_signal():
+        if latest["val"] is None or not latest["train"]:
+            return None
+        return (latest["val"] - latest["train"]) / latest["train"]
+
+    opt = make_optimizer(name, model, cfg, grokking_signal)
+    warmup = max(cfg.lr_warmup, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+
+    n_train = x_tr.shape[0]
+    bs = n_train if cfg.batch_size == 0 else min(cfg.batch_size, n_train)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)   # same batch order for every optimizer
+    order, pos = torch.randperm(n_train, generator=gen), 0
+
+    bar = _progress(cfg.steps, f"{name:>9}", cfg.progress)
+    plain = cfg.progress and bar is None
+    reached, val_loss, val_acc, train_loss = None, float("nan"), 0.0, float("nan")
+    t0 = time.perf_counter()
+    step = 0                     # optimizer updates taken so far
+    history = []                 # (step, val acc, val loss, last train loss) per evaluation
+    while True:
+        evaluated = step % cfg.eval_every == 0 or step == cfg.steps
+        if evaluated:
+            # Validation at the current weights, i.e. after `step` updates.
+            val_loss, val_acc = evaluate(model, x_va, y_va)
+            history.append((step, val_acc, val_loss, train_loss))
+            if bar is not None:
+                bar.set_postfix_str(f"train loss {train_loss:.3g}  val loss {val_loss:.3g}  "
+                                    f"val acc {100 * val_acc:5.1f}%", refresh=False)
+            elif plain and step % (cfg.eval_every * 25) == 0:
+                log(f"  {name:>9} step {step:>6}: train loss {train_loss:.3g}  val loss "
+                    f"{val_loss:.3g}  val acc {100 * val_acc:5.1f}%  "
+                    f"({time.perf_counter() - t0:.0f} s)")
+            if val_acc >= cfg.target:
+                reached = step
+                break
+        if step == cfg.steps:
+            break
+        if bs == n_train:
+            xb, yb = x_tr, y_tr
+        else:
+            if pos + bs > n_train:
+                order, pos = torch.randperm(n_train, generator=gen), 0
+            idx = order[pos:pos + bs].to(device)
+            pos += bs
+            xb, yb = x_tr[idx], y_tr[idx]
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        train_loss = loss.item()
+        if evaluated:
+            # Both losses at the same weights: the grokking signal (val - train) / train.
+            latest["train"], latest["val"] = train_loss, val_loss
+        if name == "supergrok":
+            opt.step(train_loss=train_loss, val_loss=val_loss if evaluated else None)
+        else:
+            opt.step()
+        sched.step()
+        step += 1
+        if bar is not None:
+            bar.update(1)
+    wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    return {"optimizer": name, "reached_step": reached, "steps_run": step,
+            "final_val_acc": val_acc, "final_val_loss": val_loss, "final_train_loss": train_loss,
+            "wall_time_s": wall, "history": history}
+
+
+def run(config: DemoConfig | dict | None = None, log: Callable[[str], None] = print
+        ) -> dict[str, dict[str, Any]]:
+    """Train every optimizer of ``config`` from the same initial weights, one after another.
+
+    ``config`` is a :class:`DemoConfig`, a dict of its fields, or None (the defaults). Returns
+    ``{optimizer: {"reached_step": int | None, "final_val_acc": float, "wall_time_s": float,
+    "steps_run": int, ...}}`` in the order trained; ``reached_step`` is the number of updates
+    after which validation accuracy first reached ``config.target`` (None: not within
+    ``config.steps``).
+    """
+    if config is None:
+        cfg = DemoConfig()
+    elif isinstance(config, DemoConfig):
+        cfg = replace(config)
+    else:
+        cfg = DemoConfig(**config)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    data = make_data(cfg.p, cfg.train_fraction, cfg.seed)
+    init_state = {k: v.clone() for k, v in make_model(cfg).state_dict().items()}
+    results = {}
+    for name in cfg.optimizers:
+        res = train_one(name, cfg, data, init_state, log=log)
+        results[name] = res
+        if cfg.progress:
+            log(describe(res, cfg))
+    return results
+
+
+def describe(res: dict[str, Any], cfg: DemoConfig) -> str:
+    """One line: when the optimizer reached the target, or that it did not."""
+    pct = f"{100 * cfg.target:g}%"
+    if res["reached_step"] is not None:
+        return (f"{res['optimizer']}: reached {pct} validation accuracy at step "
+                f"{res['reached_step']} ({res['wall_time_s']:.1f} s)")
+    return (f"{res['optimizer']}: did not reach {pct} within {cfg.steps} steps (final validation "
+            f"accuracy {100 * res['final_val_acc']:.1f}%, {res['wall_time_s']:.1f} s)")
