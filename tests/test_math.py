@@ -176,3 +176,22 @@ def test_grokadamw_low_precision_params_update_in_fp32():
             b.state[q][k].copy_(b.state[q][k].to(torch.bfloat16).float())
     assert p.dtype == torch.bfloat16 and a.state[p]["mu"].dtype == torch.bfloat16
     assert torch.equal(p.float(), q.detach())
+
+
+def test_supergrok_state_summary_values():
+    model = toy()
+    opt = shardgrok.SuperGrok(model.parameters(), warmup_steps=0, gradient_clipping=0.01)
+    for t in range(3):
+        backward(model, t)
+        opt.step(train_loss=1.0, val_loss=2.0)
+    s = opt.get_state_summary()
+    stepped = [p for p in model.parameters() if p.grad is not None]
+    assert s["global_step"] == 3 and s["total_params"] == len(list(model.parameters()))
+    assert s["cached_alpha"] == pytest.approx(0.98 * math.exp(-0.1))
+    assert s["avg_mu_norm"] == pytest.approx(
+        sum(float(opt.state[p]["mu"].norm()) for p in stepped) / len(stepped))
+    assert s["avg_exp_avg_norm"] == pytest.approx(
+        sum(float(opt.state[p]["exp_avg"].norm()) for p in stepped) / len(stepped))
+    assert 0.0 <= s["gate_engaged_fraction"] <= 1.0
+    assert s["gate_engaged_fraction"] == sum(s["gate_engaged"]) / len(stepped)
+    assert s["last_clip_coef"] < 1.0  # max norm 0.01 clips
