@@ -39,10 +39,12 @@ def real(lo: float | None = None, hi: float | None = None, *,
     return check
 
 
-def integer(lo: int) -> Check:
+def integer(lo: int, hi: int | None = None) -> Check:
     def check(name: str, value: Any) -> None:
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+        if (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < lo
+                or (hi is not None and value > hi)):
+            allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
 
     return check
 

@@ -14,10 +14,13 @@ A and H^2 are sums over elements, so each rank differentiates only its own eleme
 with A, H the reduced values (constants). Summed over ranks, J has the value rescale * G * A / H
 and exactly its gradient. The MLP is re-run chunk by chunk under autograd and each chunk's part
 is backpropagated at once, so memory stays at one chunk's activations.
+
+In a sharded job the look-ahead model is made whole on every rank (the layout's all-gather),
+L_val is the mean of the ranks' validation losses (v is averaged, as DDP averages gradients),
+and the meta-gradient contributions are summed over ranks.
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -32,51 +35,72 @@ if TYPE_CHECKING:
 def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
                   lookahead_lr: float | None) -> float | None:
     net = opt.meta_net
-    segs = opt._layout.segments(opt)
-    if not segs:
+    layout, red = opt._layout, opt._reducer
+    segs = layout.segments(opt)
+    tensors = layout.grad_tensors(opt)
+    if not tensors:
         raise RuntimeError("SuperGrok.meta_step needs the training gradients in p.grad; no "
                            "parameter has a gradient (call loss.backward() first)")
-    n = opt._layout.num_tensors(opt)
-    reduce_ = opt._reducer.all_reduce_
+    n = layout.num_tensors(opt)
 
     with torch.no_grad():
         hs = [M.masked_grad(net, s.grad) for s in segs]
         sums = torch.zeros(n, 2, dtype=ACC)
         for s, h in zip(segs, hs):
-            sums[s.index, 0] += torch.dot(s.grad.reshape(-1).to(ACC), s.grad.reshape(-1).to(ACC)).cpu()
+            g = s.grad.reshape(-1).to(ACC)
+            sums[s.index, 0] += torch.dot(g, g).cpu()
             sums[s.index, 1] += torch.dot(h.to(ACC), h.to(ACC)).cpu()
-        reduce_(sums)
+        red.all_reduce_(sums)
         g_norm, h_norm = sums[:, 0].sqrt(), sums[:, 1].sqrt()
         rescale = float(M.rescale_of(net))
         lrs = [float(opt.param_groups[s.group]["lr"]) if lookahead_lr is None else lookahead_lr
                for s in segs]
-        saved = [s.param.detach().clone() for s in segs]
+        saved = [t.detach().clone() for t in tensors]
 
+    failure = None
     try:
         with torch.no_grad():
             for s, h, lr in zip(segs, hs, lrs):
                 if h_norm[s.index] > 0:
                     scale = rescale * float(g_norm[s.index] / h_norm[s.index])
                     s.param.sub_(h.view_as(s.param).to(s.param.dtype), alpha=lr * scale)
-        with torch.enable_grad():
-            val_loss = val_closure()
-            if not isinstance(val_loss, torch.Tensor) or not val_loss.requires_grad:
-                raise TypeError("val_closure must return the validation loss as a tensor that "
-                                "requires grad (do not call backward or .item() on it)")
-            vs = torch.autograd.grad(val_loss, [s.param for s in segs], allow_unused=True)
+            layout.post_step(opt)  # every rank evaluates the whole look-ahead model
+        try:
+            with torch.enable_grad():
+                val_loss = val_closure()
+                if not isinstance(val_loss, torch.Tensor) or not val_loss.requires_grad:
+                    raise TypeError("val_closure must return the validation loss as a tensor "
+                                    "that requires grad (do not call backward or .item() on it)")
+                vs = torch.autograd.grad(val_loss, tensors, allow_unused=True)
+        except Exception as e:
+            if red.world_size == 1:
+                raise
+            failure = e
     finally:
         with torch.no_grad():
-            for s, p0 in zip(segs, saved):
-                s.param.copy_(p0)
+            for t, t0 in zip(tensors, saved):
+                t.copy_(t0)
+    if red.world_size > 1:
+        # Agree on failure before the next collective, so no rank waits for one that raised.
+        flag = torch.tensor([0.0 if failure is None else 1.0], dtype=ACC)
+        red.all_reduce_(flag)
+        if failure is not None:
+            raise failure
+        if flag.item():
+            raise RuntimeError(f"SuperGrok.meta_step: val_closure failed on {int(flag.item())} "
+                               "other rank(s); the meta-net was not changed")
 
     with torch.no_grad():
-        vs = [torch.zeros_like(s.param) if v is None else v for s, v in zip(segs, vs)]
+        vs = [torch.zeros_like(t) if v is None else v for t, v in zip(tensors, vs)]
+        red.mean_(vs)  # the objective is the mean of the ranks' validation losses
+        v_of = {id(t): v for t, v in zip(tensors, vs)}
+        vs = [s.local(v_of[id(s.tensor)]) for s in segs]
         dots = torch.zeros(n, 2, dtype=ACC)
         for s, v, h in zip(segs, vs, hs):
             dots[s.index, 0] += torch.dot(v.reshape(-1).to(ACC), h.to(ACC)).cpu()
         dots[0, 1] = float(val_loss.detach())
-        reduce_(dots)
-        loss_value = float(dots[0, 1]) / opt._reducer.world_size
+        red.all_reduce_(dots)
+        loss_value = float(dots[0, 1]) / red.world_size
     if not torch.isfinite(dots).all():
         opt._reject("non-finite validation loss or gradient in meta_step", None)
         return None
@@ -100,5 +124,5 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
             j = M.rescale_of(net) * (k * part)
             if isinstance(j, torch.Tensor) and j.requires_grad:
                 j.backward()
-    opt._reducer.all_reduce_grads_(net)
+    red.all_reduce_grads_(net)
     return loss_value

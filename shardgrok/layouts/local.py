@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from ..comm import LocalReducer
 from .base import Segment
 
 
@@ -35,6 +36,23 @@ def check_grad(p: torch.Tensor, name: str) -> None:
 class LocalLayout:
     """Every tensor whole on this process: the single-process path and the oracle."""
 
+    sharded = False
+
+    def __init__(self, reducer=None):
+        self.reducer = reducer or LocalReducer()
+
+    def add_group(self, optimizer, group_index: int) -> None:
+        pass
+
+    def verify(self, optimizer, groups: range | None = None) -> None:
+        pass
+
+    def state_like(self, p: torch.Tensor) -> torch.Tensor:
+        return p
+
+    def span(self, p: torch.Tensor) -> tuple[int, int]:
+        return 0, p.numel()
+
     def segments(self, optimizer) -> list[Segment]:
         name = type(optimizer).__name__
         segs = []
@@ -42,7 +60,7 @@ class LocalLayout:
             if p.grad is None:
                 continue
             check_grad(p, name)
-            segs.append(Segment(i, layer, gi, p, p.grad, optimizer.state[p]))
+            segs.append(Segment(i, layer, gi, p, p.grad, optimizer.state[p], p))
         return segs
 
     def num_tensors(self, optimizer) -> int:
@@ -50,3 +68,6 @@ class LocalLayout:
 
     def post_step(self, optimizer) -> None:
         pass
+
+    def grad_tensors(self, optimizer) -> list[torch.Tensor]:
+        return [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]

@@ -19,13 +19,13 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .. import _validation as V
-from ..comm import LocalReducer
-from ..layouts import LocalLayout, Segment
+from ..checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, consolidate_state_dict
+from ..checkpoint import to_cpu as _to_cpu
+from ..comm import default_reducer
+from ..layouts import Segment, select_layout
 from ..layouts.local import tensor_layers
+from ..reference import ACC
 
-STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "mu")
-CHECKPOINT_KEY = "shardgrok"
-CHECKPOINT_FORMAT = 1
 
 
 class StepInputs:
@@ -42,17 +42,28 @@ class GrokOptimizerBase(torch.optim.Optimizer):
     SPECS: dict[str, V.Check] = {}
     #: names of the per-tensor partial sums phase 1 produces
     STATS: tuple[str, ...] = ()
+    #: number of scalar inputs (sums and counts) a rank adds to the reduction
+    N_VALUES = 0
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], *, nonfinite: str = "skip"):
+    def __init__(self, params: Iterable, defaults: dict[str, Any], *, nonfinite: str = "skip",
+                 shard: bool | None = None, process_group=None):
         V.choice("skip", "raise")("nonfinite", nonfinite)
         V.validate(self.SPECS, defaults)
         self.nonfinite = nonfinite
-        self._layout = LocalLayout()
-        self._reducer = LocalReducer()
+        self._reducer = default_reducer(process_group, shard)
+        self._layout = select_layout(self._reducer)
         self._global_step = 0
         self._skipped_steps = 0
         self._last_report: dict[str, Any] = {}
+        self._built = False
         super().__init__(params, defaults)
+        self._layout.verify(self)
+        self._built = True
+
+    @property
+    def is_sharded(self) -> bool:
+        """True when m, v and mu are split over the ranks of a process group."""
+        return self._layout.sharded
 
     # ------------------------------------------------------------------ param groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -67,44 +78,74 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                                  f"of dtype {p.dtype} (view complex parameters as real with "
                                  "torch.view_as_real)")
         super().add_param_group({**param_group, "params": params})
+        gi = len(self.param_groups) - 1
+        try:
+            if self._built:  # at construction, __init__ checks all groups at once
+                self._layout.verify(self, range(gi, gi + 1))
+            self._layout.add_group(self, gi)
+        except Exception:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
         for p in self.param_groups[-1]["params"]:
             self._init_state(p)
 
     def _init_state(self, p: torch.Tensor) -> None:
-        # Eager, so every rank and every checkpoint has the same keys from the start.
+        # Eager, so every rank and every checkpoint has the same keys from the start. Under
+        # sharding m, v, mu cover only this rank's part; "step" is kept for every tensor.
         st = self.state[p]
         if not st:
             st["step"] = torch.tensor(0.0)
+            local = self._layout.state_like(p)
             for key in STATE_KEYS[1:]:
-                st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st[key] = torch.zeros_like(local, memory_format=torch.preserve_format)
 
     # ------------------------------------------------------------------ the step
     def _step(self, closure: Callable[[], Any] | None, inputs: Callable[[], StepInputs]):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            V.validate(self.SPECS, group)
-
-        segs = self._layout.segments(self)
+        red = self._reducer
         n = self._layout.num_tensors(self)
         k = len(self.STATS)
-        local_in = inputs()
-        stats, aux = self._phase1(segs, n)
-        buf = torch.cat([stats.reshape(-1).cpu(),
-                         torch.tensor([1.0 if local_in.bad else 0.0, *local_in.values],
-                                      dtype=stats.dtype)])
-        self._reducer.all_reduce_(buf)
+        loss, failure = None, None
+        try:
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                V.validate(self.SPECS, group)
+            segs = self._layout.segments(self)
+            local_in = inputs()
+            stats, aux = self._phase1(segs, n)
+        except Exception as e:
+            if red.world_size == 1:
+                raise
+            # Still join the reduction, so the other ranks learn of the failure and raise too
+            # instead of waiting in the next collective.
+            failure, segs, aux = e, [], None
+            stats = torch.zeros(n, k, dtype=ACC)
+            local_in = StepInputs([0.0] * self.N_VALUES)
+        present = torch.zeros(n, dtype=ACC)
+        present[[s.index for s in segs]] = 1.0
+        flags = [1.0 if failure is not None else 0.0, 1.0 if local_in.bad else 0.0]
+        buf = torch.cat([stats.reshape(-1).cpu(), present,
+                         torch.tensor([*flags, *local_in.values], dtype=ACC)])
+        red.all_reduce_(buf)
         stats = buf[: n * k].view(n, k)
-        n_bad, values = buf[n * k].item(), buf[n * k + 1:].tolist()
+        present = buf[n * k: n * k + n] > 0
+        n_failed, n_bad = buf[n * k + n].item(), buf[n * k + n + 1].item()
+        values = buf[n * k + n + 2:].tolist()
 
+        if n_failed:
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"{type(self).__name__}.step() failed on {int(n_failed)} other "
+                               "rank(s) (their own errors say why); no parameter or state was "
+                               "changed on this rank")
         if n_bad or not torch.isfinite(stats).all():
             self._reject(self._describe_bad(local_in, stats, segs), local_in.cause)
             return loss
-        for seg in segs:
-            seg.state["step"] += 1
-        self._last_report = self._phase2(segs, stats, values, aux)
+        for i, _, _, _, p in tensor_layers(self):
+            if present[i]:
+                self.state[p]["step"] += 1
+        self._last_report = self._phase2(segs, stats, present, values, aux)
         self._global_step += 1
         self._layout.post_step(self)
         return loss
@@ -112,8 +153,11 @@ class GrokOptimizerBase(torch.optim.Optimizer):
     def _phase1(self, segs: list[Segment], n: int) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
 
-    def _phase2(self, segs: list[Segment], stats: torch.Tensor, values: list[float],
-                aux: Any) -> dict[str, Any]:
+    def _phase2(self, segs: list[Segment], stats: torch.Tensor, present: torch.Tensor,
+                values: list[float], aux: Any) -> dict[str, Any]:
+        """``stats`` are the reduced per-tensor sums, ``present`` marks the tensors that have a
+        gradient on some rank (their "step" is already incremented), ``values`` the reduced
+        scalar inputs."""
         raise NotImplementedError
 
     @staticmethod
@@ -150,18 +194,26 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         return self._global_step
 
     def get_state_summary(self) -> dict[str, Any]:
-        mu, m = [], []
-        for _, _, _, _, p in tensor_layers(self):
-            st = self.state.get(p, {})
-            if st and float(st["step"]) > 0:
-                mu.append(float(st["mu"].float().norm()))
-                m.append(float(st["exp_avg"].float().norm()))
+        """Global step, skipped steps, tensor count, mean per-tensor norms of mu and m over the
+        tensors that have stepped, and what the last step decided. Under sharding the norms are
+        all-reduced: call it on every rank."""
+        n = self._layout.num_tensors(self)
+        sums = torch.zeros(n, 3, dtype=ACC)
+        for i, _, _, _, p in tensor_layers(self):
+            st = self.state[p]
+            sums[i, 0] = float(st["step"] > 0)
+            sums[i, 1] = float(st["mu"].double().square().sum())
+            sums[i, 2] = float(st["exp_avg"].double().square().sum())
+        self._reducer.all_reduce_(sums)
+        stepped = sums[:, 0] > 0
+        mu = sums[stepped, 1].sqrt()
+        m = sums[stepped, 2].sqrt()
         summary = {
             "global_step": self._global_step,
             "skipped_steps": self._skipped_steps,
-            "total_params": self._layout.num_tensors(self),
-            "avg_mu_norm": sum(mu) / len(mu) if mu else 0.0,
-            "avg_exp_avg_norm": sum(m) / len(m) if m else 0.0,
+            "total_params": n,
+            "avg_mu_norm": float(mu.mean()) if len(mu) else 0.0,
+            "avg_exp_avg_norm": float(m.mean()) if len(m) else 0.0,
         }
         summary.update(self._last_report)
         return summary
@@ -177,12 +229,49 @@ class GrokOptimizerBase(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's ``state``/``param_groups`` plus a ``"shardgrok"`` entry holding the
-        optimizer-level state (global step, cached signal, meta-net and its optimizer)."""
+        optimizer-level state (global step, cached signal, meta-net and its optimizer).
+
+        Sharded, it is this rank's shard: m, v and mu hold only this rank's range of each tensor
+        and ``"shardgrok"]["sharding"]`` says which (see :meth:`full_state_dict` and
+        :func:`shardgrok.consolidate_state_dict` for a world-size-independent one)."""
         sd = super().state_dict()
         sd[CHECKPOINT_KEY] = self._extra_state()
+        if self.is_sharded:
+            sd[CHECKPOINT_KEY]["sharding"] = self._sharding()
         return sd
 
+    def _sharding(self) -> dict[str, Any]:
+        params = [p for _, _, _, _, p in tensor_layers(self)]
+        return {"world_size": self._reducer.world_size, "rank": self._reducer.rank,
+                "spans": [list(self._layout.span(p)) for p in params],
+                "shapes": [list(p.shape) for p in params]}
+
+    def full_state_dict(self, to: int | None = 0) -> dict[str, Any] | None:
+        """The whole optimizer state, independent of the world size (what a single process's
+        :meth:`state_dict` holds), on CPU. Collective under sharding: every rank calls it; it is
+        returned on group rank ``to`` (``None``: on every rank) and None elsewhere. It loads with
+        :meth:`load_state_dict` at any world size. m, v and mu travel by one all-gather each
+        (per dtype), so every rank briefly holds one of them whole."""
+        if to is not None:
+            V.integer(0, self._reducer.world_size - 1)("to", to)
+        sd = self.state_dict()
+        if self.is_sharded:
+            del sd[CHECKPOINT_KEY]["sharding"]
+            sd["state"] = {i: dict(st) for i, st in sd["state"].items()}  # not the live dicts
+            index = {p: i for i, _, _, _, p in tensor_layers(self)}
+            for key in STATE_KEYS[1:]:
+                whole = self._layout.gather(lambda p: self.state[p][key])
+                if to is None or self._reducer.rank == to:
+                    for p, flat in whole.items():
+                        sd["state"][index[p]][key] = flat.view(p.shape)
+        if to is not None and self._reducer.rank != to:
+            return None
+        return _to_cpu(sd)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` of this rank's shard (same world size and parameters), or a
+        full one (:meth:`full_state_dict`, :func:`shardgrok.consolidate_state_dict`, or any
+        single-process checkpoint), which each rank slices to its own range."""
         if CHECKPOINT_KEY not in state_dict:
             raise ValueError(f"state_dict has no {CHECKPOINT_KEY!r} entry: it was not saved by a "
                              f"shardgrok optimizer's state_dict()")
@@ -191,8 +280,42 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             raise ValueError(f"unsupported shardgrok checkpoint format {extra.get('format')!r}; "
                              f"this version reads format {CHECKPOINT_FORMAT}")
         rest = {k: v for k, v in state_dict.items() if k != CHECKPOINT_KEY}
+        sharding = extra.get("sharding")
+        if sharding is not None:
+            mine = self._sharding() if self.is_sharded else None
+            if mine is None or any(sharding[k] != mine[k] for k in ("world_size", "rank", "spans")):
+                here = (f"this optimizer is rank {mine['rank']} of {mine['world_size']}" if mine
+                        else "this optimizer is not sharded")
+                raise ValueError(
+                    f"state_dict is rank {sharding['rank']}'s shard of a checkpoint saved at world "
+                    f"size {sharding['world_size']} and {here}; merge all ranks' shards with "
+                    "shardgrok.consolidate_state_dict(shards) (or save full_state_dict()) and "
+                    "load the result")
+        else:
+            rest = self._check_full(rest)
+            if self.is_sharded:
+                rest = self._slice_full(rest)
         super().load_state_dict(rest)
         self._load_extra_state(extra)
+
+    def _check_full(self, sd: dict[str, Any]) -> dict[str, Any]:
+        params = [p for _, _, _, _, p in tensor_layers(self)]
+        for i, p in enumerate(params):
+            for key, v in sd.get("state", {}).get(i, {}).items():
+                if key in STATE_KEYS[1:] and v.numel() != p.numel():
+                    raise ValueError(f"state_dict['state'][{i}][{key!r}] has {v.numel()} elements "
+                                     f"but parameter {i} has {p.numel()} (shape "
+                                     f"{tuple(p.shape)}): the checkpoint is for another model")
+        return sd
+
+    def _slice_full(self, sd: dict[str, Any]) -> dict[str, Any]:
+        params = [p for _, _, _, _, p in tensor_layers(self)]
+        state = {}
+        for i, st in sd["state"].items():
+            a, e = self._layout.span(params[i])
+            state[i] = {k: (v.reshape(-1)[a:e].clone() if k in STATE_KEYS[1:] else v)
+                        for k, v in st.items()}
+        return {**sd, "state": state}
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults/state/param_groups; ours has more (global step,

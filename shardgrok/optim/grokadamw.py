@@ -66,23 +66,32 @@ class GrokAdamW(GrokOptimizerBase):
         nonfinite: ``"skip"`` (default) or ``"raise"``: what a step does when a gradient is
             NaN/Inf or a signal function raises or returns NaN/Inf. Either way no parameter or
             state is changed.
+        shard: ``None`` (default) shards m, v, mu over the ranks of ``process_group`` when
+            torch.distributed is initialised with more than one rank (ZeRO-1: each rank keeps
+            and updates 1/N of the flattened parameters, then all-gathers them); ``False``
+            keeps everything on this process; ``True`` requires a process group.
+        process_group: the group to shard over (default: the default group). Every rank of it
+            must build the optimizer over the same parameters and call every ``step()``.
     """
 
     SPECS = GROKADAMW_SPECS
     STATS = R.GROKADAMW_STATS
+    N_VALUES = 2  # signal sum, number of ranks with a signal
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, alpha_init: float = 0.98,
                  lamb: float = 2.0, gamma: float = 0.1,
                  grokking_signal_fns: Sequence[SignalFn] | None = None,
                  grokking_signal_decay_rate: float = 0.1, gradient_clipping: float = 1.0, *,
-                 grokking_signal_fn: SignalFn | None = None, nonfinite: str = "skip"):
+                 grokking_signal_fn: SignalFn | None = None, nonfinite: str = "skip",
+                 shard: bool | None = None, process_group=None):
         self.grokking_signal_fns = _signal_fns(grokking_signal_fns, grokking_signal_fn)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         alpha_init=alpha_init, lamb=lamb, gamma=gamma,
                         grokking_signal_decay_rate=grokking_signal_decay_rate,
                         gradient_clipping=gradient_clipping, layer_index=None)
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, shard=shard,
+                         process_group=process_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -109,7 +118,7 @@ class GrokAdamW(GrokOptimizerBase):
     def _phase1(self, segs, n):
         return self._scatter_stats(segs, [R.grokadamw_partial_stats(s.grad) for s in segs], n, 1), None
 
-    def _phase2(self, segs, stats, values, aux) -> dict[str, Any]:
+    def _phase2(self, segs, stats, present, values, aux) -> dict[str, Any]:
         signal_sum, signal_ranks = values
         signal = signal_sum / signal_ranks if signal_ranks else None
         norm_sq = float(stats[:, 0].sum())

@@ -10,6 +10,7 @@ from .. import _validation as V
 from .. import reference as R
 from ..bilevel import meta_gradient
 from ..metanet import SimpleMetaNet, check_elementwise, masked_grad, rescale_of
+from ..layouts.local import tensor_layers
 from .base import GrokOptimizerBase, StepInputs
 from .grokadamw import GROKADAMW_SPECS
 
@@ -57,17 +58,21 @@ class SuperGrok(GrokOptimizerBase):
             device of the first parameter.
         meta_lr: learning rate of ``meta_optimizer``.
         nonfinite: ``"skip"`` (default) or ``"raise"``; see :class:`GrokAdamW`.
+        shard, process_group: ZeRO-1 sharding of m, v, mu; see :class:`GrokAdamW`. The meta-net
+            is replicated: rank 0's weights are broadcast at construction.
     """
 
     SPECS = SUPERGROK_SPECS
     STATS = R.SUPERGROK_STATS
+    N_VALUES = 4  # train-loss sum and count, val-loss sum and count
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, alpha_init: float = 0.98,
                  lamb: float = 2.0, gamma: float = 0.1, kappa: float = 0.1,
                  warmup_steps: int = 100, gradient_clipping: float = 1.0,
                  meta_net: nn.Module | None = None, meta_hidden_dim: int = 32, *,
-                 meta_lr: float = 1e-4, nonfinite: str = "skip"):
+                 meta_lr: float = 1e-4, nonfinite: str = "skip", shard: bool | None = None,
+                 process_group=None):
         V.integer(1)("meta_hidden_dim", meta_hidden_dim)
         V.real(0.0, lo_open=True)("meta_lr", meta_lr)
         if meta_net is not None and not isinstance(meta_net, nn.Module):
@@ -76,11 +81,15 @@ class SuperGrok(GrokOptimizerBase):
                         alpha_init=alpha_init, lamb=lamb, gamma=gamma, kappa=kappa,
                         warmup_steps=warmup_steps, gradient_clipping=gradient_clipping,
                         layer_index=None)
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, shard=shard,
+                         process_group=process_group)
         net = meta_net if meta_net is not None else SimpleMetaNet(hidden_dim=meta_hidden_dim)
         first = self.param_groups[0]["params"][0]
         self.meta_net = net.to(first.device)
         check_elementwise(self.meta_net)
+        # Every rank applies the same transform; meta-gradients are summed over ranks, so the
+        # copies stay identical from here on.
+        self._reducer.broadcast_module_(self.meta_net)
         # A parameter-free meta-net (a fixed transform) has nothing to train.
         trainable = [p for p in self.meta_net.parameters() if p.requires_grad]
         self.meta_optimizer = torch.optim.Adam(trainable, lr=meta_lr) if trainable else None
@@ -118,40 +127,38 @@ class SuperGrok(GrokOptimizerBase):
             partials.append(R.supergrok_partial_stats(s.grad, h, s.state["mu"]))
         return self._scatter_stats(segs, partials, n, len(self.STATS)), hs
 
-    def _phase2(self, segs, stats, values, hs) -> dict[str, Any]:
+    def _phase2(self, segs, stats, present, values, hs) -> dict[str, Any]:
         train_sum, train_n, val_sum, val_n = values
         if train_n and val_n:
             self._cached_signal = loss_signal(train_sum / train_n, val_sum / val_n)
         alphas = self._alphas()
-        n = stats.shape[0]
-        mu_alpha = torch.zeros(n, dtype=torch.float64)
-        lamb = torch.zeros(n, dtype=torch.float64)
-        amplify = torch.zeros(n, dtype=torch.bool)
+        # Per-tensor scalars for every tensor, not only the local ones: a group's clip norm
+        # sums over all its tensors, wherever they live.
         t_next = self._global_step + 1
-        for s in segs:
-            group = self.param_groups[s.group]
-            first = int(s.state["step"]) == 1       # already incremented for this step
-            mu_alpha[s.index] = 0.0 if first else alphas[s.group]
-            lamb[s.index] = float(group["lamb"])
-            amplify[s.index] = t_next > group["warmup_steps"]
-        d = R.supergrok_decide(stats, mu_alpha, lamb, float(rescale_of(self.meta_net)), amplify)
-
-        group_sq = [0.0] * len(self.param_groups)
-        for s in segs:
-            group_sq[s.group] += float(d.final_sq[s.index])
-        coefs = [R.clip_coefficient(g["gradient_clipping"], sq)
-                 for g, sq in zip(self.param_groups, group_sq)]
+        group_of, mu_alpha, lamb, amplify = [], [], [], []
+        for _, _, gi, group, p in tensor_layers(self):
+            group_of.append(gi)
+            first = float(self.state[p]["step"]) == 1   # already incremented for this step
+            mu_alpha.append(0.0 if first else alphas[gi])
+            lamb.append(float(group["lamb"]))
+            amplify.append(t_next > group["warmup_steps"])
+        group_of = torch.tensor(group_of)
+        d = R.supergrok_decide(stats, torch.tensor(mu_alpha, dtype=torch.float64),
+                               torch.tensor(lamb, dtype=torch.float64),
+                               float(rescale_of(self.meta_net)), torch.tensor(amplify))
+        coefs = [R.clip_coefficient(g["gradient_clipping"],
+                                    float(d.final_sq[present & (group_of == gi)].sum()))
+                 for gi, g in enumerate(self.param_groups)]
         for s, h in zip(segs, hs):
             group = self.param_groups[s.group]
             k = R.SuperGrokScalars(
                 adam=R.adam_scalars(group, s.layer, int(s.state["step"]),
                                     layerwise_bias_correction=True),
-                mu_alpha=float(mu_alpha[s.index]), smart_scale=float(d.smart_scale[s.index]),
+                mu_alpha=mu_alpha[s.index], smart_scale=float(d.smart_scale[s.index]),
                 amp=float(d.amp[s.index]), grad_scale=coefs[s.group])
             R.supergrok_update_(s.param, s.grad, h, s.state["exp_avg"], s.state["exp_avg_sq"],
                                 s.state["mu"], k=k)
-        stepped = [s.index for s in segs]
-        engaged = d.engaged[stepped].tolist() if stepped else []
+        engaged = d.engaged[present].tolist()
         return {"cached_alpha": alphas[0], "gate_engaged": engaged,
                 "gate_engaged_fraction": sum(engaged) / len(engaged) if engaged else 0.0,
                 "last_clip_coef": min(coefs), "last_clip_coefs": coefs}

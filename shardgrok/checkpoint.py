@@ -1,0 +1,87 @@
+"""Checkpoint format and resharding.
+
+An optimizer's ``state_dict()`` is torch.optim's ``{"state", "param_groups"}`` plus a
+``"shardgrok"`` entry (format, global step, skipped steps, and SuperGrok's cached signal,
+meta-net and meta-optimizer). Per tensor, ``state`` holds ``step`` and m, v, mu
+(``exp_avg``, ``exp_avg_sq``, ``mu``).
+
+Two shapes of the same format:
+
+- full: m, v, mu have the parameter's shape. A single process saves this; it does not depend on
+  the world size, and any optimizer (sharded or not, any world size) loads it.
+- shard: one rank's ``state_dict()`` in a sharded job. m, v, mu are 1-D and hold only the
+  rank's range of the flattened tensor; ``"shardgrok"]["sharding"]`` records the world size,
+  rank, each tensor's range (``spans``) and shape. It loads only into the same rank of the
+  same layout; :func:`consolidate_state_dict` merges all ranks' shards into a full one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+CHECKPOINT_KEY = "shardgrok"
+CHECKPOINT_FORMAT = 1
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "mu")
+
+
+def to_cpu(obj: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def consolidate_state_dict(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge every rank's sharded ``state_dict()`` (any order) into one full state dict, the
+    world-size-independent form that loads at any world size. Runs anywhere, no process group
+    needed (e.g. offline over the files each rank saved)."""
+    if not shards:
+        raise ValueError("consolidate_state_dict needs at least one shard")
+    metas = []
+    for j, sd in enumerate(shards):
+        extra = sd.get(CHECKPOINT_KEY) if isinstance(sd, dict) else None
+        if extra is None:
+            raise ValueError(f"shards[{j}] is not a shardgrok state_dict (no {CHECKPOINT_KEY!r} "
+                             "entry)")
+        if extra.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"shards[{j}] has checkpoint format {extra.get('format')!r}; this "
+                             f"version reads format {CHECKPOINT_FORMAT}")
+        metas.append(extra.get("sharding"))
+    if metas[0] is None:
+        if len(shards) == 1:
+            return shards[0]
+        raise ValueError("shards[0] is a full state dict, not a shard; pass only shards")
+    world = metas[0]["world_size"]
+    ranks = sorted(m["rank"] if m else -1 for m in metas)
+    if ranks != list(range(world)) or any(m["world_size"] != world or m["shapes"] != metas[0]["shapes"]
+                                          for m in metas):
+        raise ValueError(f"consolidate_state_dict needs exactly one shard from each of the "
+                         f"{world} ranks of one checkpoint; got ranks {ranks}")
+    order = sorted(range(len(shards)), key=lambda j: metas[j]["rank"])
+    first = shards[order[0]]
+    shapes = metas[0]["shapes"]
+    state: dict[int, dict[str, Any]] = {}
+    for i, shape in enumerate(shapes):
+        entry = dict(first["state"][i])
+        numel = 1
+        for d in shape:
+            numel *= d
+        for key in STATE_KEYS[1:]:
+            ref = first["state"][i][key]
+            full = torch.zeros(numel, dtype=ref.dtype, device=ref.device)
+            covered = 0
+            for j in order:
+                a, e = metas[j]["spans"][i]
+                full[a:e] = shards[j]["state"][i][key].reshape(-1)
+                covered += e - a
+            if covered != numel:
+                raise ValueError(f"the shards cover {covered} of tensor {i}'s {numel} elements")
+            entry[key] = full.view(shape)
+        state[i] = entry
+    extra = {k: v for k, v in first[CHECKPOINT_KEY].items() if k != "sharding"}
+    return {"state": state, "param_groups": first["param_groups"], CHECKPOINT_KEY: extra}

@@ -1,0 +1,101 @@
+"""Starting torch.distributed under any launcher: torchrun, SLURM's srun, or mpirun/mpiexec.
+
+``init_distributed()`` finds this process's rank, the world size and its local rank from the
+launcher's environment, in this order:
+
+1. torchrun (or any launcher that sets ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``, e.g. the
+   deepspeed launcher): used as given;
+2. SLURM (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``; the batch script exports
+   ``MASTER_ADDR``/``MASTER_PORT``, see ``launch/slurm.sbatch``);
+3. MPI (``mpirun``/``mpiexec``; detected by the PMI/PMIx/Open MPI variables they set): ranks
+   come from mpi4py's ``COMM_WORLD``, the local rank from a shared-memory split, and rank 0's
+   host name and a free port are broadcast as the rendezvous address unless already set;
+4. none of these: a single process, nothing to initialise.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_MPI_VARS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "torchrun", "slurm", "mpi" or "single"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _from_mpi() -> tuple[int, int, int]:
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise RuntimeError("launched by mpirun/mpiexec, but mpi4py is not installed: "
+                           "pip install 'shardgrok[mpi]'") from e
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank).Get_rank()
+    addr = os.environ.get("MASTER_ADDR")
+    port = os.environ.get("MASTER_PORT")
+    if rank == 0:
+        addr = addr or socket.gethostname()
+        port = port or str(_free_port())
+    addr, port = comm.bcast((addr, port), root=0)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+    return rank, size, local_rank
+
+
+def discover() -> DistInfo:
+    """Rank, world size and local rank from the launcher's environment (no side effects beyond
+    setting MASTER_ADDR/MASTER_PORT under MPI)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]),
+                        int(env.get("LOCAL_RANK", 0)), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if "MASTER_ADDR" not in env:
+            raise RuntimeError("SLURM job without MASTER_ADDR: export it in the batch script "
+                               "(the first host of $SLURM_JOB_NODELIST; see launch/slurm.sbatch)")
+        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                        int(env.get("SLURM_LOCALID", 0)), "slurm")
+    if any(v in env for v in _MPI_VARS):
+        return DistInfo(*_from_mpi(), "mpi")
+    return DistInfo(0, 1, 0, "single")
+
+
+def init_distributed(backend: str | None = None,
+                     timeout: timedelta = timedelta(minutes=10)) -> DistInfo:
+    """Initialise the default process group from the launcher's environment and return this
+    process's place in it. ``backend`` defaults to NCCL when CUDA is available, else gloo (the
+    CUDA device is set to the local rank). ``timeout`` bounds how long a collective waits for a
+    rank that stopped: after it, the waiting ranks raise instead of hanging.
+
+    Idempotent: if the default group already exists, it only reports it.
+    """
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(),
+                        int(os.environ.get("LOCAL_RANK", 0)), "existing")
+    info = discover()
+    if info.world_size == 1 and info.launcher == "single":
+        return info
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend, init_method="env://", rank=info.rank,
+                            world_size=info.world_size, timeout=timeout)
+    return info

@@ -1,0 +1,248 @@
+"""One rank of a multi-rank test job, launched by tests/test_distributed.py through torchrun.
+
+    python -m torch.distributed.run --standalone --nproc-per-node N tests/dist_worker.py \\
+        --out DIR --ckpt DIR --scenarios a,b,c [--timeout S]
+
+Each scenario runs on every rank and its result (or traceback) is saved to
+``DIR/<scenario>.<rank>.pt``; the pytest side compares them with the single-process oracle.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import scenarios as S  # noqa: E402
+import shardgrok  # noqa: E402
+from helpers import backward, toy  # noqa: E402
+
+RANK = WORLD = 0
+SCENARIOS = {}
+
+
+def scenario(fn):
+    SCENARIOS[fn.__name__] = fn
+    return fn
+
+
+# ---------------------------------------------------------------- exactness, memory, collectives
+@scenario
+def exact_grokadamw(args):
+    return S.run("grokadamw", RANK, WORLD, shard=True)
+
+
+@scenario
+def exact_supergrok(args):
+    return S.run("supergrok", RANK, WORLD, shard=True)
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
+               "broadcast", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "barrier",
+               "gather_object", "send", "recv", "reduce")
+
+
+@scenario
+def collectives(args):
+    counts = {}
+    for kind in S.KINDS:
+        model = toy(S.DTYPE)
+        opt = S.make(kind, model, RANK, WORLD, shard=True)
+        S.train(kind, model, opt, range(2), RANK, WORLD)
+        tl = backward(model, 2)
+        seen = {name: 0 for name in COLLECTIVES}
+        saved = {name: getattr(dist, name) for name in COLLECTIVES}
+
+        def counting(name):
+            def call(*a, **k):
+                seen[name] += 1
+                return saved[name](*a, **k)
+            return call
+        for name in COLLECTIVES:
+            setattr(dist, name, counting(name))
+        try:
+            if kind == "grokadamw":
+                opt.step()
+            else:
+                opt.step(train_loss=tl + RANK, val_loss=tl * 2)
+        finally:
+            for name, fn in saved.items():
+                setattr(dist, name, fn)
+        counts[kind] = {k: v for k, v in seen.items() if v}
+        counts[kind + "_cached_alpha"] = opt.get_cached_alpha() if kind == "supergrok" else opt.get_alpha()
+    return counts
+
+
+@scenario
+def memory(args):
+    out = {}
+    for kind in S.KINDS:
+        model = toy(S.DTYPE)
+        opt = S.make(kind, model, RANK, WORLD, shard=True)
+        S.train(kind, model, opt, range(1), RANK, WORLD)
+        elems = sum(st[k].numel() for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq", "mu"))
+        nbytes = sum(st[k].numel() * st[k].element_size()
+                     for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq", "mu"))
+        out[kind] = {"elements": elems, "bytes": nbytes,
+                     "group_totals": [sum(p.numel() for p in g["params"]) for g in opt.param_groups]}
+    return out
+
+
+# ---------------------------------------------------------------- meta-net
+@scenario
+def meta(args):
+    return S.meta_gradient(RANK, WORLD, shard=True)
+
+
+# ---------------------------------------------------------------- checkpoints
+@scenario
+def checkpoint_save(args):
+    for kind in S.KINDS:
+        S.save_checkpoint(kind, args.ckpt, RANK, WORLD, shard=True)
+    return {}
+
+
+@scenario
+def resume(args):
+    out = {}
+    for source in args.resume_from.split(","):
+        for kind in S.KINDS:
+            out[f"{kind}.{source}"] = S.resume(kind, args.ckpt, source, RANK, WORLD, shard=True)
+    return out
+
+
+@scenario
+def load_wrong_shard(args):
+    """Another rank's shard must be refused with a clear error (it would load silently wrong)."""
+    model = toy(S.DTYPE)
+    opt = S.make("grokadamw", model, RANK, WORLD, shard=True)
+    other = (RANK + 1) % WORLD
+    sd = torch.load(os.path.join(args.ckpt, f"grokadamw.w{WORLD}.shard{other}.pt"),
+                    weights_only=True)
+    try:
+        opt.load_state_dict(sd)
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+# ---------------------------------------------------------------- faults and bad input
+@scenario
+def fault_in_step(args):
+    """Rank 1's closure raises: rank 1 gets its own error, the others a RuntimeError, at once."""
+    model = toy(S.DTYPE)
+    opt = S.make("supergrok", model, RANK, WORLD, shard=True)
+    S.train("supergrok", model, opt, range(2), RANK, WORLD)
+    before = S.params(model)
+
+    def closure():
+        if RANK == 1:
+            raise ValueError("data loader broke on rank 1")
+        return backward(model, 2)
+    t0 = time.monotonic()
+    try:
+        opt.step(closure)
+        err = None
+    except Exception as e:
+        err = (type(e).__name__, str(e))
+    elapsed = time.monotonic() - t0
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, S.params(model)))
+    step_after = opt.get_global_step()
+    S.train("supergrok", model, opt, range(2, 3), RANK, WORLD)  # the job can go on
+    return {"error": err, "elapsed": elapsed, "unchanged": unchanged, "step_after": step_after,
+            "step_final": opt.get_global_step()}
+
+
+@scenario
+def nonfinite(args):
+    out = {}
+    for policy in ("skip", "raise"):
+        model = toy(S.DTYPE)
+        opt = S.make("grokadamw", model, RANK, WORLD, shard=True, nonfinite=policy)
+        S.train("grokadamw", model, opt, range(2), RANK, WORLD)
+        backward(model, 2)
+        w = model.a.weight
+        a, e = opt._layout.span(w)
+        if RANK == 1:  # only rank 1's copy of the gradient, inside the range rank 1 owns
+            assert e > a, "rank 1 must own part of a.weight"
+            w.grad.view(-1)[a] = float("nan")
+        before = S.params(model)
+        state_before = {k: v.clone() for k, v in opt.state[w].items()}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                opt.step()
+                err = None
+            except Exception as ex:
+                err = type(ex).__name__
+        out[policy] = {
+            "error": err, "warned": any(issubclass(c.category, RuntimeWarning) for c in caught),
+            "unchanged": all(torch.equal(x, y) for x, y in zip(before, S.params(model))),
+            "state_unchanged": all(torch.equal(v, opt.state[w][k]) for k, v in state_before.items()),
+            "global_step": opt.get_global_step(), "skipped": opt.get_state_summary()["skipped_steps"]}
+    return out
+
+
+@scenario
+def mismatch(args):
+    model = toy(S.DTYPE)
+    params = list(model.parameters())
+    if RANK == 1:
+        params.append(torch.nn.Parameter(torch.zeros(3)))
+    try:
+        shardgrok.GrokAdamW(params, shard=True)
+        return {"error": None}
+    except ValueError as e:
+        return {"error": str(e)}
+
+
+@scenario
+def stuck_rank(args):
+    """Rank 1 stops answering (sleeps past the process group timeout): rank 0's step must end in
+    an error after about the timeout, not hang."""
+    model = toy(S.DTYPE)
+    opt = S.make("grokadamw", model, RANK, WORLD, shard=True)
+    backward(model, 0)
+    if RANK == 1:
+        time.sleep(3 * args.timeout)
+    t0 = time.monotonic()
+    try:
+        opt.step()
+        err = None
+    except Exception as e:
+        err = type(e).__name__ + ": " + str(e)[:300]
+    return {"error": err, "elapsed": time.monotonic() - t0}
+
+
+def main():
+    global RANK, WORLD
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ckpt", default="")
+    ap.add_argument("--scenarios", required=True)
+    ap.add_argument("--resume-from", default="")
+    ap.add_argument("--timeout", type=float, default=120.0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    info = shardgrok.init_distributed(backend="gloo", timeout=timedelta(seconds=args.timeout))
+    RANK, WORLD = info.rank, info.world_size
+    for name in args.scenarios.split(","):
+        try:
+            result = {"ok": SCENARIOS[name](args)}
+        except Exception:
+            result = {"traceback": traceback.format_exc()}
+        torch.save(result, os.path.join(args.out, f"{name}.{RANK}.pt"))
+    if "stuck_rank" not in args.scenarios:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Training runs shared by the multi-rank workers (tests/dist_worker.py, under torchrun) and the
+single-process oracle (tests/test_distributed.py): the same model, inputs and schedule, so a
+sharded run can be compared with one process.
+
+Every rank computes the same full-batch gradient (what DDP hands the optimizer), while the
+grokking signals, losses and validation batches differ per rank and average to the
+single-process values, so the tests also see that ranks' inputs are averaged.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import torch
+
+import shardgrok
+from helpers import backward, batch, toy, two_groups
+
+DTYPE = torch.float32
+STEPS = 20
+SPLIT = 10          # checkpoint after this many steps
+KINDS = ("grokadamw", "supergrok")
+
+
+def rank_offset(rank: int, world: int) -> float:
+    """Zero-mean over ranks: each rank's input differs, their mean is the single-process one."""
+    return rank - (world - 1) / 2
+
+
+def make(kind: str, model, rank: int = 0, world: int = 1, shard: bool = False, **kw):
+    groups = two_groups(model, layer_index=3, lr=5e-3)
+    common = dict(lr=1e-2, gradient_clipping=0.5, shard=shard, **kw)
+    if kind == "grokadamw":
+        clock = {"t": 0}
+        opt = shardgrok.GrokAdamW(
+            groups, grokking_signal_fn=lambda: 0.5 + 0.1 * clock["t"] + 0.3 * rank_offset(rank, world),
+            **common)
+        opt.test_clock = clock
+        return opt
+    torch.manual_seed(7)  # the meta-net's initial weights (sharded: rank 0's are broadcast)
+    return shardgrok.SuperGrok(groups, warmup_steps=5, meta_hidden_dim=8, meta_lr=1e-2, **common)
+
+
+def val_closure(model, rank: int, world: int):
+    x, y = batch(99, dtype=next(model.parameters()).dtype, n=24)
+    n = 24 // world
+    x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+    return lambda: ((model(x) - y) ** 2).mean()
+
+
+def train(kind: str, model, opt, steps, rank: int = 0, world: int = 1) -> list[dict]:
+    record = []
+    for t in steps:
+        tl = backward(model, t)
+        if kind == "grokadamw":
+            opt.test_clock["t"] = t
+            opt.step()
+        else:
+            if t % 3 == 0:
+                opt.meta_step(val_closure(model, rank, world))
+            if t % 4 == 0:
+                d = 0.01 * rank_offset(rank, world)
+                opt.step(train_loss=tl + d, val_loss=(1.2 + 0.02 * t) * tl - d)
+            else:
+                opt.step()
+        rep = opt.get_state_summary()
+        record.append({k: rep.get(k) for k in ("last_clip_coefs", "gate_engaged", "alpha",
+                                                "cached_alpha", "avg_mu_norm", "global_step")})
+    return record
+
+
+def params(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def run(kind: str, rank: int = 0, world: int = 1, shard: bool = False) -> dict:
+    model = toy(DTYPE)
+    opt = make(kind, model, rank, world, shard)
+    record = train(kind, model, opt, range(STEPS), rank, world)
+    return {"params": params(model), "record": record}
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(kind: str, directory: str, rank: int = 0, world: int = 1,
+                    shard: bool = False) -> None:
+    """Train SPLIT steps; write this rank's shard, the gathered full state and the model."""
+    model = toy(DTYPE)
+    opt = make(kind, model, rank, world, shard)
+    train(kind, model, opt, range(SPLIT), rank, world)
+    os.makedirs(directory, exist_ok=True)
+    if shard:
+        torch.save(opt.state_dict(), os.path.join(directory, f"{kind}.w{world}.shard{rank}.pt"))
+    full = opt.full_state_dict(to=0)
+    if rank == 0:
+        torch.save(full, os.path.join(directory, f"{kind}.w{world}.full.pt"))
+        torch.save(model.state_dict(), os.path.join(directory, f"{kind}.w{world}.model.pt"))
+
+
+def _source(source: str) -> tuple[int, str]:
+    """"w4full" -> (4, "full"): a checkpoint saved at world size 4, as a gathered full state
+    ("full") or as every rank's shard ("shards")."""
+    m = re.fullmatch(r"w(\d+)(full|shards)", source)
+    assert m, source
+    return int(m.group(1)), m.group(2)
+
+
+def load_optimizer_state(kind: str, directory: str, source: str):
+    world, how = _source(source)
+    if how == "shards":
+        files = sorted(glob.glob(os.path.join(directory, f"{kind}.w{world}.shard*.pt")))
+        return shardgrok.consolidate_state_dict([torch.load(f, weights_only=True) for f in files])
+    return torch.load(os.path.join(directory, f"{kind}.w{world}.full.pt"), weights_only=True)
+
+
+def resume(kind: str, directory: str, source: str, rank: int = 0, world: int = 1,
+           shard: bool = False) -> dict:
+    model = toy(DTYPE, seed=123)  # different weights: everything must come from the checkpoint
+    src_world, _ = _source(source)
+    model.load_state_dict(torch.load(os.path.join(directory, f"{kind}.w{src_world}.model.pt"),
+                                     weights_only=True))
+    opt = make(kind, model, rank, world, shard)
+    opt.load_state_dict(load_optimizer_state(kind, directory, source))
+    assert opt.get_global_step() == SPLIT
+    record = train(kind, model, opt, range(SPLIT, STEPS), rank, world)
+    return {"params": params(model), "record": record}
+
+
+# ---------------------------------------------------------------- meta-gradient
+def meta_gradient(rank: int = 0, world: int = 1, shard: bool = False) -> dict:
+    model = toy(torch.float64)
+    torch.manual_seed(1)
+    net = shardgrok.SimpleMetaNet(hidden_dim=6).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    opt = shardgrok.SuperGrok(two_groups(model, lr=0.2), lr=0.05, meta_net=net, meta_lr=3e-2,
+                              shard=shard)
+    backward(model, 0)
+    loss = opt.meta_gradient(val_closure(model, rank, world))
+    grads = [p.grad.clone() for p in net.parameters()]
+    for _ in range(3):
+        opt.meta_step(val_closure(model, rank, world))
+    return {"loss": loss, "grads": grads, "net_after": [p.detach().clone() for p in net.parameters()]}
