@@ -81,6 +81,39 @@ def collectives(args):
 
 
 @scenario
+def subgroups(args):
+    """process_group=: ranks {0, 1} and {2, 3} each shard over their own pair."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both
+    pg = pairs[RANK // 2]
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    out = {kind: S.run(kind, rank, world, shard=True, process_group=pg) for kind in S.KINDS}
+    model = toy(S.DTYPE)
+    opt = S.make("grokadamw", model, rank, world, shard=True, process_group=pg)
+    out["elements"] = sum(st["exp_avg"].numel() for st in opt.state.values())
+    return out
+
+
+@scenario
+def unsharded(args):
+    """shard=False in a distributed job: no collective at all, whole state on every rank."""
+    model = toy(S.DTYPE)
+    opt = S.make("supergrok", model, RANK, WORLD, shard=False)
+    backward(model, 0)
+    seen = []
+    saved = {name: getattr(dist, name) for name in COLLECTIVES}
+    for name in COLLECTIVES:
+        setattr(dist, name, lambda *a, _n=name, **k: seen.append(_n) or saved[_n](*a, **k))
+    try:
+        opt.step(train_loss=1.0, val_loss=2.0)
+        opt.get_state_summary()
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+    return {"collectives": seen, "sharded": opt.is_sharded,
+            "elements": sum(st["exp_avg"].numel() for st in opt.state.values())}
+
+
+@scenario
 def memory(args):
     out = {}
     for kind in S.KINDS:
@@ -91,7 +124,10 @@ def memory(args):
         nbytes = sum(st[k].numel() * st[k].element_size()
                      for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq", "mu"))
         out[kind] = {"elements": elems, "bytes": nbytes,
-                     "group_totals": [sum(p.numel() for p in g["params"]) for g in opt.param_groups]}
+                     "group_totals": [sum(p.numel() for p in g["params"]) for g in opt.param_groups],
+                     "spans": [opt._layout.span(p) if opt._layout.owns(p) else None
+                               for g in opt.param_groups for p in g["params"]],
+                     "numels": [p.numel() for g in opt.param_groups for p in g["params"]]}
     return out
 
 

@@ -74,9 +74,9 @@ def params(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def run(kind: str, rank: int = 0, world: int = 1, shard: bool = False) -> dict:
+def run(kind: str, rank: int = 0, world: int = 1, shard: bool = False, **kw) -> dict:
     model = toy(DTYPE)
-    opt = make(kind, model, rank, world, shard)
+    opt = make(kind, model, rank, world, shard, **kw)
     record = train(kind, model, opt, range(STEPS), rank, world)
     return {"params": params(model), "record": record}
 

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 import scenarios as S
+from helpers import toy
 import shardgrok
 
 HERE = pathlib.Path(__file__).resolve().parent
 WORKER = HERE / "dist_worker.py"
 MAIN = ("exact_grokadamw", "exact_supergrok", "collectives", "memory", "meta", "checkpoint_save",
-        "resume", "load_wrong_shard", "fault_in_step", "nonfinite", "mismatch")
+        "resume", "load_wrong_shard", "fault_in_step", "nonfinite", "mismatch", "unsharded")
 TOL = 1e-6
 
 
@@ -72,7 +73,8 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world4(ckpt, tmp_path_factory):
-    _, res = launch(4, tmp_path_factory.mktemp("w4"), MAIN, ckpt, "--resume-from", "w1full")
+    _, res = launch(4, tmp_path_factory.mktemp("w4"), MAIN + ("subgroups",), ckpt,
+                    "--resume-from", "w1full")
     return res
 
 
@@ -125,6 +127,23 @@ def test_sharded_run_matches_single_process(jobs, oracle, world, kind):
         assert len({x["alpha"] for x in recs}) == len(recs)
 
 
+def test_process_group_selects_the_shard_group(jobs, oracle):
+    runs = ok(jobs[4], "subgroups")
+    for res in runs:
+        for kind in S.KINDS:
+            assert max_diff(res[kind]["params"], oracle[kind]["params"]) < TOL, kind
+    total = sum(p.numel() for p in toy(S.DTYPE).parameters())
+    assert runs[0]["elements"] + runs[1]["elements"] == total  # shared by a pair, not by 4
+    assert runs[2]["elements"] + runs[3]["elements"] == total
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_shard_false_is_purely_local(jobs, world):
+    total = sum(p.numel() for p in toy(S.DTYPE).parameters())
+    for res in ok(jobs[world], "unsharded"):
+        assert res == {"collectives": [], "sharded": False, "elements": total}
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_hold_identical_parameters(jobs, world):
     for kind in S.KINDS:
@@ -155,6 +174,14 @@ def test_state_memory_is_one_nth(jobs, world):
         for res in runs:
             assert res[kind]["elements"] <= 3 * sum(math.ceil(t / world) for t in totals)
             assert res[kind]["bytes"] <= 3 * 4 * (total / world + len(totals))
+        # the model really straddles: some tensor is split between ranks, and the 1-element
+        # tensor (smaller than the world size) has exactly one owner
+        numels = runs[0][kind]["numels"]
+        split = [i for i, n in enumerate(numels)
+                 if any(res[kind]["spans"][i] not in (None, (0, n)) for res in runs)]
+        assert split
+        tiny = numels.index(1)
+        assert sum(res[kind]["spans"][tiny] is not None for res in runs) == 1
 
 
 # ---------------------------------------------------------------- meta-net
