@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from . import metanet as M
+from .layouts.base import local_tensor
 from .reference import ACC
 
 if TYPE_CHECKING:
@@ -36,12 +37,12 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
                   lookahead_lr: float | None) -> float | None:
     net = opt.meta_net
     layout, red = opt._layout, opt._reducer
-    segs = layout.segments(opt)
-    tensors = layout.grad_tensors(opt)
-    if not tensors:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if not any(p.grad is not None for p in params):
         raise RuntimeError("SuperGrok.meta_step needs the training gradients in p.grad; no "
                            "parameter has a gradient (call loss.backward() first)")
-    n = layout.num_tensors(opt)
+    segs = layout.pieces(opt)
+    n = len(layout.tensors(opt))
 
     with torch.no_grad():
         hs = [M.masked_grad(net, s.grad) for s in segs]
@@ -55,35 +56,30 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
         rescale = float(M.rescale_of(net))
         lrs = [float(opt.param_groups[s.group]["lr"]) if lookahead_lr is None else lookahead_lr
                for s in segs]
-        saved = [t.detach().clone() for t in tensors]
+        saved = [local_tensor(p).clone() for p in params]
 
-    failure = None
+    failure, raw = None, None
     try:
         with torch.no_grad():
             for s, h, lr in zip(segs, hs, lrs):
                 if h_norm[s.index] > 0:
                     scale = rescale * float(g_norm[s.index] / h_norm[s.index])
                     s.param.sub_(h.view_as(s.param).to(s.param.dtype), alpha=lr * scale)
-            layout.post_step(opt)  # every rank evaluates the whole look-ahead model
+            layout.post_step(opt)  # ZeRO: every rank evaluates the whole look-ahead model
         try:
-            with torch.enable_grad():
-                val_loss = val_closure()
-                if not isinstance(val_loss, torch.Tensor) or not val_loss.requires_grad:
-                    raise TypeError("val_closure must return the validation loss as a tensor "
-                                    "that requires grad (do not call backward or .item() on it)")
-                vs = torch.autograd.grad(val_loss, tensors, allow_unused=True)
+            val_loss, raw = layout.validation_grads(opt, val_closure)
         except Exception as e:
             if red.world_size == 1:
                 raise
             failure = e
     finally:
         with torch.no_grad():
-            for t, t0 in zip(tensors, saved):
-                t.copy_(t0)
+            for p, p0 in zip(params, saved):
+                local_tensor(p).copy_(p0)
     if red.world_size > 1:
         # Agree on failure before the next collective, so no rank waits for one that raised.
         flag = torch.tensor([0.0 if failure is None else 1.0], dtype=ACC)
-        red.all_reduce_(flag)
+        red.all_reduce_(flag, scalars=1)
         if failure is not None:
             raise failure
         if flag.item():
@@ -91,17 +87,14 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
                                "other rank(s); the meta-net was not changed")
 
     with torch.no_grad():
-        vs = [torch.zeros_like(t) if v is None else v for t, v in zip(tensors, vs)]
-        red.mean_(vs)  # the objective is the mean of the ranks' validation losses
-        v_of = {id(t): v for t, v in zip(tensors, vs)}
-        vs = [s.local(v_of[id(s.tensor)]) for s in segs]
-        dots = torch.zeros(n, 2, dtype=ACC)
+        vs = layout.finish_validation_grads(opt, raw, segs)
+        buf = torch.zeros(n + 1, dtype=ACC)
         for s, v, h in zip(segs, vs, hs):
-            dots[s.index, 0] += torch.dot(v.reshape(-1).to(ACC), h.to(ACC)).cpu()
-        dots[0, 1] = float(val_loss.detach())
-        red.all_reduce_(dots)
-        loss_value = float(dots[0, 1]) / red.world_size
-    if not torch.isfinite(dots).all():
+            buf[s.index] += torch.dot(v.reshape(-1).to(ACC), h.to(ACC)).cpu()
+        buf[n] = float(val_loss.detach())
+        red.all_reduce_(buf, scalars=1)
+        loss_value = float(buf[n]) / red.dp_world_size
+    if not torch.isfinite(buf).all():
         opt._reject("non-finite validation loss or gradient in meta_step", None)
         return None
 
@@ -112,7 +105,7 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
         H = float(h_norm[i])
         if H == 0.0:
             continue
-        A = float(dots[i, 0])
+        A = float(buf[i])
         k = -lr * float(g_norm[i])
         flat_g, flat_v = s.grad.reshape(-1), v.reshape(-1)
         for a in range(0, flat_g.numel(), M.CHUNK):

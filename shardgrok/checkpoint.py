@@ -1,17 +1,20 @@
 """Checkpoint format and resharding.
 
-An optimizer's ``state_dict()`` is torch.optim's ``{"state", "param_groups"}`` plus a
-``"shardgrok"`` entry (format, global step, skipped steps, and SuperGrok's cached signal,
-meta-net and meta-optimizer). Per tensor, ``state`` holds ``step`` and m, v, mu
-(``exp_avg``, ``exp_avg_sq``, ``mu``).
+An optimizer's ``state_dict()`` is torch.optim's ``{"state", "param_groups"}``; the first
+param group carries a ``"shardgrok"`` entry (format, global step, skipped steps, and SuperGrok's
+cached signal, meta-net and meta-optimizer). It lives in ``param_groups`` rather than at the top
+level because torch.distributed.checkpoint's ``get_optimizer_state_dict`` keeps only ``state``
+and ``param_groups``. Per tensor, ``state`` holds ``step`` and m, v, mu (``exp_avg``,
+``exp_avg_sq``, ``mu``).
 
 Two shapes of the same format:
 
 - full: m, v, mu have the parameter's shape. A single process saves this; it does not depend on
   the world size, and any optimizer (sharded or not, any world size) loads it.
 - shard: one rank's ``state_dict()`` in a sharded job. m, v, mu are 1-D and hold only the
-  rank's range of the flattened tensor; ``"shardgrok"]["sharding"]`` records the world size,
-  rank, each tensor's range (``spans``) and shape. It loads only into the same rank of the
+  rank's range of the flattened tensor; ``param_groups[0]["shardgrok"]["sharding"]`` records the world size,
+  rank, each tensor's range (``spans``) and shape.
+- FSDP (DTensor or FlatParameter state): torch.distributed.checkpoint reshards it. It loads only into the same rank of the
   same layout; :func:`consolidate_state_dict` merges all ranks' shards into a full one.
 """
 from __future__ import annotations
@@ -36,6 +39,31 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
+def extra_of(sd: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``"shardgrok"`` entry of a state dict (None if it has none)."""
+    groups = sd.get("param_groups") if isinstance(sd, dict) else None
+    if not groups or not isinstance(groups[0], dict):
+        return None
+    return groups[0].get(CHECKPOINT_KEY)
+
+
+def without_extra(sd: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``sd`` without the ``"shardgrok"`` entry (what torch.optim loads)."""
+    groups = [dict(g) for g in sd["param_groups"]]
+    groups[0].pop(CHECKPOINT_KEY, None)
+    return {**sd, "param_groups": groups}
+
+
+def check_full_state(sd: dict[str, Any], params: list[torch.Tensor]) -> None:
+    """A full state dict must hold whole tensors for these parameters."""
+    for i, p in enumerate(params):
+        for key, v in sd.get("state", {}).get(i, {}).items():
+            if key in STATE_KEYS[1:] and v.numel() != p.numel():
+                raise ValueError(f"state_dict['state'][{i}][{key!r}] has {v.numel()} elements "
+                                 f"but parameter {i} has {p.numel()} (shape {tuple(p.shape)}): "
+                                 "the checkpoint is for another model")
+
+
 def consolidate_state_dict(shards: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge every rank's sharded ``state_dict()`` (any order) into one full state dict, the
     world-size-independent form that loads at any world size. Runs anywhere, no process group
@@ -44,7 +72,7 @@ def consolidate_state_dict(shards: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("consolidate_state_dict needs at least one shard")
     metas = []
     for j, sd in enumerate(shards):
-        extra = sd.get(CHECKPOINT_KEY) if isinstance(sd, dict) else None
+        extra = extra_of(sd)
         if extra is None:
             raise ValueError(f"shards[{j}] is not a shardgrok state_dict (no {CHECKPOINT_KEY!r} "
                              "entry)")
@@ -83,5 +111,6 @@ def consolidate_state_dict(shards: list[dict[str, Any]]) -> dict[str, Any]:
                 raise ValueError(f"the shards cover {covered} of tensor {i}'s {numel} elements")
             entry[key] = full.view(shape)
         state[i] = entry
-    extra = {k: v for k, v in first[CHECKPOINT_KEY].items() if k != "sharding"}
-    return {"state": state, "param_groups": first["param_groups"], CHECKPOINT_KEY: extra}
+    groups = [dict(g) for g in first["param_groups"]]
+    groups[0][CHECKPOINT_KEY] = {k: v for k, v in extra_of(first).items() if k != "sharding"}
+    return {"state": state, "param_groups": groups}

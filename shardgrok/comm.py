@@ -18,10 +18,11 @@ class LocalReducer:
     """One process: every collective is the identity."""
 
     world_size = 1
+    dp_world_size = 1
     rank = 0
     group = None
 
-    def all_reduce_(self, buf: torch.Tensor) -> torch.Tensor:
+    def all_reduce_(self, buf: torch.Tensor, scalars: int = 0) -> torch.Tensor:
         return buf
 
     def all_reduce_grads_(self, module: torch.nn.Module) -> None:
@@ -47,6 +48,7 @@ class GroupReducer:
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
         self.world_size = dist.get_world_size(group)
+        self.dp_world_size = self.world_size  # ranks whose losses are averaged
         self.rank = dist.get_rank(group)
         backend = dist.get_backend(group)
         self.device = (torch.device("cuda", torch.cuda.current_device())
@@ -55,7 +57,10 @@ class GroupReducer:
     def _on_device(self, t: torch.Tensor) -> torch.Tensor:
         return t if t.device == self.device else t.to(self.device)
 
-    def all_reduce_(self, buf: torch.Tensor) -> torch.Tensor:
+    def all_reduce_(self, buf: torch.Tensor, scalars: int = 0) -> torch.Tensor:
+        """Sum ``buf`` over the group. Its last ``scalars`` entries are per-rank inputs (losses,
+        signals, flags) that must be summed over every data-parallel rank; the rest are
+        per-tensor sums over the shard group. Here the two groups are the same."""
         work = self._on_device(buf)
         dist.all_reduce(work, group=self.group)
         if work is not buf:
@@ -119,6 +124,26 @@ class GroupReducer:
                     dist.broadcast(work, src=src, group=self.group)
                     if work is not t.data:
                         t.data.copy_(work)
+
+
+class MeshReducer(GroupReducer):
+    """FSDP2 and HSDP: per-tensor sums over the mesh's shard dimension only (the replicas of
+    HSDP hold identical shards, so summing over them would over-count), per-rank inputs (losses,
+    signals, failure flags) over every data-parallel rank: first over the replicate dimension,
+    then, with the sums, over the shard dimension."""
+
+    def __init__(self, shard_group: dist.ProcessGroup, replicate_group: dist.ProcessGroup | None):
+        super().__init__(shard_group)
+        self.replicate_group = replicate_group
+        self.replicas = 1 if replicate_group is None else dist.get_world_size(replicate_group)
+        self.dp_world_size = self.world_size * self.replicas
+
+    def all_reduce_(self, buf: torch.Tensor, scalars: int = 0) -> torch.Tensor:
+        if self.replicate_group is not None and scalars:
+            tail = self._on_device(buf[buf.numel() - scalars:].clone())
+            dist.all_reduce(tail, group=self.replicate_group)
+            buf[buf.numel() - scalars:] = tail.to(buf.device)
+        return super().all_reduce_(buf)
 
 
 def default_reducer(process_group: dist.ProcessGroup | None, shard: bool | None):

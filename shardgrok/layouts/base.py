@@ -1,38 +1,54 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The storage this rank holds for ``t``: a DTensor's local shard, else ``t`` itself
+    (detached, so in-place updates are not recorded by autograd)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t.detach()
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One original parameter tensor of the model: its global index (optimizer order, the same
+    on every rank), layer index, param group, and the optimizer parameter whose state holds it
+    (the tensor itself, or an FSDP1 FlatParameter holding several)."""
+
+    index: int
+    layer: int
+    group: int
+    param: torch.Tensor
+
+
 @dataclass
 class Segment:
-    """One local piece of one parameter tensor.
+    """One local piece of one original tensor.
 
-    ``index`` is the tensor's global position in optimizer order (all groups, construction
-    order), identical on every rank; ``layer`` is its layer index for the layer-wise beta1;
-    ``group`` the index of its param group. ``param``/``grad`` and the tensors in ``state`` are
-    the local storage this rank owns for that tensor (the whole tensor on one process).
-    ``tensor`` is the parameter object the piece lives in and ``span`` the piece's range of
-    ``tensor.view(-1)`` (None: the whole tensor).
+    ``param``/``grad`` and the tensors in ``state`` are the local storage this rank owns for
+    that tensor (the whole tensor on one process), ``state["step"]`` the step counter of the
+    optimizer parameter. ``tensor`` is the optimizer parameter the piece lives in, and
+    ``take(x)`` cuts this piece out of a tensor laid out like ``tensor`` (e.g. a gradient).
     """
 
     index: int
     layer: int
     group: int
     param: torch.Tensor
-    grad: torch.Tensor
+    grad: torch.Tensor | None
     state: dict
     tensor: torch.Tensor
-    span: tuple[int, int] | None = None
-
-    def local(self, full: torch.Tensor) -> torch.Tensor:
-        """This segment's piece of a tensor shaped like the whole parameter (e.g. a gradient)."""
-        return full if self.span is None else full.reshape(-1)[self.span[0]:self.span[1]]
+    take: Callable[[torch.Tensor], torch.Tensor]
 
 
 class Layout(Protocol):
+    sharded: bool
+    reducer: Any
+
     def add_group(self, optimizer: torch.optim.Optimizer, group_index: int) -> None:
         """Place a newly added param group's tensors (before their state is created)."""
 
@@ -41,19 +57,51 @@ class Layout(Protocol):
         raises ValueError on every rank when they differ."""
 
     def state_like(self, p: torch.Tensor) -> torch.Tensor:
-        """The local storage this rank keeps optimizer state for (m, v, mu are zeros_like it)."""
+        """What m, v, mu of optimizer parameter ``p`` are ``zeros_like``."""
 
-    def span(self, p: torch.Tensor) -> tuple[int, int]:
-        """The range of ``p.view(-1)`` this rank owns."""
+    def tensors(self, optimizer: torch.optim.Optimizer) -> list[TensorRef]:
+        """Every original tensor, in global index order."""
 
-    def segments(self, optimizer: torch.optim.Optimizer) -> list[Segment]:
-        """Segments of every tensor that has a gradient this step."""
-
-    def num_tensors(self, optimizer: torch.optim.Optimizer) -> int:
-        """Number of parameter tensors in the whole (unsharded) model."""
+    def pieces(self, optimizer: torch.optim.Optimizer, with_grad: bool = True) -> list[Segment]:
+        """This rank's pieces of the tensors (only those with a gradient, checked, when
+        ``with_grad``)."""
 
     def post_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Make the updated parameters whole where the engine does not (ZeRO-1 all-gather)."""
 
-    def grad_tensors(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-        """Every parameter object with a gradient, in optimizer order (the look-ahead's leaves)."""
+    def validation_grads(self, optimizer, val_closure) -> tuple[torch.Tensor, Any]:
+        """Run ``val_closure`` and compute its gradient w.r.t. the parameters (meta-step)."""
+
+    def finish_validation_grads(self, optimizer, raw: Any, segs: list[Segment]) -> list[torch.Tensor]:
+        """The rank-averaged validation gradient, cut to each segment."""
+
+    def export_state(self, optimizer, sd: dict, extra: dict) -> None:
+        """Adjust a ``state_dict()`` for this layout (e.g. record the sharding)."""
+
+    def import_state(self, optimizer, sd: dict, extra: dict) -> dict:
+        """Check (and cut to this rank) a state dict before torch.optim loads it."""
+
+    def full_state(self, optimizer, sd: dict, to: int | None) -> dict | None:
+        """The world-size-independent state (collective where sharded)."""
+
+
+def verify_same_on_every_rank(reducer, optimizer, groups: range | None,
+                              describe: Callable[[int, list], list]) -> None:
+    """Collective: every rank must hold the same param groups, as ``describe(group_index,
+    params)`` sees them (count, shapes, dtypes); raises ValueError on every rank otherwise."""
+    name = type(optimizer).__name__
+    groups = groups if groups is not None else range(len(optimizer.param_groups))
+    mine = [describe(gi, optimizer.param_groups[gi]["params"]) for gi in groups]
+    everyone = reducer.all_gather_object(mine)
+    bad = [r for r, d in enumerate(everyone) if d != everyone[0]]
+    if bad:
+        def show(d):
+            flat = [t for g in d for t in g]
+            items = ", ".join(":".join(str(x).replace("torch.", "") for x in t[1:])
+                              for t in flat[:6])
+            return (f"{len(d)} group(s), {len(flat)} tensors "
+                    f"[{items}{', ...' if len(flat) > 6 else ''}]")
+        lines = "; ".join(f"rank {r}: {show(everyone[r])}" for r in [0, *bad[:3]])
+        raise ValueError(f"{name}: the parameters differ between ranks ({lines}). When "
+                         "sharding, every rank must pass the same parameters (same count, "
+                         "shapes and dtypes, in the same order and groups)")

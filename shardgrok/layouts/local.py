@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import torch
 
+from ..checkpoint import check_full_state
 from ..comm import LocalReducer
-from .base import Segment
+from .base import Segment, TensorRef
 
 
 def tensor_layers(optimizer: torch.optim.Optimizer):
@@ -20,7 +21,7 @@ def tensor_layers(optimizer: torch.optim.Optimizer):
             i += 1
 
 
-def check_grad(p: torch.Tensor, name: str) -> None:
+def check_grad(p: torch.Tensor, name: str, shape=None) -> None:
     g = p.grad
     if g.is_sparse:
         raise RuntimeError(f"{name} does not support sparse gradients; use a dense gradient "
@@ -33,7 +34,28 @@ def check_grad(p: torch.Tensor, name: str) -> None:
                            f"shape {tuple(p.shape)}")
 
 
-class LocalLayout:
+def whole(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class PerTensorLayout:
+    """Shared by the layouts where each optimizer parameter is one original tensor."""
+
+    def tensors(self, optimizer) -> list[TensorRef]:
+        return [TensorRef(i, layer, gi, p) for i, layer, gi, _, p in tensor_layers(optimizer)]
+
+    def _with_grad(self, optimizer, with_grad: bool):
+        name = type(optimizer).__name__
+        for ref in self.tensors(optimizer):
+            p = ref.param
+            if with_grad:
+                if p.grad is None:
+                    continue
+                check_grad(p, name)
+            yield ref, p
+
+
+class LocalLayout(PerTensorLayout):
     """Every tensor whole on this process: the single-process path and the oracle."""
 
     sharded = False
@@ -50,24 +72,54 @@ class LocalLayout:
     def state_like(self, p: torch.Tensor) -> torch.Tensor:
         return p
 
-    def span(self, p: torch.Tensor) -> tuple[int, int]:
-        return 0, p.numel()
-
-    def segments(self, optimizer) -> list[Segment]:
-        name = type(optimizer).__name__
-        segs = []
-        for i, layer, gi, _, p in tensor_layers(optimizer):
-            if p.grad is None:
-                continue
-            check_grad(p, name)
-            segs.append(Segment(i, layer, gi, p, p.grad, optimizer.state[p], p))
-        return segs
-
-    def num_tensors(self, optimizer) -> int:
-        return sum(len(g["params"]) for g in optimizer.param_groups)
+    def pieces(self, optimizer, with_grad: bool = True) -> list[Segment]:
+        return [Segment(ref.index, ref.layer, ref.group, p, p.grad, optimizer.state[p], p, whole)
+                for ref, p in self._with_grad(optimizer, with_grad)]
 
     def post_step(self, optimizer) -> None:
         pass
 
-    def grad_tensors(self, optimizer) -> list[torch.Tensor]:
-        return [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    # ------------------------------------------------------------------ meta-step
+    def validation_grads(self, optimizer, val_closure):
+        return autograd_validation_grads(optimizer, val_closure)
+
+    def finish_validation_grads(self, optimizer, raw, segs):
+        tensors, vs = raw
+        self.reducer.mean_(vs)  # the objective is the mean of the ranks' validation losses
+        v_of = {id(t): v for t, v in zip(tensors, vs)}
+        return [s.take(v_of[id(s.tensor)]) for s in segs]
+
+    # ------------------------------------------------------------------ checkpoints
+    def export_state(self, optimizer, sd, extra) -> None:
+        pass
+
+    def import_state(self, optimizer, sd, extra) -> dict:
+        if extra.get("sharding") is not None:
+            s = extra["sharding"]
+            raise ValueError(
+                f"state_dict is rank {s['rank']}'s shard of a checkpoint saved at world size "
+                f"{s['world_size']} and this optimizer is not sharded; merge all ranks' shards "
+                "with shardgrok.consolidate_state_dict(shards) and load the result")
+        check_full_state(sd, [ref.param for ref in self.tensors(optimizer)])
+        return sd
+
+    def full_state(self, optimizer, sd, to):
+        return sd
+
+
+def autograd_validation_grads(optimizer, val_closure):
+    """``val_closure()`` and its gradient w.r.t. every parameter that has a training gradient,
+    by ``torch.autograd.grad`` (``p.grad`` is not touched). No collective."""
+    tensors = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    with torch.enable_grad():
+        val_loss = val_closure()
+        check_val_loss(val_loss)
+        vs = torch.autograd.grad(val_loss, tensors, allow_unused=True)
+    vs = [torch.zeros_like(t) if v is None else v for t, v in zip(tensors, vs)]
+    return val_loss, (tensors, vs)
+
+
+def check_val_loss(val_loss) -> None:
+    if not isinstance(val_loss, torch.Tensor) or not val_loss.requires_grad:
+        raise TypeError("val_closure must return the validation loss as a tensor that requires "
+                        "grad (do not call backward or .item() on it)")

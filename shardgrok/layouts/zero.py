@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import Segment
-from .local import check_grad, tensor_layers
+from ..checkpoint import STATE_KEYS, check_full_state
+from .base import Segment, verify_same_on_every_rank
+from .local import LocalLayout
 
 
 @dataclass
@@ -35,11 +36,14 @@ def _describe(group_index: int, params: list[torch.Tensor]) -> list[tuple]:
     return [(group_index, tuple(p.shape), str(p.dtype)) for p in params]
 
 
-class ZeroLayout:
+class ZeroLayout(LocalLayout):
+    """ZeRO-1 shares of replicated parameters; the meta-step's validation gradients are
+    computed like one process's and averaged over the group (LocalLayout's)."""
+
     sharded = True
 
     def __init__(self, reducer):
-        self.reducer = reducer
+        super().__init__(reducer)
         self.world_size = reducer.world_size
         self.rank = reducer.rank
         self._buckets: list[_Bucket] = []
@@ -76,22 +80,7 @@ class ZeroLayout:
             self._buckets.append(b)
 
     def verify(self, optimizer, groups: range | None = None) -> None:
-        """Collective: every rank must hold the same param groups (count, shapes, dtypes)."""
-        name = type(optimizer).__name__
-        groups = groups if groups is not None else range(len(optimizer.param_groups))
-        mine = [_describe(gi, optimizer.param_groups[gi]["params"]) for gi in groups]
-        everyone = self.reducer.all_gather_object(mine)
-        bad = [r for r, d in enumerate(everyone) if d != everyone[0]]
-        if bad:
-            def show(d):
-                flat = [t for g in d for t in g]
-                shapes = ", ".join(f"{s}:{t.replace('torch.', '')}" for _, s, t in flat[:6])
-                return (f"{len(d)} group(s), {len(flat)} tensors "
-                        f"[{shapes}{', ...' if len(flat) > 6 else ''}]")
-            lines = "; ".join(f"rank {r}: {show(everyone[r])}" for r in [0, *bad[:3]])
-            raise ValueError(f"{name}: the parameters differ between ranks ({lines}). When "
-                             "sharding, every rank must pass the same parameters (same count, "
-                             "shapes and dtypes, in the same order and groups)")
+        verify_same_on_every_rank(self.reducer, optimizer, groups, _describe)
 
     def owns(self, p: torch.Tensor) -> bool:
         return self._spans[p] is not None
@@ -104,22 +93,16 @@ class ZeroLayout:
         return p.detach().view(-1)[a:e]
 
     # ------------------------------------------------------------------ the step
-    def segments(self, optimizer) -> list[Segment]:
-        name = type(optimizer).__name__
+    def pieces(self, optimizer, with_grad: bool = True) -> list[Segment]:
         segs = []
-        for i, layer, gi, _, p in tensor_layers(optimizer):
-            if p.grad is None:
-                continue
-            check_grad(p, name)
+        for ref, p in self._with_grad(optimizer, with_grad):
             if not self.owns(p):
                 continue
             a, e = self.span(p)
-            segs.append(Segment(i, layer, gi, p.detach().view(-1)[a:e],
-                                p.grad.reshape(-1)[a:e], optimizer.state[p], p, (a, e)))
+            grad = None if p.grad is None else p.grad.reshape(-1)[a:e]
+            segs.append(Segment(ref.index, ref.layer, ref.group, p.detach().view(-1)[a:e], grad,
+                                optimizer.state[p], p, lambda x, a=a, e=e: x.reshape(-1)[a:e]))
         return segs
-
-    def num_tensors(self, optimizer) -> int:
-        return sum(len(g["params"]) for g in optimizer.param_groups)
 
     @torch.no_grad()
     def gather(self, local_of) -> dict[torch.Tensor, torch.Tensor]:
@@ -157,5 +140,45 @@ class ZeroLayout:
         for p, flat in whole.items():
             p.detach().view(-1).copy_(flat)
 
-    def grad_tensors(self, optimizer) -> list[torch.Tensor]:
-        return [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    # ------------------------------------------------------------------ checkpoints
+    def _sharding(self, optimizer) -> dict:
+        params = [ref.param for ref in self.tensors(optimizer)]
+        return {"world_size": self.world_size, "rank": self.rank,
+                "spans": [list(self.span(p)) for p in params],
+                "shapes": [list(p.shape) for p in params]}
+
+    def export_state(self, optimizer, sd, extra) -> None:
+        extra["sharding"] = self._sharding(optimizer)
+
+    def import_state(self, optimizer, sd, extra) -> dict:
+        theirs = extra.get("sharding")
+        if theirs is not None:
+            mine = self._sharding(optimizer)
+            if any(theirs[k] != mine[k] for k in ("world_size", "rank", "spans")):
+                raise ValueError(
+                    f"state_dict is rank {theirs['rank']}'s shard of a checkpoint saved at world "
+                    f"size {theirs['world_size']} and this optimizer is rank {mine['rank']} of "
+                    f"{mine['world_size']}; merge all ranks' shards with "
+                    "shardgrok.consolidate_state_dict(shards) (or save full_state_dict()) and "
+                    "load the result")
+            return sd
+        params = [ref.param for ref in self.tensors(optimizer)]
+        check_full_state(sd, params)
+        state = {}
+        for i, st in sd["state"].items():
+            a, e = self.span(params[i])
+            state[i] = {k: (v.reshape(-1)[a:e].clone() if k in STATE_KEYS[1:] else v)
+                        for k, v in st.items()}
+        return {**sd, "state": state}
+
+    def full_state(self, optimizer, sd, to):
+        from ..checkpoint import extra_of
+        extra_of(sd).pop("sharding", None)
+        sd["state"] = {i: dict(st) for i, st in sd["state"].items()}  # not the live dicts
+        index = {ref.param: ref.index for ref in self.tensors(optimizer)}
+        for key in STATE_KEYS[1:]:
+            whole = self.gather(lambda p: optimizer.state[p][key])
+            if to is None or self.rank == to:
+                for p, flat in whole.items():
+                    sd["state"][index[p]][key] = flat.view(p.shape)
+        return sd if to is None or self.rank == to else None

@@ -3,11 +3,11 @@ one reduction, the non-finite policy, and the checkpoint extras.
 
 A step (DESIGN.md §2)::
 
-    segments = layout.segments(opt)            # local views + global tensor index
+    segments = layout.pieces(opt)              # local views + global tensor index
     stats    = phase1(segments)                # per-tensor partial sums, writes nothing
-    buf      = [stats | step scalars]          # losses / signals / bad-input count
+    buf      = [stats | present | flags | scalars]   # losses / signals / failure / bad input
     reducer.all_reduce_(buf)                   # the one collective (identity on one process)
-    if non-finite: skip or raise               # nothing has been written yet
+    if a rank failed: raise everywhere; if non-finite: skip or raise  # nothing written yet
     phase2(segments, reduced stats, scalars)   # gate, clip, Adam update in place
     layout.post_step(opt)                      # ZeRO-1 all-gather where needed
 """
@@ -19,13 +19,10 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .. import _validation as V
-from ..checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, consolidate_state_dict
+from ..checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, extra_of, without_extra
 from ..checkpoint import to_cpu as _to_cpu
-from ..comm import default_reducer
-from ..layouts import Segment, select_layout
-from ..layouts.local import tensor_layers
+from ..layouts import Segment, TensorRef, select_layout
 from ..reference import ACC
-
 
 
 class StepInputs:
@@ -50,8 +47,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         V.choice("skip", "raise")("nonfinite", nonfinite)
         V.validate(self.SPECS, defaults)
         self.nonfinite = nonfinite
-        self._reducer = default_reducer(process_group, shard)
-        self._layout = select_layout(self._reducer)
+        self._shard_args = (shard, process_group)
+        self._layout = None       # chosen from the first param group's tensors
+        self._reducer = None
         self._global_step = 0
         self._skipped_steps = 0
         self._last_report: dict[str, Any] = {}
@@ -77,6 +75,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 raise ValueError(f"{name} optimizes real floating-point tensors; got a parameter "
                                  f"of dtype {p.dtype} (view complex parameters as real with "
                                  "torch.view_as_real)")
+        if self._layout is None:
+            self._layout = select_layout(params, *self._shard_args)
+            self._reducer = self._layout.reducer
         super().add_param_group({**param_group, "params": params})
         gi = len(self.param_groups) - 1
         try:
@@ -100,9 +101,13 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 st[key] = torch.zeros_like(local, memory_format=torch.preserve_format)
 
     # ------------------------------------------------------------------ the step
+    def _tensors(self) -> list[TensorRef]:
+        return self._layout.tensors(self)
+
     def _step(self, closure: Callable[[], Any] | None, inputs: Callable[[], StepInputs]):
         red = self._reducer
-        n = self._layout.num_tensors(self)
+        tensors = self._tensors()
+        n = len(tensors)
         k = len(self.STATS)
         loss, failure = None, None
         try:
@@ -111,7 +116,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                     loss = closure()
             for group in self.param_groups:
                 V.validate(self.SPECS, group)
-            segs = self._layout.segments(self)
+            segs = self._layout.pieces(self)
             local_in = inputs()
             stats, aux = self._phase1(segs, n)
         except Exception as e:
@@ -124,10 +129,10 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             local_in = StepInputs([0.0] * self.N_VALUES)
         present = torch.zeros(n, dtype=ACC)
         present[[s.index for s in segs]] = 1.0
-        flags = [1.0 if failure is not None else 0.0, 1.0 if local_in.bad else 0.0]
-        buf = torch.cat([stats.reshape(-1).cpu(), present,
-                         torch.tensor([*flags, *local_in.values], dtype=ACC)])
-        red.all_reduce_(buf)
+        tail = [1.0 if failure is not None else 0.0, 1.0 if local_in.bad else 0.0,
+                *local_in.values]
+        buf = torch.cat([stats.reshape(-1).cpu(), present, torch.tensor(tail, dtype=ACC)])
+        red.all_reduce_(buf, scalars=len(tail))
         stats = buf[: n * k].view(n, k)
         present = buf[n * k: n * k + n] > 0
         n_failed, n_bad = buf[n * k + n].item(), buf[n * k + n + 1].item()
@@ -142,9 +147,12 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         if n_bad or not torch.isfinite(stats).all():
             self._reject(self._describe_bad(local_in, stats, segs), local_in.cause)
             return loss
-        for i, _, _, _, p in tensor_layers(self):
-            if present[i]:
-                self.state[p]["step"] += 1
+        stepped = {}
+        for ref in tensors:  # one counter per optimizer parameter (an FSDP1 FlatParameter
+            if present[ref.index]:  # holds several tensors)
+                stepped[id(ref.param)] = ref.param
+        for p in stepped.values():
+            self.state[p]["step"] += 1
         self._last_report = self._phase2(segs, stats, present, values, aux)
         self._global_step += 1
         self._layout.post_step(self)
@@ -197,13 +205,14 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         """Global step, skipped steps, tensor count, mean per-tensor norms of mu and m over the
         tensors that have stepped, and what the last step decided. Under sharding the norms are
         all-reduced: call it on every rank."""
-        n = self._layout.num_tensors(self)
+        tensors = self._tensors()
+        n = len(tensors)
         sums = torch.zeros(n, 3, dtype=ACC)
-        for i, _, _, _, p in tensor_layers(self):
-            st = self.state[p]
-            sums[i, 0] = float(st["step"] > 0)
-            sums[i, 1] = float(st["mu"].double().square().sum())
-            sums[i, 2] = float(st["exp_avg"].double().square().sum())
+        for ref in tensors:
+            sums[ref.index, 0] = float(self.state[ref.param]["step"] > 0)
+        for s in self._layout.pieces(self, with_grad=False):
+            sums[s.index, 1] += float(s.state["mu"].double().square().sum())
+            sums[s.index, 2] += float(s.state["exp_avg"].double().square().sum())
         self._reducer.all_reduce_(sums)
         stepped = sums[:, 0] > 0
         mu = sums[stepped, 1].sqrt()
@@ -228,94 +237,46 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         self._skipped_steps = int(extra.get("skipped_steps", 0))
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's ``state``/``param_groups`` plus a ``"shardgrok"`` entry holding the
-        optimizer-level state (global step, cached signal, meta-net and its optimizer).
+        """torch.optim's ``state``/``param_groups``; ``param_groups[0]["shardgrok"]`` holds the
+        optimizer-level state (format, global step, cached signal, meta-net and its optimizer),
+        where torch.distributed.checkpoint keeps it.
 
-        Sharded, it is this rank's shard: m, v and mu hold only this rank's range of each tensor
-        and ``"shardgrok"]["sharding"]`` says which (see :meth:`full_state_dict` and
-        :func:`shardgrok.consolidate_state_dict` for a world-size-independent one)."""
+        ZeRO-sharded, it is this rank's shard: m, v and mu hold only this rank's range of each
+        tensor and ``["sharding"]`` in that entry says which (see :meth:`full_state_dict` and
+        :func:`shardgrok.consolidate_state_dict`). Under FSDP the state is DTensors (FSDP2) or
+        flat shards (FSDP1): save it with torch.distributed.checkpoint."""
         sd = super().state_dict()
-        sd[CHECKPOINT_KEY] = self._extra_state()
-        if self.is_sharded:
-            sd[CHECKPOINT_KEY]["sharding"] = self._sharding()
+        extra = self._extra_state()
+        self._layout.export_state(self, sd, extra)
+        sd["param_groups"][0][CHECKPOINT_KEY] = extra
         return sd
-
-    def _sharding(self) -> dict[str, Any]:
-        params = [p for _, _, _, _, p in tensor_layers(self)]
-        return {"world_size": self._reducer.world_size, "rank": self._reducer.rank,
-                "spans": [list(self._layout.span(p)) for p in params],
-                "shapes": [list(p.shape) for p in params]}
 
     def full_state_dict(self, to: int | None = 0) -> dict[str, Any] | None:
         """The whole optimizer state, independent of the world size (what a single process's
-        :meth:`state_dict` holds), on CPU. Collective under sharding: every rank calls it; it is
-        returned on group rank ``to`` (``None``: on every rank) and None elsewhere. It loads with
-        :meth:`load_state_dict` at any world size. m, v and mu travel by one all-gather each
-        (per dtype), so every rank briefly holds one of them whole."""
+        :meth:`state_dict` holds), on CPU. Collective under ZeRO sharding: every rank calls it;
+        it is returned on group rank ``to`` (``None``: on every rank) and None elsewhere. It
+        loads with :meth:`load_state_dict` at any world size. m, v and mu travel by one
+        all-gather each (per dtype), so every rank briefly holds one of them whole."""
         if to is not None:
             V.integer(0, self._reducer.world_size - 1)("to", to)
-        sd = self.state_dict()
-        if self.is_sharded:
-            del sd[CHECKPOINT_KEY]["sharding"]
-            sd["state"] = {i: dict(st) for i, st in sd["state"].items()}  # not the live dicts
-            index = {p: i for i, _, _, _, p in tensor_layers(self)}
-            for key in STATE_KEYS[1:]:
-                whole = self._layout.gather(lambda p: self.state[p][key])
-                if to is None or self._reducer.rank == to:
-                    for p, flat in whole.items():
-                        sd["state"][index[p]][key] = flat.view(p.shape)
-        if to is not None and self._reducer.rank != to:
-            return None
-        return _to_cpu(sd)
+        sd = self._layout.full_state(self, self.state_dict(), to)
+        return None if sd is None else _to_cpu(sd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` of this rank's shard (same world size and parameters), or a
-        full one (:meth:`full_state_dict`, :func:`shardgrok.consolidate_state_dict`, or any
-        single-process checkpoint), which each rank slices to its own range."""
-        if CHECKPOINT_KEY not in state_dict:
-            raise ValueError(f"state_dict has no {CHECKPOINT_KEY!r} entry: it was not saved by a "
-                             f"shardgrok optimizer's state_dict()")
-        extra = state_dict[CHECKPOINT_KEY]
+        """Load a :meth:`state_dict`: a full one (:meth:`full_state_dict`,
+        :func:`shardgrok.consolidate_state_dict`, any single-process checkpoint) at any world
+        size, each rank slicing its own range; this rank's own ZeRO shard; or, under FSDP, what
+        torch.distributed.checkpoint restored."""
+        extra = extra_of(state_dict)
+        if extra is None:
+            raise ValueError(f"state_dict has no param_groups[0][{CHECKPOINT_KEY!r}] entry: it "
+                             "was not saved by a shardgrok optimizer's state_dict()")
         if extra.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unsupported shardgrok checkpoint format {extra.get('format')!r}; "
                              f"this version reads format {CHECKPOINT_FORMAT}")
-        rest = {k: v for k, v in state_dict.items() if k != CHECKPOINT_KEY}
-        sharding = extra.get("sharding")
-        if sharding is not None:
-            mine = self._sharding() if self.is_sharded else None
-            if mine is None or any(sharding[k] != mine[k] for k in ("world_size", "rank", "spans")):
-                here = (f"this optimizer is rank {mine['rank']} of {mine['world_size']}" if mine
-                        else "this optimizer is not sharded")
-                raise ValueError(
-                    f"state_dict is rank {sharding['rank']}'s shard of a checkpoint saved at world "
-                    f"size {sharding['world_size']} and {here}; merge all ranks' shards with "
-                    "shardgrok.consolidate_state_dict(shards) (or save full_state_dict()) and "
-                    "load the result")
-        else:
-            rest = self._check_full(rest)
-            if self.is_sharded:
-                rest = self._slice_full(rest)
+        rest = self._layout.import_state(self, without_extra(state_dict), extra)
         super().load_state_dict(rest)
         self._load_extra_state(extra)
-
-    def _check_full(self, sd: dict[str, Any]) -> dict[str, Any]:
-        params = [p for _, _, _, _, p in tensor_layers(self)]
-        for i, p in enumerate(params):
-            for key, v in sd.get("state", {}).get(i, {}).items():
-                if key in STATE_KEYS[1:] and v.numel() != p.numel():
-                    raise ValueError(f"state_dict['state'][{i}][{key!r}] has {v.numel()} elements "
-                                     f"but parameter {i} has {p.numel()} (shape "
-                                     f"{tuple(p.shape)}): the checkpoint is for another model")
-        return sd
-
-    def _slice_full(self, sd: dict[str, Any]) -> dict[str, Any]:
-        params = [p for _, _, _, _, p in tensor_layers(self)]
-        state = {}
-        for i, st in sd["state"].items():
-            a, e = self._layout.span(params[i])
-            state[i] = {k: (v.reshape(-1)[a:e].clone() if k in STATE_KEYS[1:] else v)
-                        for k, v in st.items()}
-        return {**sd, "state": state}
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults/state/param_groups; ours has more (global step,

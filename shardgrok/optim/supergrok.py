@@ -10,7 +10,6 @@ from .. import _validation as V
 from .. import reference as R
 from ..bilevel import meta_gradient
 from ..metanet import SimpleMetaNet, check_elementwise, masked_grad, rescale_of
-from ..layouts.local import tensor_layers
 from .base import GrokOptimizerBase, StepInputs
 from .grokadamw import GROKADAMW_SPECS
 
@@ -136,10 +135,11 @@ class SuperGrok(GrokOptimizerBase):
         # sums over all its tensors, wherever they live.
         t_next = self._global_step + 1
         group_of, mu_alpha, lamb, amplify = [], [], [], []
-        for _, _, gi, group, p in tensor_layers(self):
-            group_of.append(gi)
-            first = float(self.state[p]["step"]) == 1   # already incremented for this step
-            mu_alpha.append(0.0 if first else alphas[gi])
+        for ref in self._tensors():
+            group = self.param_groups[ref.group]
+            group_of.append(ref.group)
+            first = float(self.state[ref.param]["step"]) == 1   # already incremented
+            mu_alpha.append(0.0 if first else alphas[ref.group])
             lamb.append(float(group["lamb"]))
             amplify.append(t_next > group["warmup_steps"])
         group_of = torch.tensor(group_of)

@@ -1,0 +1,187 @@
+"""FSDP layouts: the engine already shards the parameters, so the optimizer steps the local
+shards in place and never all-gathers them (FSDP does, at the next forward).
+
+- FSDP2 (``fully_shard``): parameters are DTensors. Each rank steps ``to_local()`` of every
+  tensor; m, v, mu are DTensors with the parameters' placements. Per-tensor sums are reduced
+  over the mesh's shard dimension only (HSDP's replicas hold identical shards).
+- FSDP1 (``FullyShardedDataParallel``): with ``use_orig_params=False`` the optimizer sees
+  FlatParameters; FSDP's shard metadata (``_shard_param_infos``) says which range of the local
+  flat shard belongs to which original tensor, so each original tensor gets its own segment and
+  statistics. With ``use_orig_params=True`` each original parameter is already a 1-D local
+  piece of that tensor (possibly empty).
+
+The meta-step's validation gradient comes from ``backward()`` through the wrapped model, so the
+engine reduce-scatters (and averages) it like a training gradient; the training gradients are
+put back afterwards.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..comm import GroupReducer, MeshReducer
+from .base import Segment, TensorRef, local_tensor, verify_same_on_every_rank
+from .local import PerTensorLayout, check_val_loss, tensor_layers
+
+
+def is_dtensor(p: torch.Tensor) -> bool:
+    return hasattr(p, "device_mesh") and hasattr(p, "placements") and hasattr(p, "to_local")
+
+
+def is_flat_param(p: torch.Tensor) -> bool:
+    return bool(getattr(p, "_is_flat_param", False))
+
+
+def is_fsdp1(p: torch.Tensor) -> bool:
+    return is_flat_param(p) or bool(getattr(p, "_fsdp_flattened", False))
+
+
+class _EngineSharded(PerTensorLayout):
+    """What the FSDP layouts share: no post-step gather, meta-step gradients via backward,
+    checkpoints through torch.distributed.checkpoint."""
+
+    sharded = True
+
+    def state_like(self, p):
+        return p
+
+    def post_step(self, optimizer) -> None:
+        pass
+
+    def validation_grads(self, optimizer, val_closure):
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        train = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            with torch.enable_grad():
+                val_loss = val_closure()
+                check_val_loss(val_loss)
+                val_loss.backward()
+            vs = {id(p): p.grad for p in params}
+        finally:
+            for p, g in zip(params, train):
+                p.grad = g
+        return val_loss.detach(), vs
+
+    def finish_validation_grads(self, optimizer, raw, segs):
+        out = []
+        for s in segs:
+            v = raw.get(id(s.tensor))
+            out.append(torch.zeros_like(s.param).reshape(-1) if v is None
+                       else s.take(local_tensor(v)))
+        return out
+
+    def export_state(self, optimizer, sd, extra) -> None:
+        pass
+
+    def import_state(self, optimizer, sd, extra) -> dict:
+        return sd
+
+    def full_state(self, optimizer, sd, to):
+        raise TypeError(
+            f"{type(optimizer).__name__}.full_state_dict() is for ZeRO-sharded optimizers; under "
+            "FSDP use torch.distributed.checkpoint.state_dict.get_optimizer_state_dict(model, "
+            "optimizer, options=StateDictOptions(full_state_dict=True)) (or dcp.save for a "
+            "sharded checkpoint)")
+
+
+class FSDP2Layout(_EngineSharded):
+    def __init__(self, first: torch.Tensor, process_group=None):
+        if process_group is not None:
+            raise ValueError("process_group is not used with DTensor (FSDP2) parameters: the "
+                             "reductions follow the parameters' device mesh; drop it")
+        self.mesh, self.placements = first.device_mesh, tuple(first.placements)
+        shard_dims = [d for d, pl in enumerate(self.placements) if pl.is_shard()]
+        repl_dims = [d for d, pl in enumerate(self.placements) if pl.is_replicate()]
+        if len(shard_dims) != 1 or len(repl_dims) + 1 != len(self.placements):
+            raise ValueError(f"DTensor parameters with placements {self.placements} are not "
+                             "supported: expected FSDP2's (Shard(0),) or HSDP's "
+                             "(Replicate(), Shard(0))")
+        shard_group = self.mesh.get_group(shard_dims[0])
+        repl_group = self.mesh.get_group(repl_dims[0]) if repl_dims else None
+        self.reducer = MeshReducer(shard_group, repl_group)
+
+    def add_group(self, optimizer, group_index: int) -> None:
+        for j, p in enumerate(optimizer.param_groups[group_index]["params"]):
+            if not is_dtensor(p) or p.device_mesh != self.mesh or tuple(p.placements) != self.placements:
+                got = (f"placements {tuple(p.placements)} on mesh {p.device_mesh}"
+                       if is_dtensor(p) else f"a plain {type(p).__name__}")
+                raise ValueError(f"param {j} of group {group_index}: every parameter must be a "
+                                 f"DTensor with placements {self.placements} on mesh "
+                                 f"{self.mesh} (one FSDP2 mesh per optimizer), got {got}")
+            if not p.to_local().is_contiguous():
+                raise ValueError(f"param {j} of group {group_index}: its local shard is not "
+                                 "contiguous")
+
+    def verify(self, optimizer, groups=None) -> None:
+        verify_same_on_every_rank(self.reducer, optimizer, groups,
+                                  lambda gi, ps: [(gi, tuple(p.shape), str(p.dtype)) for p in ps])
+
+    def pieces(self, optimizer, with_grad: bool = True) -> list[Segment]:
+        segs = []
+        for ref, p in self._with_grad(optimizer, with_grad):
+            st = optimizer.state[p]
+            local = {k: (v if k == "step" else v.to_local()) for k, v in st.items()}
+            grad = None if p.grad is None else p.grad.to_local()
+            segs.append(Segment(ref.index, ref.layer, ref.group, p.to_local(), grad, local, p,
+                                lambda x: x.reshape(-1)))
+        return segs
+
+
+class FSDP1Layout(_EngineSharded):
+    def __init__(self, process_group=None):
+        self.reducer = GroupReducer(process_group)
+
+    def add_group(self, optimizer, group_index: int) -> None:
+        for j, p in enumerate(optimizer.param_groups[group_index]["params"]):
+            if not is_fsdp1(p):
+                raise ValueError(f"param {j} of group {group_index} is not managed by FSDP while "
+                                 "other parameters are: pass one engine's parameters per "
+                                 "optimizer")
+
+    def verify(self, optimizer, groups=None) -> None:
+        # FlatParameter shards are padded to the same size everywhere; an original parameter's
+        # local piece (use_orig_params=True) has a rank-dependent size.
+        verify_same_on_every_rank(
+            self.reducer, optimizer, groups,
+            lambda gi, ps: [(gi, p.numel() if is_flat_param(p) else "piece", str(p.dtype))
+                            for p in ps])
+
+    def tensors(self, optimizer) -> list[TensorRef]:
+        refs, i = [], 0
+        for _, _, gi, group, p in tensor_layers(optimizer):
+            fixed = group.get("layer_index")
+            for _ in range(len(p._numels) if is_flat_param(p) else 1):
+                refs.append(TensorRef(i, i if fixed is None else fixed, gi, p))
+                i += 1
+        return refs
+
+    def pieces(self, optimizer, with_grad: bool = True) -> list[Segment]:
+        segs = []
+        by_param: dict[int, list[TensorRef]] = {}
+        for ref in self.tensors(optimizer):
+            by_param.setdefault(id(ref.param), []).append(ref)
+        name = type(optimizer).__name__
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                refs = by_param[id(p)]
+                if with_grad and p.grad is None:
+                    continue
+                if with_grad and (p.grad.is_sparse or p.grad.shape != p.shape):
+                    raise RuntimeError(f"{name}: unexpected gradient {tuple(p.grad.shape)} for an "
+                                       f"FSDP parameter of shape {tuple(p.shape)}")
+                st = optimizer.state[p]
+                if not is_flat_param(p):
+                    (ref,) = refs
+                    segs.append(Segment(ref.index, ref.layer, ref.group, p.detach(), p.grad, st,
+                                        p, lambda x: x.reshape(-1)))
+                    continue
+                for ref, info in zip(refs, p._shard_param_infos):
+                    if not info.in_shard:
+                        continue
+                    a, e = info.offset_in_shard, info.offset_in_shard + info.numel_in_shard
+                    local = {k: (v if k == "step" else v[a:e]) for k, v in st.items()}
+                    grad = None if p.grad is None else p.grad[a:e]
+                    segs.append(Segment(ref.index, ref.layer, ref.group, p.detach()[a:e], grad,
+                                        local, p, lambda x, a=a, e=e: x.reshape(-1)[a:e]))
+        return segs
