@@ -11,11 +11,14 @@ Two shapes of the same format:
 
 - full: m, v, mu have the parameter's shape. A single process saves this; it does not depend on
   the world size, and any optimizer (sharded or not, any world size) loads it.
-- shard: one rank's ``state_dict()`` in a sharded job. m, v, mu are 1-D and hold only the
-  rank's range of the flattened tensor; ``param_groups[0]["shardgrok"]["sharding"]`` records the world size,
-  rank, each tensor's range (``spans``) and shape.
-- FSDP (DTensor or FlatParameter state): torch.distributed.checkpoint reshards it. It loads only into the same rank of the
-  same layout; :func:`consolidate_state_dict` merges all ranks' shards into a full one.
+- shard: one rank's ``state_dict()`` in a ZeRO-sharded job. m, v, mu are 1-D and hold only
+  the rank's range of the flattened tensor; ``param_groups[0]["shardgrok"]["sharding"]``
+  records the world size, rank, each tensor's range (``spans``) and shape. It loads only into
+  the same rank of the same layout; :func:`consolidate_state_dict` merges all ranks' shards
+  into a full one.
+
+Under FSDP the state is DTensors (FSDP2) or flat shards (FSDP1), and
+torch.distributed.checkpoint saves and reshards it.
 """
 from __future__ import annotations
 

@@ -24,13 +24,9 @@ import scenarios as S  # noqa: E402
 import shardgrok  # noqa: E402
 from helpers import backward, toy  # noqa: E402
 
+from worker_registry import SCENARIOS, Ctx, scenario  # noqa: E402
+
 RANK = WORLD = 0
-SCENARIOS = {}
-
-
-def scenario(fn):
-    SCENARIOS[fn.__name__] = fn
-    return fn
 
 
 # ---------------------------------------------------------------- exactness, memory, collectives
@@ -264,11 +260,13 @@ def main():
     ap.add_argument("--ckpt", default="")
     ap.add_argument("--scenarios", required=True)
     ap.add_argument("--resume-from", default="")
-    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--timeout", type=float, default=60.0)
     args = ap.parse_args()
     torch.set_num_threads(1)
     info = shardgrok.init_distributed(backend="gloo", timeout=timedelta(seconds=args.timeout))
     RANK, WORLD = info.rank, info.world_size
+    Ctx.rank, Ctx.world = RANK, WORLD
+    import fsdp_cases  # noqa: F401  (registers the FSDP scenarios)
     for name in args.scenarios.split(","):
         try:
             result = {"ok": SCENARIOS[name](args)}

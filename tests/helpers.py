@@ -11,20 +11,21 @@ from torch import nn
 class Toy(nn.Module):
     """Tensors of mixed sizes, a 1-element one, and a layer that never gets a gradient."""
 
-    def __init__(self):
+    def __init__(self, dead: bool = True):
         super().__init__()
         self.a = nn.Linear(5, 7)
         self.b = nn.Linear(7, 3)
         self.scale = nn.Parameter(torch.tensor([1.3]))
-        self.dead = nn.Linear(3, 3)
+        if dead:
+            self.dead = nn.Linear(3, 3)
 
     def forward(self, x):
         return self.b(torch.tanh(self.a(x))) * self.scale
 
 
-def toy(dtype=torch.float64, seed=0):
+def toy(dtype=torch.float64, seed=0, dead=True):
     torch.manual_seed(seed)
-    return Toy().to(dtype)
+    return Toy(dead).to(dtype)
 
 
 def batch(step, dtype=torch.float64, n=12):
@@ -40,9 +41,11 @@ def loss_fn(model, step, dtype=torch.float64):
 
 
 def two_groups(model, **second):
+    dead = getattr(model, "dead", None)
     return [
-        {"params": [model.a.weight, model.a.bias, model.dead.weight]},
-        {"params": [model.b.weight, model.b.bias, model.scale, model.dead.bias], **second},
+        {"params": [model.a.weight, model.a.bias] + ([dead.weight] if dead else [])},
+        {"params": [model.b.weight, model.b.bias, model.scale] + ([dead.bias] if dead else []),
+         **second},
     ]
 
 

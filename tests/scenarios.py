@@ -28,8 +28,17 @@ def rank_offset(rank: int, world: int) -> float:
     return rank - (world - 1) / 2
 
 
-def make(kind: str, model, rank: int = 0, world: int = 1, shard: bool = False, **kw):
-    groups = two_groups(model, layer_index=3, lr=5e-3)
+def default_groups(model):
+    return two_groups(model, layer_index=3, lr=5e-3)
+
+
+def one_group(model):
+    return [{"params": list(model.parameters())}]
+
+
+def make(kind: str, model, rank: int = 0, world: int = 1, shard: bool = False,
+         groups=default_groups, **kw):
+    groups = groups(model)
     common = dict(lr=1e-2, gradient_clipping=0.5, shard=shard, **kw)
     if kind == "grokadamw":
         clock = {"t": 0}
@@ -49,16 +58,20 @@ def val_closure(model, rank: int, world: int):
     return lambda: ((model(x) - y) ** 2).mean()
 
 
-def train(kind: str, model, opt, steps, rank: int = 0, world: int = 1) -> list[dict]:
+def train(kind: str, model, opt, steps, rank: int = 0, world: int = 1, meta: bool = True,
+          backward_fn=backward) -> list[dict]:
     record = []
     for t in steps:
-        tl = backward(model, t)
+        tl = backward_fn(model, t)
         if kind == "grokadamw":
             opt.test_clock["t"] = t
             opt.step()
         else:
-            if t % 3 == 0:
-                opt.meta_step(val_closure(model, rank, world))
+            if meta and t % 3 == 0:
+                # The same validation batch on every rank: averaging equal gradients is exact,
+                # so the 20-step runs compare the optimizer alone. How ranks' different
+                # validation batches are averaged is checked in float64 by meta_gradient().
+                opt.meta_step(val_closure(model, 0, 1))
             if t % 4 == 0:
                 d = 0.01 * rank_offset(rank, world)
                 opt.step(train_loss=tl + d, val_loss=(1.2 + 0.02 * t) * tl - d)
@@ -71,14 +84,23 @@ def train(kind: str, model, opt, steps, rank: int = 0, world: int = 1) -> list[d
 
 
 def params(model) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
+    """The whole parameters (gathered from DTensor shards), by name, in model order."""
+    out = {}
+    for name, p in model.named_parameters():
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name.replace("_fsdp_wrapped_module.", "")] = p.detach().clone()
+    return list(out.values())
 
 
-def run(kind: str, rank: int = 0, world: int = 1, shard: bool = False, **kw) -> dict:
-    model = toy(DTYPE)
-    opt = make(kind, model, rank, world, shard, **kw)
-    record = train(kind, model, opt, range(STEPS), rank, world)
-    return {"params": params(model), "record": record}
+def run(kind: str, rank: int = 0, world: int = 1, shard: bool = False, *, wrap=None,
+        dead: bool = True, meta: bool = True, backward_fn=backward, read=params, **kw) -> dict:
+    """``wrap(model)`` returns the module to train (e.g. FSDP-wrapped) and ``read(module)`` its
+    whole parameters."""
+    model = toy(DTYPE, dead=dead)
+    module = wrap(model) if wrap else model
+    opt = make(kind, module, rank, world, shard, **kw)
+    record = train(kind, module, opt, range(STEPS), rank, world, meta, backward_fn)
+    return {"params": read(module), "record": record}
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -127,8 +149,10 @@ def resume(kind: str, directory: str, source: str, rank: int = 0, world: int = 1
 
 
 # ---------------------------------------------------------------- meta-gradient
-def meta_gradient(rank: int = 0, world: int = 1, shard: bool = False) -> dict:
+def meta_gradient(rank: int = 0, world: int = 1, shard: bool = False, wrap=None) -> dict:
     model = toy(torch.float64)
+    if wrap:
+        model = wrap(model)
     torch.manual_seed(1)
     net = shardgrok.SimpleMetaNet(hidden_dim=6).double()
     with torch.no_grad():

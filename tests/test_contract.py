@@ -211,3 +211,23 @@ def test_lr_schedulers_drive_the_update(name):
             twin_sched.step()
     assert len(set(seen)) > 1, "the schedule must change lr within the test"
     assert max_abs_diff(model, ref) < 1e-12
+
+
+def test_meta_optimizer_state_exists_before_the_first_meta_step():
+    """Eager meta-Adam state (for torch.distributed.checkpoint) has torch Adam's own keys and
+    gives bit-identical updates to Adam's lazy initialisation."""
+    torch.manual_seed(3)
+    net = shardgrok.SimpleMetaNet(hidden_dim=4)
+    opt = shardgrok.SuperGrok([nn.Parameter(torch.ones(3))], meta_net=net, meta_lr=1e-2)
+    lazy_net = copy.deepcopy(net)
+    lazy = torch.optim.Adam(lazy_net.parameters(), lr=1e-2)
+    assert all(len(opt.meta_optimizer.state[p]) == 3 for p in net.parameters())
+    for _ in range(3):
+        for p, q in zip(net.parameters(), lazy_net.parameters()):
+            p.grad = torch.full_like(p, 0.5)
+            q.grad = torch.full_like(q, 0.5)
+        opt.meta_optimizer.step()
+        lazy.step()
+    for p, q in zip(net.parameters(), lazy_net.parameters()):
+        assert torch.equal(p, q)
+        assert opt.meta_optimizer.state[p].keys() == lazy.state[q].keys()

@@ -30,6 +30,17 @@ def loss_signal(train_loss: float, val_loss: float) -> float:
     return (val_loss - train_loss) / train_loss
 
 
+def _init_adam_state(opt: torch.optim.Adam) -> None:
+    """Create Adam's state as its first step would (step 0, zero moments), so the meta-optimizer's
+    state dict has its full structure from the start: torch.distributed.checkpoint loads only
+    into keys that exist, and its own fill-in (a zero-lr step) would count a step."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state[p] = {"step": torch.tensor(0.0),
+                            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
 class SuperGrok(GrokOptimizerBase):
     r"""GrokAdamW's AdamW base, a learned per-element gradient transform (NeuralGrok) and a
     cosine-gated Grokfast amplification (seed 001, DESIGN.md §1).
@@ -92,6 +103,8 @@ class SuperGrok(GrokOptimizerBase):
         # A parameter-free meta-net (a fixed transform) has nothing to train.
         trainable = [p for p in self.meta_net.parameters() if p.requires_grad]
         self.meta_optimizer = torch.optim.Adam(trainable, lr=meta_lr) if trainable else None
+        if self.meta_optimizer is not None:
+            _init_adam_state(self.meta_optimizer)
         self._cached_signal: float | None = None
 
     # ------------------------------------------------------------------ step

@@ -1,0 +1,175 @@
+"""FSDP scenarios for tests/dist_worker.py (FSDP2, HSDP, FSDP1, mixed precision, DCP).
+
+Each one trains the model of tests/scenarios.py wrapped by an engine and returns the whole
+parameters; tests/test_fsdp.py compares them with the single-process run of the same scenario.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+import scenarios as S
+from helpers import batch, toy
+from worker_registry import Ctx, scenario
+
+BF16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def fsdp2(hsdp: bool = False, mp: MixedPrecisionPolicy | None = None):
+    """fully_shard each linear layer and the root; HSDP on a (replicate=2, shard=world/2) mesh."""
+    def wrap(model):
+        if hsdp:
+            mesh = init_device_mesh("cpu", (2, Ctx.world // 2), mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh("cpu", (Ctx.world,))
+        kw = {"mesh": mesh} if mp is None else {"mesh": mesh, "mp_policy": mp}
+        fully_shard(model.a, **kw)
+        fully_shard(model.b, **kw)
+        fully_shard(model, **kw)
+        return model
+    return wrap
+
+
+def fsdp1(orig: bool):
+    def wrap(model):
+        return FSDP(model, device_id=torch.device("cpu"), use_orig_params=orig)
+    return wrap
+
+
+def fsdp1_params(module) -> list[torch.Tensor]:
+    with FSDP.summon_full_params(module, writeback=False):
+        return [p.detach().clone() for p in module.module.parameters()]
+
+
+def bf16_backward(model, t):
+    """One process with FSDP2's casts (the oracle of the mixed-precision run): compute in a bf16
+    copy of the fp32 parameters, take its gradients back to fp32."""
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    x, y = batch(t, torch.float32)
+    loss = ((low(x.to(torch.bfloat16)) - y) ** 2).mean() * 20
+    loss.backward()
+    for p, q in zip(model.parameters(), low.parameters()):
+        p.grad = None if q.grad is None else q.grad.float()
+    return loss.item()
+
+
+def _run(kind, **kw):
+    return S.run(kind, Ctx.rank, Ctx.world, shard=True, **kw)
+
+
+@scenario
+def fsdp2_exact(args):
+    return {kind: _run(kind, wrap=fsdp2()) for kind in S.KINDS}
+
+
+@scenario
+def hsdp_exact(args):
+    return {kind: _run(kind, wrap=fsdp2(hsdp=True)) for kind in S.KINDS}
+
+
+@scenario
+def fsdp1_exact(args):
+    return {f"{kind}.orig{orig}": _run(kind, wrap=fsdp1(orig), dead=False, groups=S.one_group,
+                                       read=fsdp1_params)
+            for orig in (False, True) for kind in S.KINDS}
+
+
+@scenario
+def fsdp2_bf16(args):
+    return {kind: _run(kind, wrap=fsdp2(mp=BF16), meta=False) for kind in S.KINDS}
+
+
+@scenario
+def fsdp2_state(args):
+    """State kept as DTensors with the parameters' placements; collectives of one step."""
+    import torch.distributed as dist
+    out = {}
+    for name, wrap in (("fsdp2", fsdp2()), ("hsdp", fsdp2(hsdp=Ctx.world == 4))):
+        model = wrap(toy(S.DTYPE))
+        opt = S.make("supergrok", model, Ctx.rank, Ctx.world, shard=True)
+        S.train("supergrok", model, opt, range(2), Ctx.rank, Ctx.world)
+        same = all(type(st[k]).__name__ == "DTensor" and st[k].placements == p.placements
+                   for p in model.parameters() for st in [opt.state[p]]
+                   for k in ("exp_avg", "exp_avg_sq", "mu"))
+        tl = S.backward(model, 2)
+        calls = []
+        saved = dist.all_reduce, dist.all_gather
+        dist.all_reduce = lambda *a, **k: calls.append(("all_reduce", dist.get_world_size(k.get("group")))) or saved[0](*a, **k)
+        dist.all_gather = lambda *a, **k: calls.append(("all_gather",)) or saved[1](*a, **k)
+        try:
+            opt.step(train_loss=tl, val_loss=2 * tl)
+        finally:
+            dist.all_reduce, dist.all_gather = saved
+        out[name] = {"dtensor_state": same, "calls": calls}
+    return out
+
+
+@scenario
+def fsdp2_meta(args):
+    return S.meta_gradient(Ctx.rank, Ctx.world, shard=True, wrap=fsdp2())
+
+
+# ---------------------------------------------------------------- checkpoints (DCP)
+def _dcp_dir(args, kind, world):
+    return os.path.join(args.ckpt, f"dcp-{kind}-w{world}")
+
+
+@scenario
+def fsdp2_dcp_save(args):
+    for kind in S.KINDS:
+        model = fsdp2()(toy(S.DTYPE))
+        opt = S.make(kind, model, Ctx.rank, Ctx.world, shard=True)
+        S.train(kind, model, opt, range(S.SPLIT), Ctx.rank, Ctx.world)
+        dcp.save({"model": get_model_state_dict(model),
+                  "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=_dcp_dir(args, kind, Ctx.world))
+    return {}
+
+
+@scenario
+def fsdp2_dcp_resume(args):
+    out = {}
+    for kind in S.KINDS:
+        model = fsdp2()(toy(S.DTYPE, seed=123))  # other weights: all must come from the files
+        opt = S.make(kind, model, Ctx.rank, Ctx.world, shard=True)
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=_dcp_dir(args, kind, int(args.resume_from)))
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, opt, sd["optim"])
+        restored = {"global_step": opt.get_global_step(),
+                    "cached_alpha": opt.get_cached_alpha() if kind == "supergrok" else None,
+                    "steps": sorted({int(opt.state[p]["step"]) for p in model.parameters()})}
+        record = S.train(kind, model, opt, range(S.SPLIT, S.STEPS), Ctx.rank, Ctx.world)
+        out[kind] = {"params": S.params(model), "record": record, **restored}
+    return out
+
+
+@scenario
+def fsdp_bad_args(args):
+    import shardgrok
+    model = fsdp2()(toy(S.DTYPE))
+    out = {}
+
+    def error(fn):
+        try:
+            fn()
+        except (ValueError, TypeError) as e:
+            return str(e)
+        return None
+    out["shard_false"] = error(lambda: shardgrok.GrokAdamW(model.parameters(), shard=False))
+    out["process_group"] = error(lambda: shardgrok.GrokAdamW(
+        model.parameters(), process_group=torch.distributed.group.WORLD))
+    out["full_state_dict"] = error(lambda: shardgrok.GrokAdamW(model.parameters()).full_state_dict())
+    opt = shardgrok.GrokAdamW(model.parameters())
+    out["mixed"] = error(lambda: opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]}))
+    return out

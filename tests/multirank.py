@@ -1,0 +1,66 @@
+"""Running a multi-rank test job: torchrun on this machine (gloo, CPU) executing scenarios of
+tests/dist_worker.py, whose per-rank results come back as files."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = pathlib.Path(__file__).resolve().parent
+WORKER = HERE / "dist_worker.py"
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::UserWarning")
+    env.pop("RANK", None)
+    return env
+
+
+def launch(world: int, out: pathlib.Path, names, ckpt: pathlib.Path, *extra, timeout=600):
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={world}", str(WORKER), "--out", str(out), "--ckpt", str(ckpt),
+           "--scenarios", ",".join(names), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env())
+    results = {}
+    for name in names:
+        per_rank = []
+        for r in range(world):
+            f = out / f"{name}.{r}.pt"
+            if not f.exists():
+                raise AssertionError(f"{name}: rank {r} wrote no result; torchrun exit "
+                                     f"{proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+            per_rank.append(torch.load(f, weights_only=False))
+        results[name] = per_rank
+    return proc, results
+
+
+def ok(results, name):
+    """Per-rank results of a scenario, failing the test with the rank's traceback if it raised."""
+    out = []
+    for r, res in enumerate(results[name]):
+        if "traceback" in res:
+            pytest.fail(f"{name} failed on rank {r}:\n{res['traceback']}")
+        out.append(res["ok"])
+    return out
+
+
+def max_diff(a, b):
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def assert_same_run(got: dict, want: dict, tol: float = 1e-6, coef_rel: float = 1e-6) -> None:
+    """A run (scenarios.run) against the single-process one: whole parameters within ``tol``
+    max abs, and at every step the same gate decisions, clip coefficients (``coef_rel``) and
+    alpha."""
+    assert max_diff(got["params"], want["params"]) < tol
+    for t, (g, w) in enumerate(zip(got["record"], want["record"], strict=True)):
+        assert g["last_clip_coefs"] == pytest.approx(w["last_clip_coefs"], rel=coef_rel, abs=0), t
+        assert g["gate_engaged"] == w["gate_engaged"], t
+        for key in ("alpha", "cached_alpha"):  # GrokAdamW reports one, SuperGrok the other
+            assert (g[key] is None) == (w[key] is None)
+            assert g[key] is None or g[key] == pytest.approx(w[key], rel=1e-12), (t, key)

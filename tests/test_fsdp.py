@@ -1,0 +1,121 @@
+"""FSDP2, HSDP and FSDP1 against the single-process oracle, in real torchrun jobs (gloo, CPU):
+tests/fsdp_cases.py holds the scenarios, tests/scenarios.py the shared model and schedule.
+
+The model has tensors whose first dimension does not divide by the world size (7, 3, 1 rows
+at world sizes 2 and 4), so some ranks hold empty shards.
+"""
+from __future__ import annotations
+
+import pytest
+
+import scenarios as S
+from multirank import assert_same_run, launch, max_diff, ok
+
+AT4 = ("fsdp2_exact", "hsdp_exact", "fsdp2_state", "fsdp2_meta", "fsdp2_dcp_save", "fsdp_bad_args")
+AT2 = ("fsdp2_exact", "fsdp1_exact", "fsdp2_state", "fsdp2_bf16", "fsdp2_meta",
+       "fsdp2_dcp_resume")
+BF16_TOL = 1e-4  # see test_fsdp2_bf16_mixed_precision_matches_same_casts
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tmp_path_factory.mktemp("fsdp-ckpt")
+
+
+@pytest.fixture(scope="module")
+def jobs(ckpt, tmp_path_factory):
+    _, at4 = launch(4, tmp_path_factory.mktemp("fsdp4"), AT4, ckpt)
+    # after the world-4 job: resumes from its DCP checkpoint at world size 2
+    _, at2 = launch(2, tmp_path_factory.mktemp("fsdp2"), AT2, ckpt, "--resume-from", "4")
+    return {2: at2, 4: at4}
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return {kind: S.run(kind) for kind in S.KINDS}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kind", S.KINDS)
+def test_fsdp2_matches_single_process(jobs, oracle, world, kind):
+    for res in ok(jobs[world], "fsdp2_exact"):
+        assert_same_run(res[kind], oracle[kind])
+
+
+@pytest.mark.parametrize("kind", S.KINDS)
+def test_hsdp_matches_single_process(jobs, oracle, kind):
+    """2 x 2 mesh: statistics summed over the replicate dimension too would double every norm
+    and change the clip coefficients and gates."""
+    for res in ok(jobs[4], "hsdp_exact"):
+        assert_same_run(res[kind], oracle[kind])
+
+
+@pytest.mark.parametrize("orig", [False, True])
+@pytest.mark.parametrize("kind", S.KINDS)
+def test_fsdp1_matches_single_process(jobs, kind, orig):
+    want = S.run(kind, dead=False, groups=S.one_group)
+    for res in ok(jobs[2], "fsdp1_exact"):
+        assert_same_run(res[f"{kind}.orig{orig}"], want)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_state_is_dtensor_and_one_reduction(jobs, world):
+    for res in ok(jobs[world], "fsdp2_state"):
+        assert res["fsdp2"]["dtensor_state"]
+        assert res["fsdp2"]["calls"] == [("all_reduce", world)]  # no parameter all-gather
+        if world == 4:  # HSDP: the scalars over the 2 replicas, the sums over the 2 shards only
+            assert res["hsdp"]["dtensor_state"]
+            assert res["hsdp"]["calls"] == [("all_reduce", 2), ("all_reduce", 2)]
+
+
+def test_fsdp2_bf16_mixed_precision_matches_same_casts(jobs):
+    """FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) against one process
+    computing in a bf16 copy of fp32 parameters. The casts are the same, so the remaining
+    difference is bf16 rounding order; BF16_TOL bounds it."""
+    for kind in S.KINDS:
+        want = S.run(kind, meta=False, backward_fn=_bf16_backward())
+        for res in ok(jobs[2], "fsdp2_bf16"):
+            got = res[kind]
+            assert max_diff(got["params"], want["params"]) < BF16_TOL, kind
+            fp32 = S.run(kind, meta=False)  # and it did train in bf16: not the fp32 run
+            assert max_diff(got["params"], fp32["params"]) > BF16_TOL / 100, kind
+
+
+def _bf16_backward():
+    from fsdp_cases import bf16_backward
+    return bf16_backward
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_meta_gradient_matches_single_process(jobs, world):
+    import torch
+    ref = S.meta_gradient()
+    for res in ok(jobs[world], "fsdp2_meta"):
+        assert res["loss"] == pytest.approx(ref["loss"], rel=1e-10)
+        g = torch.cat([x.reshape(-1) for x in res["grads"]])
+        w = torch.cat([x.reshape(-1) for x in ref["grads"]])
+        assert float((g - w).norm() / w.norm()) < 1e-6
+        assert max_diff(res["net_after"], ref["net_after"]) < 1e-6
+
+
+def test_dcp_checkpoint_saved_at_4_resumes_at_2(jobs, oracle):
+    for kind in S.KINDS:
+        want = oracle[kind]
+        for res in ok(jobs[2], "fsdp2_dcp_resume"):
+            got = res[kind]
+            assert got["global_step"] == S.SPLIT
+            assert got["steps"] == [0, S.SPLIT]  # the dead layer never stepped
+            if kind == "supergrok":
+                assert got["cached_alpha"] == pytest.approx(want["record"][S.SPLIT - 1]["cached_alpha"],
+                                                            rel=1e-12)
+            assert max_diff(got["params"], want["params"]) < 1e-6, kind
+            for g, w in zip(got["record"], want["record"][S.SPLIT:]):
+                assert g["gate_engaged"] == w["gate_engaged"]
+
+
+def test_bad_arguments_with_fsdp_parameters(jobs):
+    for res in ok(jobs[4], "fsdp_bad_args"):
+        assert "shard=False cannot apply" in res["shard_false"]
+        assert "process_group is not used with DTensor" in res["process_group"]
+        assert "full_state_dict() is for ZeRO" in res["full_state_dict"]
+        assert "every parameter must be a DTensor" in res["mixed"]
