@@ -91,7 +91,11 @@ def main(argv=None):
         if args.save:
             torch.save({"model": net.state_dict(), "optimizer": full}, args.save)
     if dist.is_initialized():
-        dist.destroy_process_group()  # gloo can abort at exit otherwise
+        # Every rank leaves together: rank 0 hosts the rendezvous store, and a rank still
+        # talking to it when it goes away aborts. Then tear down (gloo can abort at exit
+        # otherwise).
+        dist.barrier()
+        dist.destroy_process_group()
     return losses
 
 
