@@ -123,3 +123,21 @@ def test_slurm_launch_line_maps_ranks():
     for task, out in enumerate(outs):
         assert places(out) == [(task, ntasks, task, "slurm")]
     summary(outs[0], ntasks, 30)
+
+
+FSDP2_LINE = re.compile(r"(\w+) on FSDP2 \(([^)]*\)[^)]*)\): loss ([\d.]+) -> ([\d.]+) in (\d+) "
+                        r"steps \(global step (\d+)\); world size (\d+)")
+
+
+def test_fsdp2_script_with_torchrun_then_resume_on_one_process(tmp_path):
+    ck = tmp_path / "dcp"
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", LAUNCH / "train_fsdp2.py", "--steps", "30", "--save", ck])
+    _, mesh, first0, last, _, global_step, world = FSDP2_LINE.search(out).groups()
+    assert (mesh, world, global_step) == ("mesh (2,)", "2", "30")
+    assert float(last) < 0.3 * float(first0)
+    # the DCP checkpoint written at world size 2 resumes on one process (resharded)
+    out = run([sys.executable, LAUNCH / "train_fsdp2.py", "--steps", "5", "--resume", ck])
+    _, mesh, first, _, _, global_step, world = FSDP2_LINE.search(out).groups()
+    assert (mesh, world, global_step) == ("mesh (1,)", "1", "35")
+    assert float(first) < 0.3 * float(first0)  # it starts from the trained state
