@@ -14,7 +14,9 @@ from multirank import assert_same_run, launch, max_diff, ok
 AT4 = ("fsdp2_exact", "hsdp_exact", "fsdp2_state", "fsdp2_meta", "fsdp2_dcp_save", "fsdp_bad_args")
 AT2 = ("fsdp2_exact", "fsdp1_exact", "fsdp2_state", "fsdp2_bf16", "fsdp2_meta",
        "fsdp2_dcp_resume")
-BF16_TOL = 1e-4  # see test_fsdp2_bf16_mixed_precision_matches_same_casts
+# Same casts, same result: measured 0.0 at world size 2 (the bf16 products are the same and
+# the fp32 average of two equal gradients is exact); the fp32 run differs by ~1e-3.
+BF16_TOL = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +72,14 @@ def test_fsdp2_state_is_dtensor_and_one_reduction(jobs, world):
 
 def test_fsdp2_bf16_mixed_precision_matches_same_casts(jobs):
     """FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) against one process
-    computing in a bf16 copy of fp32 parameters. The casts are the same, so the remaining
-    difference is bf16 rounding order; BF16_TOL bounds it."""
+    computing in a bf16 copy of fp32 parameters, 20 steps."""
     for kind in S.KINDS:
         want = S.run(kind, meta=False, backward_fn=_bf16_backward())
         for res in ok(jobs[2], "fsdp2_bf16"):
             got = res[kind]
             assert max_diff(got["params"], want["params"]) < BF16_TOL, kind
             fp32 = S.run(kind, meta=False)  # and it did train in bf16: not the fp32 run
-            assert max_diff(got["params"], fp32["params"]) > BF16_TOL / 100, kind
+            assert max_diff(got["params"], fp32["params"]) > 1e-4, kind
 
 
 def _bf16_backward():
