@@ -173,3 +173,22 @@ def fsdp_bad_args(args):
     opt = shardgrok.GrokAdamW(model.parameters())
     out["mixed"] = error(lambda: opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]}))
     return out
+
+
+@scenario
+def fsdp1_wrong_group(args):
+    """FSDP1 sharded over pairs of ranks, the optimizer reducing over all 4: refused."""
+    import shardgrok
+    import torch.distributed as dist
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pg = pairs[Ctx.rank // 2]
+    model = FSDP(toy(S.DTYPE, dead=False), device_id=torch.device("cpu"), process_group=pg)
+    out = {}
+    try:
+        shardgrok.GrokAdamW(model.parameters())
+        out["default"] = None
+    except ValueError as e:
+        out["default"] = str(e)
+    opt = shardgrok.GrokAdamW(model.parameters(), process_group=pg)  # the right group: fine
+    out["right_group_tensors"] = len(opt._tensors())
+    return out

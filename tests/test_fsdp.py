@@ -11,7 +11,8 @@ import pytest
 import scenarios as S
 from multirank import assert_same_run, launch, max_diff, ok
 
-AT4 = ("fsdp2_exact", "hsdp_exact", "fsdp2_state", "fsdp2_meta", "fsdp2_dcp_save", "fsdp_bad_args")
+AT4 = ("fsdp2_exact", "hsdp_exact", "fsdp2_state", "fsdp2_meta", "fsdp2_dcp_save", "fsdp_bad_args",
+       "fsdp1_wrong_group")
 AT2 = ("fsdp2_exact", "fsdp1_exact", "fsdp2_state", "fsdp2_bf16", "fsdp2_meta",
        "fsdp2_dcp_resume")
 # Same casts, same result: measured 0.0 at world size 2 (the bf16 products are the same and
@@ -120,3 +121,9 @@ def test_bad_arguments_with_fsdp_parameters(jobs):
         assert "process_group is not used with DTensor" in res["process_group"]
         assert "full_state_dict() is for ZeRO" in res["full_state_dict"]
         assert "every parameter must be a DTensor" in res["mixed"]
+
+
+def test_fsdp1_over_the_wrong_group_is_refused(jobs):
+    for res in ok(jobs[4], "fsdp1_wrong_group"):
+        assert "process_group= the group FSDP1 shards over" in res["default"]
+        assert res["right_group_tensors"] == 5

@@ -146,6 +146,27 @@ class FSDP1Layout(_EngineSharded):
             self.reducer, optimizer, groups,
             lambda gi, ps: [(gi, p.numel() if is_flat_param(p) else "piece", str(p.dtype))
                             for p in ps])
+        self._check_coverage(optimizer, groups)
+
+    def _check_coverage(self, optimizer, groups=None) -> None:
+        """The group's shards of each FlatParameter must cover every original element exactly
+        once; twice or more means the group is not FSDP's shard group (HYBRID_SHARD, or FSDP
+        built with another process group): statistics would be over-counted."""
+        groups = groups if groups is not None else range(len(optimizer.param_groups))
+        flat = [p for gi in groups for p in optimizer.param_groups[gi]["params"] if is_flat_param(p)]
+        if not flat:
+            return
+        held = torch.tensor([float(info.numel_in_shard if info.in_shard else 0)
+                             for p in flat for info in p._shard_param_infos], dtype=torch.float64)
+        self.reducer.all_reduce_(held)
+        want = torch.tensor([float(n) for p in flat for n in p._numels], dtype=torch.float64)
+        if not torch.equal(held, want):
+            raise ValueError(
+                f"{type(optimizer).__name__}: across the {self.reducer.world_size} ranks of the "
+                "reduction group, the FSDP1 shards hold some original tensors more than once "
+                f"(elements held {held.tolist()[:6]} vs sizes {want.tolist()[:6]}). Pass "
+                "process_group= the group FSDP1 shards over; HYBRID_SHARD is not supported "
+                "(use FSDP2's HSDP)")
 
     def tensors(self, optimizer) -> list[TensorRef]:
         refs, i = [], 0
