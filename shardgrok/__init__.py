@@ -3,8 +3,13 @@ from .checkpoint import consolidate_state_dict
 from .distributed import DistInfo, init_distributed
 from .gradfilters import gradfilter_ema, gradfilter_ma
 from .metanet import SimpleMetaNet
+from .integrations.deepspeed import optimizer_of
+from .integrations.deepspeed import register as register_deepspeed
 from .optim import GrokAdamW, SuperGrok
+
+register_deepspeed()  # torch.optim.GrokAdamW / SuperGrok for DeepSpeed's config "type"
 
 __version__ = "0.1.0"
 __all__ = ["GrokAdamW", "SuperGrok", "SimpleMetaNet", "gradfilter_ema", "gradfilter_ma",
-           "consolidate_state_dict", "init_distributed", "DistInfo", "__version__"]
+           "consolidate_state_dict", "init_distributed", "DistInfo", "register_deepspeed", "optimizer_of",
+           "__version__"]

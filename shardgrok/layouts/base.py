@@ -48,6 +48,14 @@ class Segment:
 class Layout(Protocol):
     sharded: bool
     reducer: Any
+    engine: Any  # the engine object that drives the optimizer, if any (DeepSpeed)
+
+    def groups(self, optimizer: torch.optim.Optimizer) -> list[dict]:
+        """All param groups (an engine may show the optimizer only some of them per call)."""
+
+    def new_round(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether this step() call begins a new optimizer step (False for an engine's second
+        and later per-group calls of the same step)."""
 
     def add_group(self, optimizer: torch.optim.Optimizer, group_index: int) -> None:
         """Place a newly added param group's tensors (before their state is created)."""

@@ -21,7 +21,7 @@ def tensor_layers(optimizer: torch.optim.Optimizer):
             i += 1
 
 
-def check_grad(p: torch.Tensor, name: str, shape=None) -> None:
+def check_grad(p: torch.Tensor, name: str) -> None:
     g = p.grad
     if g.is_sparse:
         raise RuntimeError(f"{name} does not support sparse gradients; use a dense gradient "
@@ -40,6 +40,15 @@ def whole(x: torch.Tensor) -> torch.Tensor:
 
 class PerTensorLayout:
     """Shared by the layouts where each optimizer parameter is one original tensor."""
+
+    #: the engine object driving the optimizer, when one swaps its parameters (DeepSpeed)
+    engine = None
+
+    def groups(self, optimizer) -> list[dict]:
+        return optimizer.param_groups
+
+    def new_round(self, optimizer) -> bool:
+        return True
 
     def tensors(self, optimizer) -> list[TensorRef]:
         return [TensorRef(i, layer, gi, p) for i, layer, gi, _, p in tensor_layers(optimizer)]

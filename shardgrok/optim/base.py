@@ -13,6 +13,7 @@ A step (DESIGN.md §2)::
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -46,6 +47,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                  shard: bool | None = None, process_group=None):
         V.choice("skip", "raise")("nonfinite", nonfinite)
         V.validate(self.SPECS, defaults)
+        if "deepspeed" in sys.modules:  # let ZeRO accept us, however DeepSpeed got us
+            from ..integrations.deepspeed import register
+            register()
         self.nonfinite = nonfinite
         self._shard_args = (shard, process_group)
         self._layout = None       # chosen from the first param group's tensors
@@ -54,6 +58,11 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         self._skipped_steps = 0
         self._last_report: dict[str, Any] = {}
         self._built = False
+        # the parameters as given, per group in order, and the whole group list: an engine may
+        # swap the parameters (DeepSpeed's flat partitions) and narrow the list per call
+        self._group_params: list[list[torch.Tensor]] = []
+        self._param_groups_full: list[dict] = []
+        self._step_number = 0  # the optimizer step the current step() call belongs to
         super().__init__(params, defaults)
         self._layout.verify(self)
         self._built = True
@@ -79,6 +88,8 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             self._layout = select_layout(params, *self._shard_args)
             self._reducer = self._layout.reducer
         super().add_param_group({**param_group, "params": params})
+        self._group_params.append(list(params))
+        self._param_groups_full = self.param_groups
         gi = len(self.param_groups) - 1
         try:
             if self._built:  # at construction, __init__ checks all groups at once
@@ -86,6 +97,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             self._layout.add_group(self, gi)
         except Exception:
             self.param_groups.pop()  # leave the optimizer as it was
+            self._group_params.pop()
             raise
         for p in self.param_groups[-1]["params"]:
             self._init_state(p)
@@ -100,11 +112,32 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             for key in STATE_KEYS[1:]:
                 st[key] = torch.zeros_like(local, memory_format=torch.preserve_format)
 
+    # ------------------------------------------------------------------ engines
+    def _follow_engine(self) -> None:
+        """Notice when an engine has replaced our parameters with its own flat partitions
+        (DeepSpeed ZeRO 1-3 do, after construction) and switch to the layout that maps them
+        back to the original tensors."""
+        if self._layout.engine is not None:
+            return
+        own = {id(p) for ps in self._group_params for p in ps}
+        if all(id(p) in own for g in self.param_groups for p in g["params"]):
+            return
+        from ..integrations.deepspeed import attach
+        attach(self)
+
     # ------------------------------------------------------------------ the step
     def _tensors(self) -> list[TensorRef]:
         return self._layout.tensors(self)
 
+    def _groups(self) -> list[dict]:
+        """All param groups. Usually ``param_groups``; DeepSpeed's ZeRO 1/2 narrows that list to
+        the one group it steps, so the layout keeps the whole list."""
+        return self._layout.groups(self)
+
     def _step(self, closure: Callable[[], Any] | None, inputs: Callable[[], StepInputs]):
+        self._follow_engine()
+        new_round = self._layout.new_round(self)
+        self._step_number = self._global_step + 1 if new_round else self._global_step
         red = self._reducer
         tensors = self._tensors()
         n = len(tensors)
@@ -153,8 +186,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 stepped[id(ref.param)] = ref.param
         for p in stepped.values():
             self.state[p]["step"] += 1
+        if new_round:  # DeepSpeed calls step() once per param group: count the first call
+            self._global_step += 1
         self._last_report = self._phase2(segs, stats, present, values, aux)
-        self._global_step += 1
         self._layout.post_step(self)
         return loss
 
@@ -276,6 +310,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                              f"this version reads format {CHECKPOINT_FORMAT}")
         rest = self._layout.import_state(self, without_extra(state_dict), extra)
         super().load_state_dict(rest)
+        self._param_groups_full = self.param_groups  # torch.optim rebuilt the list
         self._load_extra_state(extra)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -123,12 +123,15 @@ class GrokAdamW(GrokOptimizerBase):
         signal = signal_sum / signal_ranks if signal_ranks else None
         norm_sq = float(stats[:, 0].sum())
         alphas, coefs = [], []
-        for group in self.param_groups:
+        groups = self._groups()
+        engine_clips = getattr(self._layout, "engine_clips", False)  # DeepSpeed clipped already
+        for group in groups:
             alphas.append(R.alpha_from_signal(group["alpha_init"],
                                               group["grokking_signal_decay_rate"], signal))
-            coefs.append(R.clip_coefficient(group["gradient_clipping"], norm_sq))
+            coefs.append(1.0 if engine_clips else
+                         R.clip_coefficient(group["gradient_clipping"], norm_sq))
         for s in segs:
-            group = self.param_groups[s.group]
+            group = groups[s.group]
             k = R.GrokAdamWScalars(
                 adam=R.adam_scalars(group, s.layer, int(s.state["step"]),
                                     layerwise_bias_correction=False),

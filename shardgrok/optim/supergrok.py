@@ -106,6 +106,7 @@ class SuperGrok(GrokOptimizerBase):
         if self.meta_optimizer is not None:
             _init_adam_state(self.meta_optimizer)
         self._cached_signal: float | None = None
+        self._pending_losses: tuple | None = None
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -115,8 +116,17 @@ class SuperGrok(GrokOptimizerBase):
         the cached alpha when both are given; otherwise the cached alpha is used."""
         return self._step(closure, lambda: self._loss_inputs(train_loss, val_loss))
 
-    @staticmethod
-    def _loss_inputs(train_loss, val_loss) -> StepInputs:
+    def set_losses(self, train_loss: float | None = None, val_loss: float | None = None) -> None:
+        """Give the losses for the next optimizer step, for engines whose ``step()`` takes no
+        arguments (DeepSpeed's ``engine.step()``): call it before that step. They count as if
+        passed to ``step(train_loss=..., val_loss=...)``, for every per-group call the engine
+        makes in that step, and are forgotten after it."""
+        self._pending_losses = (self._global_step + 1, train_loss, val_loss)
+
+    def _loss_inputs(self, train_loss, val_loss) -> StepInputs:
+        pending = self._pending_losses
+        if train_loss is None and val_loss is None and pending and pending[0] == self._step_number:
+            _, train_loss, val_loss = pending
         values = []
         for name, v in (("train_loss", train_loss), ("val_loss", val_loss)):
             if v is None:
@@ -146,24 +156,25 @@ class SuperGrok(GrokOptimizerBase):
         alphas = self._alphas()
         # Per-tensor scalars for every tensor, not only the local ones: a group's clip norm
         # sums over all its tensors, wherever they live.
-        t_next = self._global_step + 1
+        groups = self._groups()
+        t_now = self._global_step  # this step's number (already counted)
         group_of, mu_alpha, lamb, amplify = [], [], [], []
         for ref in self._tensors():
-            group = self.param_groups[ref.group]
+            group = groups[ref.group]
             group_of.append(ref.group)
             first = float(self.state[ref.param]["step"]) == 1   # already incremented
             mu_alpha.append(0.0 if first else alphas[ref.group])
             lamb.append(float(group["lamb"]))
-            amplify.append(t_next > group["warmup_steps"])
+            amplify.append(t_now > group["warmup_steps"])
         group_of = torch.tensor(group_of)
         d = R.supergrok_decide(stats, torch.tensor(mu_alpha, dtype=torch.float64),
                                torch.tensor(lamb, dtype=torch.float64),
                                float(rescale_of(self.meta_net)), torch.tensor(amplify))
         coefs = [R.clip_coefficient(g["gradient_clipping"],
                                     float(d.final_sq[present & (group_of == gi)].sum()))
-                 for gi, g in enumerate(self.param_groups)]
+                 for gi, g in enumerate(groups)]
         for s, h in zip(segs, hs):
-            group = self.param_groups[s.group]
+            group = groups[s.group]
             k = R.SuperGrokScalars(
                 adam=R.adam_scalars(group, s.layer, int(s.state["step"]),
                                     layerwise_bias_correction=True),
@@ -178,7 +189,7 @@ class SuperGrok(GrokOptimizerBase):
 
     def _alphas(self) -> list[float]:
         return [R.alpha_from_signal(g["alpha_init"], g["kappa"], self._cached_signal)
-                for g in self.param_groups]
+                for g in self._groups()]
 
     # ------------------------------------------------------------------ bilevel
     def meta_step(self, val_closure: Callable[[], torch.Tensor], *,

@@ -1,0 +1,254 @@
+"""DeepSpeed: the config's ``"optimizer"`` entry and ZeRO stages 0-3.
+
+Registration. DeepSpeed builds a config optimizer ``{"type": "X"}`` only if X is one of its own
+names or an attribute of ``torch.optim``, and ZeRO refuses an optimizer whose exact type is not in
+its tested list unless the config sets ``zero_allow_untested_optimizer``. :func:`register` puts
+``GrokAdamW`` and ``SuperGrok`` in both places; ``import shardgrok`` runs it when DeepSpeed is
+already imported, and so does building either optimizer, so a config entry works with no other
+change to the config.
+
+The layout. ZeRO 1/2 and 3 take the optimizer built over the model's parameters and replace, in
+its param groups, the parameters by flat fp32 partitions (stage 1/2: one per group; stage 3:
+one per sub-group, shown to the optimizer only while it is stepped), and call ``step()`` once per
+group (or sub-group). At the first such call the optimizer finds the ZeRO optimizer driving it
+and switches to :class:`DeepSpeedLayout`, which maps every partition back to the original
+tensors with DeepSpeed's own per-parameter metadata: the ``_hp_mapping`` fragments of stage 1/2
+(where each parameter's piece sits in the partition) and the per-parameter partitions
+(``partition_numel()``) of stage 3. Every original tensor thus gets its own statistics, gate,
+layer index and clip norm, reduced over the data-parallel group. State (m, v, mu) is flat like
+the partition and keyed by it, as DeepSpeed's checkpointing expects.
+
+Clipping. DeepSpeed clips the gradients itself, over all groups at once, before calling the
+optimizer, with the formula GrokAdamW uses (``min(1, c / (norm + 1e-6))``) and ``c`` the
+config's ``"gradient_clipping"`` (DeepSpeed's default 1.0, GrokAdamW's default too). Under
+DeepSpeed GrokAdamW therefore leaves clipping to DeepSpeed and requires the two values to agree
+(an error says so otherwise). SuperGrok clips its own final gradient per param group as always;
+DeepSpeed's clipping of the raw gradients comes on top unless the config sets
+``"gradient_clipping": 0``.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+from ..comm import GroupReducer
+from ..layouts.base import Segment, TensorRef
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Make ``"type": "GrokAdamW"`` / ``"SuperGrok"`` valid in a DeepSpeed config and let ZeRO
+    accept both optimizers without ``zero_allow_untested_optimizer``. Idempotent."""
+    global _REGISTERED
+    from ..optim import GrokAdamW, SuperGrok
+    for cls in (GrokAdamW, SuperGrok):
+        if getattr(torch.optim, cls.__name__, None) is not cls:
+            setattr(torch.optim, cls.__name__, cls)
+    if _REGISTERED or "deepspeed" not in sys.modules:
+        return
+    from deepspeed.runtime.zero import utils as zero_utils
+    for cls in (GrokAdamW, SuperGrok):
+        if cls not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+            zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(cls)
+    _REGISTERED = True
+
+
+def _find_zero_optimizer(opt):
+    """The DeepSpeed ZeRO optimizer whose ``step`` is calling ``opt.step()`` right now: it holds
+    ``opt`` as its ``.optimizer``. DeepSpeed gives the wrapped optimizer no reference back, so
+    look up the call stack for it (done once, at the first step)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        if obj is not None and getattr(obj, "optimizer", None) is opt and (
+                hasattr(obj, "single_partition_of_fp32_groups")
+                or hasattr(obj, "fp32_partitioned_groups_flat")):
+            return obj
+        frame = frame.f_back
+    return None
+
+
+def attach(opt) -> None:
+    """Switch ``opt`` to the DeepSpeed layout (called by the optimizer at the first step after
+    DeepSpeed replaced its parameters)."""
+    zero = _find_zero_optimizer(opt)
+    if zero is None:
+        raise RuntimeError(
+            f"{type(opt).__name__}: its parameters were replaced by tensors it was not built "
+            "with, and no DeepSpeed ZeRO optimizer is driving this step. Build the optimizer "
+            "over the parameters it will step, and do not edit param_groups[i]['params']")
+    if opt.get_global_step() > 0:
+        raise RuntimeError(f"{type(opt).__name__} took steps before DeepSpeed wrapped it; "
+                           "pass a fresh optimizer to deepspeed.initialize")
+    layout = DeepSpeedLayout(opt, zero)
+    opt._layout, opt._reducer = layout, layout.reducer
+    opt.state.clear()  # the per-parameter state was never used; state lives on the partitions
+    for flat in layout.flats:
+        opt._init_state(flat)
+    layout.check_clipping(opt)
+
+
+class DeepSpeedLayout:
+    sharded = True
+
+    def __init__(self, opt, zero):
+        self.engine = zero
+        self.stage3 = hasattr(zero, "fp32_partitioned_groups_flat")
+        group = zero.real_dp_process_group[0] if not self.stage3 else zero.dp_process_group
+        self.reducer = GroupReducer(group)
+        self._index = {id(p): i for i, p in enumerate(p for ps in opt._group_params for p in ps)}
+        self._refs: list[TensorRef] = []
+        self._pieces: dict[int, list[tuple[TensorRef, int, int]]] = {}  # id(flat) -> pieces
+        self.flats: list[torch.Tensor] = []
+        layer_of = {}
+        i = 0
+        for gi, g in enumerate(self.groups(opt)):
+            fixed = g.get("layer_index")
+            for p in opt._group_params[gi]:
+                layer_of[id(p)] = (i if fixed is None else fixed, gi)
+                i += 1
+        if self.stage3:
+            self._map_stage3(zero, layer_of)
+        else:
+            self._map_stage12(zero, layer_of)
+        self._refs.sort(key=lambda r: r.index)
+        self._seen: set[int] = set()
+
+    # ------------------------------------------------------------------ the map
+    def _add_ref(self, p, layer_of, flat):
+        layer, gi = layer_of[id(p)]
+        ref = TensorRef(self._index[id(p)], layer, gi, flat)
+        self._refs.append(ref)
+        return ref
+
+    def _map_stage12(self, zero, layer_of):
+        for gi, lps in enumerate(zero.bit16_groups):
+            flat = zero.single_partition_of_fp32_groups[gi]
+            self.flats.append(flat)
+            pieces = self._pieces.setdefault(id(flat), [])
+            for p in lps:
+                ref = self._add_ref(p, layer_of, flat)
+                frag = getattr(p, "_hp_mapping", None)
+                if frag is not None:
+                    a = frag.hp_fragment_address.start
+                    pieces.append((ref, a, a + frag.hp_fragment_address.numel))
+
+    def _map_stage3(self, zero, layer_of):
+        rank = torch.distributed.get_rank(zero.dp_process_group)
+        for s, params in enumerate(zero.fp16_groups):  # parameters; fp16_partitioned_groups
+            # holds their partitions, flattened in this order into the sub-group's fp32 flat
+            flat = zero.fp32_partitioned_groups_flat[s]
+            self.flats.append(flat)
+            pieces = self._pieces.setdefault(id(flat), [])
+            offset = 0
+            for p in params:
+                ref = self._add_ref(p, layer_of, flat)
+                size = p.partition_numel()
+                held = max(0, min(size, p.ds_numel - rank * size))  # the last shards are padded
+                if held:
+                    pieces.append((ref, offset, offset + held))
+                offset += size
+
+    # ------------------------------------------------------------------ layout protocol
+    #: DeepSpeed clips the gradients (globally) before the optimizer sees them
+    engine_clips = True
+
+    def groups(self, opt):
+        # ZeRO 1/2 shows the optimizer only [group i] during its call; the optimizer keeps the
+        # whole list (the same dicts, in the same order as DeepSpeed's groups)
+        return opt._param_groups_full
+
+    def tensors(self, opt):
+        return self._refs
+
+    def _current_flats(self, opt):
+        return [p for g in opt.param_groups for p in g["params"] if id(p) in self._pieces]
+
+    def new_round(self, opt) -> bool:
+        flats = {id(f) for f in self._current_flats(opt)}
+        if not self._seen or flats & self._seen:
+            self._seen = set(flats)
+            return True
+        self._seen |= flats
+        return False
+
+    def pieces(self, opt, with_grad: bool = True) -> list[Segment]:
+        flats = self._current_flats(opt) if with_grad else self.flats
+        segs = []
+        for flat in flats:
+            if with_grad and flat.grad is None:
+                continue
+            st = opt.state[flat]
+            for ref, a, e in self._pieces[id(flat)]:
+                local = {k: (v if k == "step" else v[a:e]) for k, v in st.items()}
+                grad = None if flat.grad is None else flat.grad[a:e]
+                segs.append(Segment(ref.index, ref.layer, ref.group, flat.detach()[a:e], grad,
+                                    local, flat, lambda x, a=a, e=e: x.reshape(-1)[a:e]))
+        return segs
+
+    def state_like(self, p):
+        return p
+
+    def add_group(self, opt, gi):
+        raise RuntimeError("add_param_group after deepspeed.initialize is not supported: "
+                           "DeepSpeed has already partitioned the groups")
+
+    def verify(self, opt, groups=None):
+        pass
+
+    def post_step(self, opt):
+        pass  # DeepSpeed copies the fp32 partitions to the model and all-gathers them
+
+    def check_clipping(self, opt) -> None:
+        clip = float(getattr(self.engine, "clip_grad", 0.0) or 0.0)
+        name = type(opt).__name__
+        for gi, g in enumerate(self.groups(opt)):
+            mine = float(g.get("gradient_clipping", 0.0))
+            if name == "GrokAdamW" and mine != clip:
+                raise ValueError(
+                    f"GrokAdamW(gradient_clipping={mine}) in param group {gi}, but DeepSpeed "
+                    f"clips gradients itself with \"gradient_clipping\": {clip} (DeepSpeed's "
+                    "default is 1.0), globally and with the same formula, before the optimizer "
+                    "sees them. Under DeepSpeed GrokAdamW leaves clipping to DeepSpeed: set the "
+                    "config's \"gradient_clipping\" to the value you want and GrokAdamW's to "
+                    "the same")
+        if name == "SuperGrok" and clip > 0:
+            warnings.warn(f"DeepSpeed clips the raw gradients (\"gradient_clipping\": {clip}) "
+                          "before SuperGrok, which clips its own final gradient per param group "
+                          "as well; set \"gradient_clipping\": 0 in the DeepSpeed config for "
+                          "SuperGrok's clipping alone", UserWarning, stacklevel=4)
+
+    # meta-step and checkpoints
+    def validation_grads(self, opt, val_closure):
+        raise NotImplementedError("SuperGrok.meta_step under DeepSpeed ZeRO is not supported "
+                                  "yet")
+
+    def finish_validation_grads(self, opt, raw, segs):
+        raise NotImplementedError
+
+    def export_state(self, opt, sd, extra) -> None:
+        pass
+
+    def import_state(self, opt, sd, extra) -> dict:
+        return sd
+
+    def full_state(self, opt, sd, to):
+        raise TypeError(f"{type(opt).__name__}.full_state_dict() is for ZeRO-sharded optimizers "
+                        "without an engine; under DeepSpeed use engine.save_checkpoint")
+
+
+def optimizer_of(obj):
+    """The GrokAdamW / SuperGrok inside a DeepSpeed engine or ZeRO optimizer (``engine``,
+    ``engine.optimizer``), e.g. to call ``set_losses`` or ``get_state_summary``."""
+    from ..optim.base import GrokOptimizerBase
+    seen = obj
+    for _ in range(8):
+        if isinstance(seen, GrokOptimizerBase):
+            return seen
+        seen = getattr(seen, "optimizer", None)
+        if seen is None:
+            break
+    raise TypeError(f"no GrokAdamW or SuperGrok inside {type(obj).__name__}")
