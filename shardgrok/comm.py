@@ -146,6 +146,22 @@ class MeshReducer(GroupReducer):
         return super().all_reduce_(buf)
 
 
+class ReplicatedReducer(GroupReducer):
+    """Every rank holds the whole model and the whole optimizer (DeepSpeed without ZeRO): the
+    per-tensor sums are complete on each rank and are not reduced; only the per-rank inputs
+    (losses, signals, flags) are summed over the group, and validation gradients averaged."""
+
+    def all_reduce_(self, buf: torch.Tensor, scalars: int = 0) -> torch.Tensor:
+        if scalars:
+            tail = self._on_device(buf[buf.numel() - scalars:].clone())
+            dist.all_reduce(tail, group=self.group)
+            buf[buf.numel() - scalars:] = tail.to(buf.device)
+        return buf
+
+    def all_reduce_grads_(self, module: torch.nn.Module) -> None:
+        pass  # each rank computed the whole meta-gradient from the same averaged inputs
+
+
 def default_reducer(process_group: dist.ProcessGroup | None, shard: bool | None):
     """The reducer for an optimizer's ``shard``/``process_group`` arguments.
 

@@ -267,6 +267,8 @@ def main():
     RANK, WORLD = info.rank, info.world_size
     Ctx.rank, Ctx.world = RANK, WORLD
     import fsdp_cases  # noqa: F401  (registers the FSDP scenarios)
+    if any(n.startswith("ds_") for n in args.scenarios.split(",")):
+        import ds_cases  # noqa: F401  (DeepSpeed: imported only when asked for)
     for name in args.scenarios.split(","):
         try:
             result = {"ok": SCENARIOS[name](args)}

@@ -56,19 +56,29 @@ def register() -> None:
     _REGISTERED = True
 
 
-def _find_zero_optimizer(opt):
-    """The DeepSpeed ZeRO optimizer whose ``step`` is calling ``opt.step()`` right now: it holds
-    ``opt`` as its ``.optimizer``. DeepSpeed gives the wrapped optimizer no reference back, so
-    look up the call stack for it (done once, at the first step)."""
+def _caller_holding(opt, *markers: str):
+    """The object up the call stack that holds ``opt`` as its ``.optimizer`` and has one of the
+    ``markers`` attributes. DeepSpeed gives the optimizer it wraps no reference back, so the
+    optimizer looks for its driver once, at the first step, state_dict or load_state_dict it
+    receives, which DeepSpeed calls from its own methods."""
     frame = sys._getframe(1)
     while frame is not None:
         obj = frame.f_locals.get("self")
-        if obj is not None and getattr(obj, "optimizer", None) is opt and (
-                hasattr(obj, "single_partition_of_fp32_groups")
-                or hasattr(obj, "fp32_partitioned_groups_flat")):
+        if (obj is not None and obj is not opt and getattr(obj, "optimizer", None) is opt
+                and any(hasattr(obj, m) for m in markers)):
             return obj
         frame = frame.f_back
     return None
+
+
+def _find_zero_optimizer(opt):
+    """The ZeRO 1/2 or 3 optimizer driving ``opt``."""
+    return _caller_holding(opt, "single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
+
+
+def engine_driving(opt):
+    """The DeepSpeed engine calling ``opt`` directly (no ZeRO wrapper), if any."""
+    return _caller_holding(opt, "zero_optimization_stage")
 
 
 def attach(opt) -> None:
@@ -201,6 +211,14 @@ class DeepSpeedLayout:
 
     def post_step(self, opt):
         pass  # DeepSpeed copies the fp32 partitions to the model and all-gathers them
+
+    def clip_coefficient(self) -> float:
+        """The coefficient DeepSpeed applied to the gradients this step (for the report)."""
+        clip = float(getattr(self.engine, "clip_grad", 0.0) or 0.0)
+        norm = getattr(self.engine, "_global_grad_norm", None)
+        if clip <= 0 or norm is None:
+            return 1.0
+        return min(1.0, clip / (float(norm) + 1e-6))
 
     def check_clipping(self, opt) -> None:
         clip = float(getattr(self.engine, "clip_grad", 0.0) or 0.0)

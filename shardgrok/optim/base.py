@@ -63,6 +63,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         self._group_params: list[list[torch.Tensor]] = []
         self._param_groups_full: list[dict] = []
         self._step_number = 0  # the optimizer step the current step() call belongs to
+        self._engine_checked = False
         super().__init__(params, defaults)
         self._layout.verify(self)
         self._built = True
@@ -113,17 +114,41 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 st[key] = torch.zeros_like(local, memory_format=torch.preserve_format)
 
     # ------------------------------------------------------------------ engines
-    def _follow_engine(self) -> None:
-        """Notice when an engine has replaced our parameters with its own flat partitions
-        (DeepSpeed ZeRO 1-3 do, after construction) and switch to the layout that maps them
-        back to the original tensors."""
+    def _follow_engine(self, stepping: bool = False) -> None:
+        """Notice an engine driving this optimizer and adapt: DeepSpeed ZeRO 1-3 replace our
+        parameters with their flat partitions (switch to the layout that maps them back to the
+        original tensors); DeepSpeed without ZeRO keeps and checkpoints a replicated optimizer
+        (stop sharding). Checked at step, state_dict and load_state_dict, which the engine
+        calls; the search for a driving engine is settled by the first step."""
         if self._layout.engine is not None:
             return
         own = {id(p) for ps in self._group_params for p in ps}
-        if all(id(p) in own for g in self.param_groups for p in g["params"]):
+        if not all(id(p) in own for g in self.param_groups for p in g["params"]):
+            from ..integrations.deepspeed import attach
+            attach(self)
             return
-        from ..integrations.deepspeed import attach
-        attach(self)
+        if self._engine_checked or "deepspeed" not in sys.modules or not self.is_sharded:
+            return
+        from ..integrations.deepspeed import engine_driving
+        if engine_driving(self) is not None:
+            self._unshard()
+            self._engine_checked = True
+        elif stepping:
+            self._engine_checked = True
+
+    def _unshard(self) -> None:
+        """Keep the whole state on every rank (before any step); the ranks' losses and signals
+        are still averaged."""
+        from ..comm import ReplicatedReducer
+        from ..layouts import LocalLayout
+        if self._global_step:
+            raise RuntimeError(f"{type(self).__name__} took steps before its engine took it over")
+        self._layout = LocalLayout(ReplicatedReducer(self._reducer.group))
+        self._reducer = self._layout.reducer
+        self.state.clear()
+        for ps in self._group_params:
+            for p in ps:
+                self._init_state(p)
 
     # ------------------------------------------------------------------ the step
     def _tensors(self) -> list[TensorRef]:
@@ -135,7 +160,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         return self._layout.groups(self)
 
     def _step(self, closure: Callable[[], Any] | None, inputs: Callable[[], StepInputs]):
-        self._follow_engine()
+        self._follow_engine(stepping=True)
         new_round = self._layout.new_round(self)
         self._step_number = self._global_step + 1 if new_round else self._global_step
         red = self._reducer
@@ -279,6 +304,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         tensor and ``["sharding"]`` in that entry says which (see :meth:`full_state_dict` and
         :func:`shardgrok.consolidate_state_dict`). Under FSDP the state is DTensors (FSDP2) or
         flat shards (FSDP1): save it with torch.distributed.checkpoint."""
+        self._follow_engine()
         sd = super().state_dict()
         extra = self._extra_state()
         self._layout.export_state(self, sd, extra)
@@ -301,6 +327,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         :func:`shardgrok.consolidate_state_dict`, any single-process checkpoint) at any world
         size, each rank slicing its own range; this rank's own ZeRO shard; or, under FSDP, what
         torch.distributed.checkpoint restored."""
+        self._follow_engine()
         extra = extra_of(state_dict)
         if extra is None:
             raise ValueError(f"state_dict has no param_groups[0][{CHECKPOINT_KEY!r}] entry: it "

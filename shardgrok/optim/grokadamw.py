@@ -124,18 +124,21 @@ class GrokAdamW(GrokOptimizerBase):
         norm_sq = float(stats[:, 0].sum())
         alphas, coefs = [], []
         groups = self._groups()
-        engine_clips = getattr(self._layout, "engine_clips", False)  # DeepSpeed clipped already
+        # Under DeepSpeed the engine has clipped already (same formula, global): report its
+        # coefficient, apply none.
+        engine_clips = getattr(self._layout, "engine_clips", False)
         for group in groups:
             alphas.append(R.alpha_from_signal(group["alpha_init"],
                                               group["grokking_signal_decay_rate"], signal))
-            coefs.append(1.0 if engine_clips else
+            coefs.append(self._layout.clip_coefficient() if engine_clips else
                          R.clip_coefficient(group["gradient_clipping"], norm_sq))
         for s in segs:
             group = groups[s.group]
             k = R.GrokAdamWScalars(
                 adam=R.adam_scalars(group, s.layer, int(s.state["step"]),
                                     layerwise_bias_correction=False),
-                grad_scale=coefs[s.group], alpha=alphas[s.group], lamb=float(group["lamb"]))
+                grad_scale=1.0 if engine_clips else coefs[s.group], alpha=alphas[s.group],
+                lamb=float(group["lamb"]))
             R.grokadamw_update_(s.param, s.grad, s.state["exp_avg"], s.state["exp_avg_sq"],
                                 s.state["mu"], k=k)
         return {"grokking_signal": signal, "alpha": alphas[0], "alphas": alphas,

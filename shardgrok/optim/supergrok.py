@@ -107,6 +107,7 @@ class SuperGrok(GrokOptimizerBase):
             _init_adam_state(self.meta_optimizer)
         self._cached_signal: float | None = None
         self._pending_losses: tuple | None = None
+        self._round_report: dict = {}
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -182,7 +183,19 @@ class SuperGrok(GrokOptimizerBase):
                 amp=float(d.amp[s.index]), grad_scale=coefs[s.group])
             R.supergrok_update_(s.param, s.grad, h, s.state["exp_avg"], s.state["exp_avg_sq"],
                                 s.state["mu"], k=k)
-        engaged = d.engaged[present].tolist()
+        # DeepSpeed steps one group per call: the report covers the whole optimizer step
+        r = self._round_report
+        if self._step_number != r.get("step"):
+            r.clear()
+            n = len(present)
+            r.update(step=self._step_number, present=torch.zeros(n, dtype=torch.bool),
+                     engaged=torch.zeros(n, dtype=torch.bool), coefs=[1.0] * len(groups))
+        r["present"] |= present
+        r["engaged"] = torch.where(present, d.engaged, r["engaged"])
+        for gi in set(group_of[present].tolist()):
+            r["coefs"][gi] = coefs[gi]
+        engaged = r["engaged"][r["present"]].tolist()
+        coefs = list(r["coefs"])
         return {"cached_alpha": alphas[0], "gate_engaged": engaged,
                 "gate_engaged_fraction": sum(engaged) / len(engaged) if engaged else 0.0,
                 "last_clip_coef": min(coefs), "last_clip_coefs": coefs}

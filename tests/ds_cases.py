@@ -1,0 +1,183 @@
+"""DeepSpeed scenarios for tests/dist_worker.py: the config's "optimizer" entry (and an instance or
+a callable) at ZeRO stages 0-3, against the single-process run of tests/test_deepspeed.py.
+
+Every rank trains on the same batch (DeepSpeed averages equal gradients exactly); SuperGrok's
+losses differ per rank and average to the single-process ones (``set_losses``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+import scenarios as S
+import shardgrok
+from helpers import backward, batch, toy
+from worker_registry import Ctx, scenario
+
+
+def _deepspeed():
+    """DeepSpeed, with its comm layer over the process group the worker made (imported on
+    use: the single-process oracle in the pytest process needs none of it)."""
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo")
+    return deepspeed
+
+NAME = {"grokadamw": "GrokAdamW", "supergrok": "SuperGrok"}
+CLS = {"grokadamw": shardgrok.GrokAdamW, "supergrok": shardgrok.SuperGrok}
+PARAMS = {"grokadamw": {"lr": 1e-2, "gradient_clipping": 0.5},
+          "supergrok": {"lr": 1e-2, "gradient_clipping": 0.5, "warmup_steps": 5,
+                        "meta_hidden_dim": 8}}
+# GrokAdamW: DeepSpeed clips (same formula, same 0.5). SuperGrok: its own clipping only.
+DS_CLIP = {"grokadamw": 0.5, "supergrok": 0.0}
+STAGES = (0, 1, 2, 3)
+
+
+def config(kind: str, stage: int, how: str = "config", **extra) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": 12, "gradient_clipping": DS_CLIP[kind],
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9, **extra}
+    if how == "config":
+        cfg["optimizer"] = {"type": NAME[kind], "params": PARAMS[kind]}
+    return cfg
+
+
+def engine_for(kind: str, stage: int, how: str = "config", seed: int = 0, **extra):
+    deepspeed = _deepspeed()
+    model = toy(S.DTYPE, seed=seed, dead=False)
+    groups = S.default_groups(model)
+    cfg = config(kind, stage, how, **extra)
+    torch.manual_seed(7)  # the meta-net's initial weights, as in the single-process run
+    if how == "config":
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
+    elif how == "instance":
+        opt = CLS[kind](groups, **PARAMS[kind])
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    else:  # a callable that builds the optimizer from the parameters DeepSpeed passes
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg,
+                                          optimizer=lambda ps: CLS[kind](ps, **PARAMS[kind]))
+    return model, engine
+
+
+def train(kind, engine, steps, rank=0, world=1):
+    opt = shardgrok.optimizer_of(engine)
+    record = []
+    for t in steps:
+        x, y = batch(t, S.DTYPE)
+        loss = ((engine(x) - y) ** 2).mean() * 20
+        engine.backward(loss)
+        if kind == "supergrok" and t % 4 == 0:
+            d = 0.01 * S.rank_offset(rank, world)
+            tl = loss.item()
+            opt.set_losses(train_loss=tl + d, val_loss=(1.2 + 0.02 * t) * tl - d)
+        engine.step()
+        rep = opt.get_state_summary()
+        record.append({k: rep.get(k) for k in ("last_clip_coefs", "gate_engaged", "alpha",
+                                                "cached_alpha", "global_step")})
+    return record
+
+
+def full_params(model, stage):
+    from deepspeed.utils import safe_get_full_fp32_param
+    return [(safe_get_full_fp32_param(p) if stage == 3 else p).detach().clone()
+            for p in model.parameters()]
+
+
+def oracle(kind: str, steps=range(S.STEPS)) -> dict:
+    """The same run on one process, without DeepSpeed."""
+    model = toy(S.DTYPE, dead=False)
+    torch.manual_seed(7)
+    opt = CLS[kind](S.default_groups(model), **PARAMS[kind])
+    record = []
+    for t in steps:
+        tl = backward(model, t)
+        if kind == "supergrok" and t % 4 == 0:
+            opt.step(train_loss=tl, val_loss=(1.2 + 0.02 * t) * tl)
+        else:
+            opt.step()
+        rep = opt.get_state_summary()
+        record.append({k: rep.get(k) for k in ("last_clip_coefs", "gate_engaged", "alpha",
+                                                "cached_alpha", "global_step")})
+    return {"params": [p.detach().clone() for p in model.parameters()], "record": record}
+
+
+@scenario
+def ds_exact(args):
+    out = {}
+    stages = STAGES if Ctx.world == 2 else (2, 3)
+    for stage in stages:
+        for kind in S.KINDS:
+            model, engine = engine_for(kind, stage)
+            record = train(kind, engine, range(S.STEPS), Ctx.rank, Ctx.world)
+            out[f"{kind}.{stage}"] = {"params": full_params(model, stage), "record": record,
+                                      "sharded_state": _state_elements(engine)}
+    return out
+
+
+def _state_elements(engine):
+    opt = shardgrok.optimizer_of(engine)
+    return sum(st["exp_avg"].numel() for st in opt.state.values())
+
+
+@scenario
+def ds_ways(args):
+    """An optimizer instance and a callable instead of the config entry (ZeRO 2)."""
+    out = {}
+    for how in ("instance", "callable"):
+        for kind in S.KINDS:
+            model, engine = engine_for(kind, 2, how)
+            train(kind, engine, range(S.STEPS), Ctx.rank, Ctx.world)
+            out[f"{kind}.{how}"] = {"params": full_params(model, 2)}
+    return out
+
+
+@scenario
+def ds_bad_config(args):
+    deepspeed = _deepspeed()
+    out = {}
+    for name, params in (("unknown", {"lr": 1e-2, "bogus": 1}), ("range", {"lr": -1.0}),
+                         ("betas", {"betas": [0.9, 1.5]})):
+        model = toy(S.DTYPE, dead=False)
+        cfg = config("supergrok", 2)
+        cfg["optimizer"]["params"] = params
+        try:
+            deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+            out[name] = None
+        except (TypeError, ValueError) as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    # GrokAdamW's clipping must agree with DeepSpeed's
+    model = toy(S.DTYPE, dead=False)
+    cfg = config("grokadamw", 2)
+    cfg["optimizer"]["params"] = {"lr": 1e-2, "gradient_clipping": 0.3}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    x, y = batch(0, S.DTYPE)
+    engine.backward(((engine(x) - y) ** 2).mean())
+    try:
+        engine.step()
+        out["clip_mismatch"] = None
+    except ValueError as e:
+        out["clip_mismatch"] = str(e)
+    return out
+
+
+@scenario
+def ds_checkpoint(args):
+    """engine.save_checkpoint after SPLIT steps, load into a fresh engine, train on."""
+    out = {}
+    for stage in (2, 3):
+        for kind in S.KINDS:
+            tag = f"{kind}-{stage}"
+            model, engine = engine_for(kind, stage)
+            train(kind, engine, range(S.SPLIT), Ctx.rank, Ctx.world)
+            saved = shardgrok.optimizer_of(engine)
+            before = {"global_step": saved.get_global_step(),
+                      "alpha": saved.get_cached_alpha() if kind == "supergrok" else None}
+            engine.save_checkpoint(os.path.join(args.ckpt, "ds"), tag=tag)
+            model, engine = engine_for(kind, stage, seed=123)
+            engine.load_checkpoint(os.path.join(args.ckpt, "ds"), tag=tag)
+            opt = shardgrok.optimizer_of(engine)
+            after = {"global_step": opt.get_global_step(),
+                     "alpha": opt.get_cached_alpha() if kind == "supergrok" else None}
+            record = train(kind, engine, range(S.SPLIT, S.STEPS), Ctx.rank, Ctx.world)
+            out[tag] = {"params": full_params(model, stage), "record": record,
+                        "before": before, "after": after}
+    return out
