@@ -141,3 +141,13 @@ def test_fsdp2_script_with_torchrun_then_resume_on_one_process(tmp_path):
     _, mesh, first, _, _, global_step, world = FSDP2_LINE.search(out).groups()
     assert (mesh, world, global_step) == ("mesh (1,)", "1", "35")
     assert float(first) < 0.3 * float(first0)  # it starts from the trained state
+
+
+def test_deepspeed_launcher_with_the_config_entry():
+    pytest.importorskip("deepspeed")
+    out = run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+               LAUNCH / "train_deepspeed.py", "--deepspeed_config", LAUNCH / "ds_config.json"])
+    m = re.search(r"SuperGrok via the DeepSpeed config \(ZeRO stage 2\): loss ([\d.]+) -> "
+                  r"([\d.]+) in 40 steps \(global step 40\); world size 2", out)
+    assert m, out[-3000:]
+    assert float(m.group(2)) < 0.3 * float(m.group(1))
