@@ -181,3 +181,26 @@ def ds_checkpoint(args):
             out[tag] = {"params": full_params(model, stage), "record": record,
                         "before": before, "after": after}
     return out
+
+
+@scenario
+def ds_bf16(args):
+    """bf16 configs: DeepSpeed keeps fp32 master partitions (ZeRO 1-3); without ZeRO, a clear
+    error. fp16 is not available on DeepSpeed's CPU accelerator."""
+    out = {}
+    for stage in (0, 1, 2, 3):
+        for kind in S.KINDS:
+            try:
+                model, engine = engine_for(kind, stage, bf16={"enabled": True})
+                losses = []
+                for t in range(S.STEPS):
+                    x, y = batch(t, S.DTYPE)
+                    loss = ((engine(x.to(torch.bfloat16)).float() - y) ** 2).mean() * 20
+                    engine.backward(loss)
+                    engine.step()
+                    losses.append(loss.item())
+                out[f"{kind}.{stage}"] = {"losses": losses, "params": full_params(model, stage),
+                                          "global_step": shardgrok.optimizer_of(engine).get_global_step()}
+            except NotImplementedError as e:
+                out[f"{kind}.{stage}"] = {"error": str(e)}
+    return out

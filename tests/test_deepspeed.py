@@ -8,6 +8,8 @@ its own final gradient per group).
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 
 pytest.importorskip("deepspeed")
@@ -16,7 +18,7 @@ import ds_cases as D  # noqa: E402
 import scenarios as S  # noqa: E402
 from multirank import launch, max_diff, ok  # noqa: E402
 
-AT2 = ("ds_exact", "ds_ways", "ds_bad_config", "ds_checkpoint")
+AT2 = ("ds_exact", "ds_ways", "ds_bad_config", "ds_checkpoint", "ds_bf16")
 AT4 = ("ds_exact",)
 
 
@@ -85,3 +87,19 @@ def test_engine_checkpoint_resumes_exactly(jobs, oracle, stage, kind):
         assert got["after"] == got["before"] and got["after"]["global_step"] == S.SPLIT
         assert max_diff(got["params"], want["params"]) < 1e-6
         same_steps(got["record"], want["record"][S.SPLIT:], coefs=True)
+
+
+@pytest.mark.parametrize("kind", S.KINDS)
+def test_bf16_trains_with_zero_and_is_refused_without(jobs, oracle, kind):
+    runs = ok(jobs[2], "ds_bf16")
+    for res in runs:
+        assert "FP16_UnfusedOptimizer) is not supported" in res[f"{kind}.0"]["error"]
+        for stage in (1, 2, 3):
+            got = res[f"{kind}.{stage}"]
+            assert got["global_step"] == S.STEPS
+            assert all(math.isfinite(x) for x in got["losses"])
+            assert got["losses"][-1] < got["losses"][0]
+            # bf16 compute, fp32 master weights: close to, not equal to, the fp32 run
+            assert 1e-6 < max_diff(got["params"], oracle[kind]["params"]) < 0.05
+    for stage in (1, 2, 3):  # every rank holds the same model
+        assert max_diff(runs[0][f"{kind}.{stage}"]["params"], runs[1][f"{kind}.{stage}"]["params"]) == 0

@@ -71,9 +71,17 @@ def _caller_holding(opt, *markers: str):
     return None
 
 
+# attribute names of the DeepSpeed optimizers that partition: (bit16 params per group, their
+# flat fp32 partition per group). ZeRO 1/2, and BF16_Optimizer (bf16 without ZeRO, which
+# partitions like ZeRO 1); ZeRO 3 is told apart by fp32_partitioned_groups_flat.
+_FLAT_PER_GROUP = (("bit16_groups", "single_partition_of_fp32_groups"),
+                   ("bf16_groups", "fp32_groups_flat_partition"))
+
+
 def _find_zero_optimizer(opt):
-    """The ZeRO 1/2 or 3 optimizer driving ``opt``."""
-    return _caller_holding(opt, "single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
+    """The DeepSpeed optimizer driving ``opt`` with flat fp32 partitions."""
+    return _caller_holding(opt, "single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
+                           "fp32_groups_flat_partition")
 
 
 def engine_driving(opt):
@@ -85,6 +93,12 @@ def attach(opt) -> None:
     """Switch ``opt`` to the DeepSpeed layout (called by the optimizer at the first step after
     DeepSpeed replaced its parameters)."""
     zero = _find_zero_optimizer(opt)
+    if zero is None and _caller_holding(opt, "fp32_groups") is not None:
+        raise NotImplementedError(
+            f"{type(opt).__name__} under DeepSpeed's fp16/bf16 optimizer without ZeRO "
+            "(FP16_UnfusedOptimizer) is not supported: it runs a zero-gradient step at start-up "
+            "that would count as a real step (weight decay, step counts). Enable ZeRO "
+            "(\"zero_optimization\": {\"stage\": 1}, 2 or 3) with bf16/fp16")
     if zero is None:
         raise RuntimeError(
             f"{type(opt).__name__}: its parameters were replaced by tensors it was not built "
@@ -135,8 +149,9 @@ class DeepSpeedLayout:
         return ref
 
     def _map_stage12(self, zero, layer_of):
-        for gi, lps in enumerate(zero.bit16_groups):
-            flat = zero.single_partition_of_fp32_groups[gi]
+        lp_name, flat_name = next(names for names in _FLAT_PER_GROUP if hasattr(zero, names[1]))
+        for gi, lps in enumerate(getattr(zero, lp_name)):
+            flat = getattr(zero, flat_name)[gi]
             self.flats.append(flat)
             pieces = self._pieces.setdefault(id(flat), [])
             for p in lps:
