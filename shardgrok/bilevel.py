@@ -36,9 +36,14 @@ if TYPE_CHECKING:
 def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
                   lookahead_lr: float | None) -> float | None:
     net = opt.meta_net
-    layout, red = opt._layout, opt._reducer
-    params = [p for g in opt.param_groups for p in g["params"]]
-    if not any(p.grad is not None for p in params):
+    opt._follow_engine()
+    # An engine may keep the training gradients where the step does not see them before its
+    # step (DeepSpeed ZeRO): its layout then offers a view of the whole model for the meta-step.
+    view = getattr(opt._layout, "meta_view", None)
+    layout = view(opt) if view is not None else opt._layout
+    red = layout.reducer
+    params = layout.meta_params(opt)
+    if not any(p.grad is not None for p in params) and view is None:
         raise RuntimeError("SuperGrok.meta_step needs the training gradients in p.grad; no "
                            "parameter has a gradient (call loss.backward() first)")
     segs = layout.pieces(opt)
@@ -54,7 +59,8 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
         red.all_reduce_(sums)
         g_norm, h_norm = sums[:, 0].sqrt(), sums[:, 1].sqrt()
         rescale = float(M.rescale_of(net))
-        lrs = [float(opt.param_groups[s.group]["lr"]) if lookahead_lr is None else lookahead_lr
+        groups = opt._groups()
+        lrs = [float(groups[s.group]["lr"]) if lookahead_lr is None else lookahead_lr
                for s in segs]
         saved = [local_tensor(p).clone() for p in params]
 

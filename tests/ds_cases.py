@@ -204,3 +204,46 @@ def ds_bf16(args):
             except NotImplementedError as e:
                 out[f"{kind}.{stage}"] = {"error": str(e)}
     return out
+
+
+def meta_setup(model):
+    torch.manual_seed(1)
+    net = shardgrok.SimpleMetaNet(hidden_dim=6)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return shardgrok.SuperGrok(S.default_groups(model), lr=0.05, meta_net=net, meta_lr=3e-2,
+                               gradient_clipping=0.5)
+
+
+def meta_oracle() -> dict:
+    model = toy(S.DTYPE, dead=False)
+    opt = meta_setup(model)
+    backward(model, 0)
+    loss = opt.meta_gradient(S.val_closure(model, 0, 1))
+    return {"loss": loss, "grads": [p.grad.clone() for p in opt.meta_net.parameters()]}
+
+
+@scenario
+def ds_meta(args):
+    """meta_step between engine.backward and engine.step, validation batch split over ranks."""
+    deepspeed = _deepspeed()
+    out = {}
+    for stage in (0, 1, 2, 3):
+        model = toy(S.DTYPE, dead=False)
+        opt = meta_setup(model)
+        cfg = config("supergrok", stage, how="instance")
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        x, y = batch(0, S.DTYPE)
+        engine.backward(((engine(x) - y) ** 2).mean() * 20)
+        try:
+            loss = opt.meta_gradient(S.val_closure(model, Ctx.rank, Ctx.world))
+        except NotImplementedError as e:
+            out[stage] = {"error": str(e)}
+            continue
+        grads = [p.grad.clone() for p in opt.meta_net.parameters()]
+        opt.meta_optimizer.step()
+        engine.step()  # and the training step still runs
+        out[stage] = {"loss": loss, "grads": grads, "global_step": opt.get_global_step(),
+                      "net": [p.detach().clone() for p in opt.meta_net.parameters()]}
+    return out

@@ -18,7 +18,7 @@ import ds_cases as D  # noqa: E402
 import scenarios as S  # noqa: E402
 from multirank import launch, max_diff, ok  # noqa: E402
 
-AT2 = ("ds_exact", "ds_ways", "ds_bad_config", "ds_checkpoint", "ds_bf16")
+AT2 = ("ds_exact", "ds_ways", "ds_bad_config", "ds_checkpoint", "ds_bf16", "ds_meta")
 AT4 = ("ds_exact",)
 
 
@@ -103,3 +103,20 @@ def test_bf16_trains_with_zero_and_is_refused_without(jobs, oracle, kind):
             assert 1e-6 < max_diff(got["params"], oracle[kind]["params"]) < 0.05
     for stage in (1, 2, 3):  # every rank holds the same model
         assert max_diff(runs[0][f"{kind}.{stage}"]["params"], runs[1][f"{kind}.{stage}"]["params"]) == 0
+
+
+def test_meta_step_between_backward_and_step(jobs):
+    import torch
+    ref = D.meta_oracle()
+    runs = ok(jobs[2], "ds_meta")
+    for res in runs:
+        assert "ZeRO stage 3 is not supported" in res[3]["error"]
+        for stage in (0, 1, 2):
+            got = res[stage]
+            assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+            g = torch.cat([x.reshape(-1) for x in got["grads"]])
+            w = torch.cat([x.reshape(-1) for x in ref["grads"]])
+            assert float((g - w).norm() / w.norm()) < 1e-5, stage
+            assert got["global_step"] == 1
+    for stage in (0, 1, 2):  # the meta-nets stay identical across ranks
+        assert max_diff(runs[0][stage]["net"], runs[1][stage]["net"]) == 0

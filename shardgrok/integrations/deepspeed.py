@@ -33,8 +33,9 @@ import warnings
 
 import torch
 
-from ..comm import GroupReducer
+from ..comm import GroupReducer, ReplicatedReducer
 from ..layouts.base import Segment, TensorRef
+from ..layouts.local import autograd_validation_grads, whole
 
 _REGISTERED = False
 
@@ -71,13 +72,6 @@ def _caller_holding(opt, *markers: str):
     return None
 
 
-# attribute names of the DeepSpeed optimizers that partition: (bit16 params per group, their
-# flat fp32 partition per group). ZeRO 1/2, and BF16_Optimizer (bf16 without ZeRO, which
-# partitions like ZeRO 1); ZeRO 3 is told apart by fp32_partitioned_groups_flat.
-_FLAT_PER_GROUP = (("bit16_groups", "single_partition_of_fp32_groups"),
-                   ("bf16_groups", "fp32_groups_flat_partition"))
-
-
 def _find_zero_optimizer(opt):
     """The DeepSpeed optimizer driving ``opt`` with flat fp32 partitions."""
     return _caller_holding(opt, "single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
@@ -90,16 +84,19 @@ def engine_driving(opt):
 
 
 def attach(opt) -> None:
-    """Switch ``opt`` to the DeepSpeed layout (called by the optimizer at the first step after
-    DeepSpeed replaced its parameters)."""
-    zero = _find_zero_optimizer(opt)
-    if zero is None and _caller_holding(opt, "fp32_groups") is not None:
-        raise NotImplementedError(
-            f"{type(opt).__name__} under DeepSpeed's fp16/bf16 optimizer without ZeRO "
-            "(FP16_UnfusedOptimizer) is not supported: it runs a zero-gradient step at start-up "
-            "that would count as a real step (weight decay, step counts). Enable ZeRO "
-            "(\"zero_optimization\": {\"stage\": 1}, 2 or 3) with bf16/fp16")
-    if zero is None:
+    """Switch ``opt`` to the DeepSpeed layout (called by the optimizer when it finds its
+    parameters replaced: at its first step, state_dict, load_state_dict or meta-step)."""
+    params = [p for ps in opt._group_params for p in ps]
+    z3 = next((p._z3_optimizer for p in params if hasattr(p, "_z3_optimizer")), None)
+    linked = any(hasattr(p, "_hp_mapping") for p in params)  # ZeRO 1/2, BF16_Optimizer
+    zero = z3 if z3 is not None else _find_zero_optimizer(opt)
+    if zero is None and not linked:
+        if _caller_holding(opt, "fp32_groups") is not None:
+            raise NotImplementedError(
+                f"{type(opt).__name__} under DeepSpeed's fp16/bf16 optimizer without ZeRO "
+                "(FP16_UnfusedOptimizer) is not supported: it runs a zero-gradient step at "
+                "start-up that would count as a real step (weight decay, step counts). Enable "
+                "ZeRO (\"zero_optimization\": {\"stage\": 1}, 2 or 3) with bf16/fp16")
         raise RuntimeError(
             f"{type(opt).__name__}: its parameters were replaced by tensors it was not built "
             "with, and no DeepSpeed ZeRO optimizer is driving this step. Build the optimizer "
@@ -107,21 +104,26 @@ def attach(opt) -> None:
     if opt.get_global_step() > 0:
         raise RuntimeError(f"{type(opt).__name__} took steps before DeepSpeed wrapped it; "
                            "pass a fresh optimizer to deepspeed.initialize")
-    layout = DeepSpeedLayout(opt, zero)
+    layout = DeepSpeedLayout(opt, zero, stage3=z3 is not None)
     opt._layout, opt._reducer = layout, layout.reducer
     opt.state.clear()  # the per-parameter state was never used; state lives on the partitions
     for flat in layout.flats:
         opt._init_state(flat)
-    layout.check_clipping(opt)
 
 
 class DeepSpeedLayout:
     sharded = True
 
-    def __init__(self, opt, zero):
+    def __init__(self, opt, zero, stage3: bool):
+        # ``zero``: the DeepSpeed optimizer wrapping ``opt`` (for ZeRO 1/2 it may be found only
+        # at the first step it drives; the map itself comes from the parameters' metadata)
         self.engine = zero
-        self.stage3 = hasattr(zero, "fp32_partitioned_groups_flat")
-        group = zero.real_dp_process_group[0] if not self.stage3 else zero.dp_process_group
+        self.stage3 = stage3
+        if stage3:
+            group = zero.dp_process_group
+        else:
+            group = next(p._dp_group for ps in opt._group_params for p in ps
+                         if getattr(p, "_hp_mapping", None) is not None)
         self.reducer = GroupReducer(group)
         self._index = {id(p): i for i, p in enumerate(p for ps in opt._group_params for p in ps)}
         self._refs: list[TensorRef] = []
@@ -134,12 +136,13 @@ class DeepSpeedLayout:
             for p in opt._group_params[gi]:
                 layer_of[id(p)] = (i if fixed is None else fixed, gi)
                 i += 1
-        if self.stage3:
+        if stage3:
             self._map_stage3(zero, layer_of)
         else:
-            self._map_stage12(zero, layer_of)
+            self._map_stage12(opt, layer_of)
         self._refs.sort(key=lambda r: r.index)
         self._seen: set[int] = set()
+        self._clipping_checked = False
 
     # ------------------------------------------------------------------ the map
     def _add_ref(self, p, layer_of, flat):
@@ -148,13 +151,14 @@ class DeepSpeedLayout:
         self._refs.append(ref)
         return ref
 
-    def _map_stage12(self, zero, layer_of):
-        lp_name, flat_name = next(names for names in _FLAT_PER_GROUP if hasattr(zero, names[1]))
-        for gi, lps in enumerate(getattr(zero, lp_name)):
-            flat = getattr(zero, flat_name)[gi]
+    def _map_stage12(self, opt, layer_of):
+        """ZeRO 1/2 (and BF16_Optimizer): one flat fp32 partition per group, which DeepSpeed put
+        in the group's params; each parameter's ``_hp_mapping`` says where its piece sits."""
+        for gi, g in enumerate(self.groups(opt)):
+            (flat,) = g["params"]
             self.flats.append(flat)
             pieces = self._pieces.setdefault(id(flat), [])
-            for p in lps:
+            for p in opt._group_params[gi]:
                 ref = self._add_ref(p, layer_of, flat)
                 frag = getattr(p, "_hp_mapping", None)
                 if frag is not None:
@@ -193,6 +197,10 @@ class DeepSpeedLayout:
         return [p for g in opt.param_groups for p in g["params"] if id(p) in self._pieces]
 
     def new_round(self, opt) -> bool:
+        if not self._clipping_checked:  # the first step DeepSpeed drives: it is on the stack
+            self.engine = self.engine or _find_zero_optimizer(opt)
+            self.check_clipping(opt)
+            self._clipping_checked = True
         flats = {id(f) for f in self._current_flats(opt)}
         if not self._seen or flats & self._seen:
             self._seen = set(flats)
@@ -255,12 +263,13 @@ class DeepSpeedLayout:
                           "SuperGrok's clipping alone", UserWarning, stacklevel=4)
 
     # meta-step and checkpoints
-    def validation_grads(self, opt, val_closure):
-        raise NotImplementedError("SuperGrok.meta_step under DeepSpeed ZeRO is not supported "
-                                  "yet")
-
-    def finish_validation_grads(self, opt, raw, segs):
-        raise NotImplementedError
+    def meta_view(self, opt) -> "_WholeModelView":
+        if self.stage3:
+            raise NotImplementedError(
+                "SuperGrok.meta_step under DeepSpeed ZeRO stage 3 is not supported (the "
+                "parameters are partitioned outside the forward); use ZeRO 0-2 for the "
+                "bilevel meta-step")
+        return _WholeModelView(opt, self)
 
     def export_state(self, opt, sd, extra) -> None:
         pass
@@ -271,6 +280,47 @@ class DeepSpeedLayout:
     def full_state(self, opt, sd, to):
         raise TypeError(f"{type(opt).__name__}.full_state_dict() is for ZeRO-sharded optimizers "
                         "without an engine; under DeepSpeed use engine.save_checkpoint")
+
+
+class _WholeModelView:
+    """The meta-step under ZeRO 1/2, between ``engine.backward`` and ``engine.step``: the
+    training gradients are then in DeepSpeed's partitioned buffers, not in the flat partitions
+    the step sees. Every rank assembles the whole gradients (DeepSpeed's ``safe_get_full_grad``,
+    one all-reduce per parameter) and computes the whole meta-gradient on the model's own
+    parameters, as one process would; the validation gradients are averaged over the ranks,
+    so every rank gets the same meta-gradient and the meta-nets stay equal with no further
+    reduction."""
+
+    def __init__(self, opt, ds: DeepSpeedLayout):
+        from deepspeed.utils import safe_get_full_grad
+        self.reducer = ReplicatedReducer(ds.reducer.group)
+        self._params = [p for ps in opt._group_params for p in ps]
+        self._grads = [safe_get_full_grad(p) for p in self._params]
+        self._refs = [TensorRef(r.index, r.layer, r.group, p)
+                      for r, p in zip(ds.tensors(opt), self._params)]
+
+    def tensors(self, opt):
+        return self._refs
+
+    def meta_params(self, opt):
+        return self._params
+
+    def pieces(self, opt, with_grad: bool = True):
+        return [Segment(r.index, r.layer, r.group, p.detach(), g.reshape(p.shape), {}, p, whole)
+                for r, p, g in zip(self._refs, self._params, self._grads) if g is not None]
+
+    def post_step(self, opt):
+        pass
+
+    def validation_grads(self, opt, val_closure):
+        tensors = [p for p, g in zip(self._params, self._grads) if g is not None]
+        return autograd_validation_grads(tensors, val_closure)
+
+    def finish_validation_grads(self, opt, raw, segs):
+        tensors, vs = raw
+        self.reducer.mean_(vs)  # the mean of the ranks' validation losses
+        v_of = {id(t): v for t, v in zip(tensors, vs)}
+        return [v_of[id(s.tensor)] for s in segs]
 
 
 def optimizer_of(obj):

@@ -47,8 +47,11 @@ class _EngineSharded(PerTensorLayout):
     def post_step(self, optimizer) -> None:
         pass
 
+    def meta_params(self, optimizer) -> list[torch.Tensor]:
+        return [p for g in optimizer.param_groups for p in g["params"]]
+
     def validation_grads(self, optimizer, val_closure):
-        params = [p for g in optimizer.param_groups for p in g["params"]]
+        params = self.meta_params(optimizer)
         train = [p.grad for p in params]
         for p in params:
             p.grad = None

@@ -89,8 +89,13 @@ class LocalLayout(PerTensorLayout):
         pass
 
     # ------------------------------------------------------------------ meta-step
+    def meta_params(self, optimizer) -> list[torch.Tensor]:
+        """The parameters the meta-step's look-ahead moves and restores."""
+        return [p for g in optimizer.param_groups for p in g["params"]]
+
     def validation_grads(self, optimizer, val_closure):
-        return autograd_validation_grads(optimizer, val_closure)
+        tensors = [p for p in self.meta_params(optimizer) if p.grad is not None]
+        return autograd_validation_grads(tensors, val_closure)
 
     def finish_validation_grads(self, optimizer, raw, segs):
         tensors, vs = raw
@@ -116,10 +121,9 @@ class LocalLayout(PerTensorLayout):
         return sd
 
 
-def autograd_validation_grads(optimizer, val_closure):
-    """``val_closure()`` and its gradient w.r.t. every parameter that has a training gradient,
-    by ``torch.autograd.grad`` (``p.grad`` is not touched). No collective."""
-    tensors = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+def autograd_validation_grads(tensors, val_closure):
+    """``val_closure()`` and its gradient w.r.t. ``tensors`` by ``torch.autograd.grad``
+    (``p.grad`` is not touched). No collective."""
     with torch.enable_grad():
         val_loss = val_closure()
         check_val_loss(val_loss)

@@ -123,7 +123,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         if self._layout.engine is not None:
             return
         own = {id(p) for ps in self._group_params for p in ps}
-        if not all(id(p) in own for g in self.param_groups for p in g["params"]):
+        current = [p for g in self.param_groups for p in g["params"]]
+        # ZeRO 1/2 put flat partitions in; ZeRO 3 empties the groups between its steps
+        if len(current) != len(own) or not all(id(p) in own for p in current):
             from ..integrations.deepspeed import attach
             attach(self)
             return
