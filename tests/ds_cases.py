@@ -58,13 +58,18 @@ def engine_for(kind: str, stage: int, how: str = "config", seed: int = 0, **extr
     return model, engine
 
 
-def train(kind, engine, steps, rank=0, world=1):
+def train(kind, engine, steps, rank=0, world=1, meta=True):
+    """SuperGrok also takes a meta-step every 3 steps (ZeRO 0-2; the same validation batch on
+    every rank, as in scenarios.train)."""
     opt = shardgrok.optimizer_of(engine)
+    meta = meta and kind == "supergrok" and engine.zero_optimization_stage() < 3
     record = []
     for t in steps:
         x, y = batch(t, S.DTYPE)
         loss = ((engine(x) - y) ** 2).mean() * 20
         engine.backward(loss)
+        if meta and t % 3 == 0:
+            opt.meta_step(S.val_closure(engine.module, 0, 1))
         if kind == "supergrok" and t % 4 == 0:
             d = 0.01 * S.rank_offset(rank, world)
             tl = loss.item()
@@ -82,7 +87,7 @@ def full_params(model, stage):
             for p in model.parameters()]
 
 
-def oracle(kind: str, steps=range(S.STEPS)) -> dict:
+def oracle(kind: str, meta: bool = True, steps=range(S.STEPS)) -> dict:
     """The same run on one process, without DeepSpeed."""
     model = toy(S.DTYPE, dead=False)
     torch.manual_seed(7)
@@ -90,6 +95,8 @@ def oracle(kind: str, steps=range(S.STEPS)) -> dict:
     record = []
     for t in steps:
         tl = backward(model, t)
+        if meta and kind == "supergrok" and t % 3 == 0:
+            opt.meta_step(S.val_closure(model, 0, 1))
         if kind == "supergrok" and t % 4 == 0:
             opt.step(train_loss=tl, val_loss=(1.2 + 0.02 * t) * tl)
         else:
