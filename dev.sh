@@ -17,6 +17,11 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || constraints.txt -nt "$stam
   touch "$stamp"
 fi
 
+# DeepSpeed JIT-builds a communication op on its first start (about 30 s); every later process
+# reuses it from here.
+case "$VENV" in /*) venv_dir="$VENV" ;; *) venv_dir="$PWD/$VENV" ;; esac
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$venv_dir/torch_extensions}"
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
