@@ -82,6 +82,9 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
         with torch.no_grad():
             for p, p0 in zip(params, saved):
                 local_tensor(p).copy_(p0)
+            restored = getattr(layout, "restore", None)  # storage the look-ahead wrote elsewhere
+            if restored is not None:
+                restored(opt)
     if red.world_size > 1:
         # Agree on failure before the next collective, so no rank waits for one that raised.
         flag = torch.tensor([0.0 if failure is None else 1.0], dtype=ACC)

@@ -62,7 +62,7 @@ def train(kind, engine, steps, rank=0, world=1, meta=True):
     """SuperGrok also takes a meta-step every 3 steps (ZeRO 0-2; the same validation batch on
     every rank, as in scenarios.train)."""
     opt = shardgrok.optimizer_of(engine)
-    meta = meta and kind == "supergrok" and engine.zero_optimization_stage() < 3
+    meta = meta and kind == "supergrok"
     record = []
     for t in steps:
         x, y = batch(t, S.DTYPE)
@@ -228,7 +228,10 @@ def meta_oracle() -> dict:
     opt = meta_setup(model)
     backward(model, 0)
     loss = opt.meta_gradient(S.val_closure(model, 0, 1))
-    return {"loss": loss, "grads": [p.grad.clone() for p in opt.meta_net.parameters()]}
+    grads = [p.grad.clone() for p in opt.meta_net.parameters()]
+    opt.meta_optimizer.step()
+    opt.step()
+    return {"loss": loss, "grads": grads, "params": [p.detach().clone() for p in model.parameters()]}
 
 
 @scenario
@@ -236,10 +239,14 @@ def ds_meta(args):
     """meta_step between engine.backward and engine.step, validation batch split over ranks."""
     deepspeed = _deepspeed()
     out = {}
-    for stage in (0, 1, 2, 3):
+    for stage in (0, 1, 2, 3, "3p"):
         model = toy(S.DTYPE, dead=False)
         opt = meta_setup(model)
-        cfg = config("supergrok", stage, how="instance")
+        if stage == "3p":  # ZeRO 3 with every parameter partitioned (none kept whole)
+            cfg = config("supergrok", 3, how="instance",
+                         zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 0})
+        else:
+            cfg = config("supergrok", stage, how="instance")
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
         x, y = batch(0, S.DTYPE)
         engine.backward(((engine(x) - y) ** 2).mean() * 20)
@@ -250,7 +257,8 @@ def ds_meta(args):
             continue
         grads = [p.grad.clone() for p in opt.meta_net.parameters()]
         opt.meta_optimizer.step()
-        engine.step()  # and the training step still runs
+        engine.step()  # from the restored parameters, with the updated meta-net
         out[stage] = {"loss": loss, "grads": grads, "global_step": opt.get_global_step(),
-                      "net": [p.detach().clone() for p in opt.meta_net.parameters()]}
+                      "net": [p.detach().clone() for p in opt.meta_net.parameters()],
+                      "params": full_params(model, 3 if stage == "3p" else stage)}
     return out

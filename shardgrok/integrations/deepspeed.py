@@ -264,12 +264,7 @@ class DeepSpeedLayout:
 
     # meta-step and checkpoints
     def meta_view(self, opt) -> "_WholeModelView":
-        if self.stage3:
-            raise NotImplementedError(
-                "SuperGrok.meta_step under DeepSpeed ZeRO stage 3 is not supported (the "
-                "parameters are partitioned outside the forward); use ZeRO 0-2 for the "
-                "bilevel meta-step")
-        return _WholeModelView(opt, self)
+        return _Stage3View(opt, self) if self.stage3 else _WholeModelView(opt, self)
 
     def export_state(self, opt, sd, extra) -> None:
         pass
@@ -321,6 +316,47 @@ class _WholeModelView:
         self.reducer.mean_(vs)  # the mean of the ranks' validation losses
         v_of = {id(t): v for t, v in zip(tensors, vs)}
         return [v_of[id(s.tensor)] for s in segs]
+
+
+class _Stage3View(_WholeModelView):
+    """The meta-step under ZeRO 3: the model's parameters live as per-rank partitions
+    (``ds_tensor``), gathered only around their use (except "persistent" small ones, which stay
+    whole in ``.data`` too). The look-ahead moves whole fp32 copies, writes each rank's part of
+    them into its partitions (and into the whole data of persistent parameters), and puts the
+    original storage back afterwards."""
+
+    def __init__(self, opt, ds: DeepSpeedLayout):
+        super().__init__(opt, ds)
+        from deepspeed.utils import safe_get_full_fp32_param
+        self._rank = torch.distributed.get_rank(ds.reducer.group)
+        self._whole = [safe_get_full_fp32_param(p).detach().clone() for p in self._params]
+        self._saved = [(p.ds_tensor.detach().clone(),
+                        p.data.detach().clone() if p.data.numel() == p.ds_numel else None)
+                       for p in self._params]
+
+    def meta_params(self, opt):
+        return self._whole
+
+    def pieces(self, opt, with_grad: bool = True):
+        return [Segment(r.index, r.layer, r.group, w, g.reshape(w.shape), {}, p, whole)
+                for r, p, w, g in zip(self._refs, self._params, self._whole, self._grads)
+                if g is not None]
+
+    @torch.no_grad()
+    def post_step(self, opt):
+        for p, w in zip(self._params, self._whole):
+            size = p.ds_tensor.numel()
+            part = w.reshape(-1)[self._rank * size:(self._rank + 1) * size]
+            p.ds_tensor.view(-1)[:part.numel()].copy_(part)
+            if p.data.numel() == p.ds_numel:
+                p.data.copy_(w.view_as(p.data))
+
+    @torch.no_grad()
+    def restore(self, opt):
+        for p, (part, data) in zip(self._params, self._saved):
+            p.ds_tensor.copy_(part)
+            if data is not None:
+                p.data.copy_(data)
 
 
 def optimizer_of(obj):
