@@ -151,6 +151,18 @@ def ds_bad_config(args):
             out[name] = None
         except (TypeError, ValueError) as e:
             out[name] = f"{type(e).__name__}: {e}"
+    # shard= / process_group= cannot apply under ZeRO: refused at the first step
+    model = toy(S.DTYPE, dead=False)
+    opt = shardgrok.SuperGrok(model.parameters(), process_group=torch.distributed.group.WORLD)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
+                                      config=config("supergrok", 2, how="instance"))
+    x, y = batch(0, S.DTYPE)
+    engine.backward(((engine(x) - y) ** 2).mean())
+    try:
+        engine.step()
+        out["process_group"] = None
+    except ValueError as e:
+        out["process_group"] = str(e)
     # GrokAdamW's clipping must agree with DeepSpeed's
     model = toy(S.DTYPE, dead=False)
     cfg = config("grokadamw", 2)

@@ -77,6 +77,7 @@ def test_bad_config_entries_are_named(jobs):
         assert "betas" in res["betas"]
         assert 'GrokAdamW(gradient_clipping=0.3)' in res["clip_mismatch"]
         assert '"gradient_clipping": 0.5' in res["clip_mismatch"]
+        assert "under DeepSpeed ZeRO" in res["process_group"] and "drop both" in res["process_group"]
 
 
 @pytest.mark.parametrize("stage", [2, 3])

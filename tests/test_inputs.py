@@ -1,5 +1,4 @@
 """Bad input: range checks name the argument; non-finite inputs never touch state."""
-import math
 
 import pytest
 import torch

@@ -48,7 +48,7 @@ import json
 import sys
 import time
 
-from .task import OPTIMIZERS, DemoConfig, describe, run
+from .task import OPTIMIZERS, DemoConfig, run
 
 
 def parse_args(argv=None) -> tuple[DemoConfig, argparse.Namespace]:

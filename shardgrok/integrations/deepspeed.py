@@ -104,6 +104,11 @@ def attach(opt) -> None:
     if opt.get_global_step() > 0:
         raise RuntimeError(f"{type(opt).__name__} took steps before DeepSpeed wrapped it; "
                            "pass a fresh optimizer to deepspeed.initialize")
+    shard, group = opt._shard_args
+    if shard is False or group is not None:
+        raise ValueError(f"{type(opt).__name__}(shard={shard!r}, process_group={group!r}) under "
+                         "DeepSpeed ZeRO: DeepSpeed partitions the state and the statistics "
+                         "are reduced over its data-parallel group; drop both arguments")
     layout = DeepSpeedLayout(opt, zero, stage3=z3 is not None)
     opt._layout, opt._reducer = layout, layout.reducer
     opt.state.clear()  # the per-parameter state was never used; state lives on the partitions
