@@ -182,7 +182,7 @@ def ds_bad_config(args):
 def ds_checkpoint(args):
     """engine.save_checkpoint after SPLIT steps, load into a fresh engine, train on."""
     out = {}
-    for stage in (2, 3):
+    for stage in (0, 1, 2, 3):
         for kind in S.KINDS:
             tag = f"{kind}-{stage}"
             model, engine = engine_for(kind, stage)

@@ -80,7 +80,7 @@ def test_bad_config_entries_are_named(jobs):
         assert "under DeepSpeed ZeRO" in res["process_group"] and "drop both" in res["process_group"]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("kind", S.KINDS)
 def test_engine_checkpoint_resumes_exactly(jobs, oracle, stage, kind):
     want = oracle[kind]
@@ -88,7 +88,7 @@ def test_engine_checkpoint_resumes_exactly(jobs, oracle, stage, kind):
         got = res[f"{kind}-{stage}"]
         assert got["after"] == got["before"] and got["after"]["global_step"] == S.SPLIT
         assert max_diff(got["params"], want["params"]) < 1e-6
-        same_steps(got["record"], want["record"][S.SPLIT:], coefs=True)
+        same_steps(got["record"], want["record"][S.SPLIT:], coefs=stage > 0)
 
 
 @pytest.mark.parametrize("kind", S.KINDS)
