@@ -9,6 +9,7 @@ index they belong to). The math never looks past a segment; the reduction never 
 | plain tensors in a torchrun/DDP job          | ZeroLayout    | our all-gather       |
 | DTensors (FSDP2 ``fully_shard``, HSDP)       | FSDP2Layout   | FSDP2                |
 | FlatParameters / FSDP1 original params       | FSDP1Layout   | FSDP1                |
+| DeepSpeed ZeRO 1-3 flat fp32 partitions      | DeepSpeedLayout (``integrations/deepspeed.py``), switched to at the first step | DeepSpeed |
 """
 from ..comm import LocalReducer, default_reducer
 from .base import Layout, Segment, TensorRef
