@@ -82,9 +82,18 @@ def train(kind, engine, steps, rank=0, world=1, meta=True):
 
 
 def full_params(model, stage):
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
-    return [(safe_get_full_fp32_param(p) if stage == 3 else p).detach().clone()
-            for p in model.parameters()]
+    out = []
+    for p in model.parameters():
+        if stage != 3:
+            out.append(p.detach().clone())
+        elif p.requires_grad:  # the fp32 master
+            out.append(safe_get_full_fp32_param(p).detach().clone())
+        else:  # frozen: no master; gather the model's own partitions
+            with deepspeed.zero.GatheredParameters([p]):
+                out.append(p.data.detach().clone())
+    return out
 
 
 def oracle(kind: str, meta: bool = True, steps=range(S.STEPS)) -> dict:
@@ -273,4 +282,22 @@ def ds_meta(args):
         out[stage] = {"loss": loss, "grads": grads, "global_step": opt.get_global_step(),
                       "net": [p.detach().clone() for p in opt.meta_net.parameters()],
                       "params": full_params(model, 3 if stage == "3p" else stage)}
+    return out
+
+
+@scenario
+def ds_frozen(args):
+    """A frozen parameter passed to the optimizer (DeepSpeed leaves it out of its partitions)."""
+    out = {}
+    for stage in (0, 1, 2, 3):
+        model = toy(S.DTYPE, dead=False)
+        model.a.bias.requires_grad_(False)
+        frozen = model.a.bias.detach().clone()
+        engine, *_ = _deepspeed().initialize(model=model, model_parameters=model.parameters(),
+                                             config={**config("supergrok", stage)})
+        train("supergrok", engine, range(4), Ctx.rank, Ctx.world)
+        summary = shardgrok.optimizer_of(engine).get_state_summary()
+        params = full_params(model, stage)
+        out[stage] = {"global_step": summary["global_step"], "tensors": summary["total_params"],
+                      "frozen_kept": bool(torch.equal(params[2], frozen))}
     return out

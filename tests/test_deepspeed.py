@@ -18,7 +18,8 @@ import ds_cases as D  # noqa: E402
 import scenarios as S  # noqa: E402
 from multirank import launch, max_diff, ok  # noqa: E402
 
-AT2 = ("ds_exact", "ds_ways", "ds_bad_config", "ds_checkpoint", "ds_bf16", "ds_meta")
+AT2 = ("ds_exact", "ds_ways", "ds_bad_config", "ds_checkpoint", "ds_bf16", "ds_meta",
+       "ds_frozen")
 AT4 = ("ds_exact",)
 
 
@@ -123,3 +124,9 @@ def test_meta_step_between_backward_and_step(jobs):
             assert max_diff(got["params"], ref["params"]) < 1e-6, stage
     for stage in (0, 1, 2, 3, "3p"):  # the meta-nets stay identical across ranks
         assert max_diff(runs[0][stage]["net"], runs[1][stage]["net"]) == 0
+
+
+def test_frozen_parameter_in_the_groups(jobs):
+    for res in ok(jobs[2], "ds_frozen"):
+        for stage in (0, 1, 2, 3):
+            assert res[stage] == {"global_step": 4, "tensors": 5, "frozen_kept": True}, stage

@@ -145,6 +145,13 @@ class DeepSpeedLayout:
             self._map_stage3(zero, layer_of)
         else:
             self._map_stage12(opt, layer_of)
+        # Parameters DeepSpeed left out (requires_grad=False) still count as tensors (their
+        # index and layer); they never have a piece, so any flat can hold their step counter.
+        mapped = {r.index for r in self._refs}
+        for ps in opt._group_params:
+            for p in ps:
+                if self._index[id(p)] not in mapped:
+                    self._add_ref(p, layer_of, self.flats[0])
         self._refs.sort(key=lambda r: r.index)
         self._seen: set[int] = set()
         self._clipping_checked = False
@@ -334,22 +341,27 @@ class _Stage3View(_WholeModelView):
         super().__init__(opt, ds)
         from deepspeed.utils import safe_get_full_fp32_param
         self._rank = torch.distributed.get_rank(ds.reducer.group)
-        self._whole = [safe_get_full_fp32_param(p).detach().clone() for p in self._params]
+        # frozen parameters have no fp32 master and are not moved (the same on every rank, so
+        # the collective gathers stay matched)
+        self._whole = [safe_get_full_fp32_param(p).detach().clone() if p.requires_grad else None
+                       for p in self._params]
         self._saved = [(p.ds_tensor.detach().clone(),
                         p.data.detach().clone() if p.data.numel() == p.ds_numel else None)
                        for p in self._params]
 
     def meta_params(self, opt):
-        return self._whole
+        return [w for w in self._whole if w is not None]
 
     def pieces(self, opt, with_grad: bool = True):
         return [Segment(r.index, r.layer, r.group, w, g.reshape(w.shape), {}, p, whole)
                 for r, p, w, g in zip(self._refs, self._params, self._whole, self._grads)
-                if g is not None]
+                if g is not None and w is not None]
 
     @torch.no_grad()
     def post_step(self, opt):
         for p, w in zip(self._params, self._whole):
+            if w is None:
+                continue
             size = p.ds_tensor.numel()
             part = w.reshape(-1)[self._rank * size:(self._rank + 1) * size]
             p.ds_tensor.view(-1)[:part.numel()].copy_(part)
