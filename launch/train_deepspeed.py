@@ -17,7 +17,7 @@ from torch import nn
 import shardgrok
 
 
-def main(argv=None):
+def train(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
@@ -52,8 +52,14 @@ def main(argv=None):
               f"{engine.zero_optimization_stage()}): loss {losses[0]:.4f} -> {losses[-1]:.4f} in "
               f"{args.steps} steps (global step {opt.get_global_step()}); world size {world}",
               flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+
+
+def main(argv=None):
+    result = train(argv)
+    # after train() returned, nothing holds the process group (the model, DDP/FSDP state and
+    # the optimizer are gone), so it can be destroyed without gloo aborting at exit
+    shardgrok.shutdown_distributed()
+    return result
 
 
 if __name__ == "__main__":

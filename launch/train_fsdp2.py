@@ -40,7 +40,7 @@ class Net(nn.Module):
         return self.out(h)
 
 
-def main(argv=None):
+def train(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--optimizer", choices=("grokadamw", "supergrok"), default="supergrok")
     ap.add_argument("--steps", type=int, default=50)
@@ -113,9 +113,15 @@ def main(argv=None):
               f"{', bf16' if args.bf16 else ''}): loss {losses[0]:.4f} -> {losses[-1]:.4f} in "
               f"{args.steps} steps (global step {summary['global_step']}); world size {world}",
               flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
     return losses
+
+
+def main(argv=None):
+    result = train(argv)
+    # after train() returned, nothing holds the process group (the model, DDP/FSDP state and
+    # the optimizer are gone), so it can be destroyed without gloo aborting at exit
+    shardgrok.shutdown_distributed()
+    return result
 
 
 if __name__ == "__main__":

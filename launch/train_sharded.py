@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import shardgrok
 
 
-def main(argv=None):
+def train(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--optimizer", choices=("grokadamw", "supergrok"), default="supergrok")
     ap.add_argument("--steps", type=int, default=50)
@@ -90,13 +90,15 @@ def main(argv=None):
               flush=True)
         if args.save:
             torch.save({"model": net.state_dict(), "optimizer": full}, args.save)
-    if dist.is_initialized():
-        # Every rank leaves together: rank 0 hosts the rendezvous store, and a rank still
-        # talking to it when it goes away aborts. Then tear down (gloo can abort at exit
-        # otherwise).
-        dist.barrier()
-        dist.destroy_process_group()
     return losses
+
+
+def main(argv=None):
+    result = train(argv)
+    # after train() returned, nothing holds the process group (the model, DDP/FSDP state and
+    # the optimizer are gone), so it can be destroyed without gloo aborting at exit
+    shardgrok.shutdown_distributed()
+    return result
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """shardgrok: GrokAdamW and SuperGrok for PyTorch, with ZeRO-style sharded state."""
 from .checkpoint import consolidate_state_dict
-from .distributed import DistInfo, init_distributed
+from .distributed import DistInfo, init_distributed, shutdown_distributed
 from .gradfilters import gradfilter_ema, gradfilter_ma
 from .metanet import SimpleMetaNet
 from .integrations.deepspeed import optimizer_of
@@ -11,5 +11,5 @@ register_deepspeed()  # torch.optim.GrokAdamW / SuperGrok for DeepSpeed's config
 
 __version__ = "0.1.0"
 __all__ = ["GrokAdamW", "SuperGrok", "SimpleMetaNet", "gradfilter_ema", "gradfilter_ma",
-           "consolidate_state_dict", "init_distributed", "DistInfo", "register_deepspeed", "optimizer_of",
+           "consolidate_state_dict", "init_distributed", "shutdown_distributed", "DistInfo", "register_deepspeed", "optimizer_of",
            "__version__"]

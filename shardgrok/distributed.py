@@ -14,6 +14,7 @@ launcher's environment, in this order:
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -99,3 +100,16 @@ def init_distributed(backend: str | None = None,
     dist.init_process_group(backend, init_method="env://", rank=info.rank,
                             world_size=info.world_size, timeout=timeout)
     return info
+
+
+def shutdown_distributed() -> None:
+    """Leave the job cleanly, on every rank: collect what still holds the process group (a DDP
+    reducer, FSDP state, an optimizer's reducer), wait for all ranks (rank 0 may host the
+    rendezvous store), then destroy the group. Destroying the group under a live DDP model makes
+    gloo abort at exit ("terminate called without an active exception", seen about 1 run in 2
+    on a loaded machine), so drop your references to the model and the optimizer first."""
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

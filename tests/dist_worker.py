@@ -24,7 +24,7 @@ import scenarios as S  # noqa: E402
 import shardgrok  # noqa: E402
 from helpers import backward, toy  # noqa: E402
 
-from worker_registry import SCENARIOS, Ctx, scenario  # noqa: E402
+from worker_registry import SCENARIOS, Ctx, collective_calls, scenario  # noqa: E402
 
 RANK = WORLD = 0
 
@@ -40,11 +40,6 @@ def exact_supergrok(args):
     return S.run("supergrok", RANK, WORLD, shard=True)
 
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
-               "broadcast", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "barrier",
-               "gather_object", "send", "recv", "reduce")
-
-
 @scenario
 def collectives(args):
     counts = {}
@@ -53,25 +48,12 @@ def collectives(args):
         opt = S.make(kind, model, RANK, WORLD, shard=True)
         S.train(kind, model, opt, range(2), RANK, WORLD)
         tl = backward(model, 2)
-        seen = {name: 0 for name in COLLECTIVES}
-        saved = {name: getattr(dist, name) for name in COLLECTIVES}
-
-        def counting(name):
-            def call(*a, **k):
-                seen[name] += 1
-                return saved[name](*a, **k)
-            return call
-        for name in COLLECTIVES:
-            setattr(dist, name, counting(name))
-        try:
+        with collective_calls() as calls:
             if kind == "grokadamw":
                 opt.step()
             else:
                 opt.step(train_loss=tl + RANK, val_loss=tl * 2)
-        finally:
-            for name, fn in saved.items():
-                setattr(dist, name, fn)
-        counts[kind] = {k: v for k, v in seen.items() if v}
+        counts[kind] = {name: sum(c[0] == name for c in calls) for name, _ in calls}
         counts[kind + "_cached_alpha"] = opt.get_cached_alpha() if kind == "supergrok" else opt.get_alpha()
     return counts
 
@@ -95,17 +77,10 @@ def unsharded(args):
     model = toy(S.DTYPE)
     opt = S.make("supergrok", model, RANK, WORLD, shard=False)
     backward(model, 0)
-    seen = []
-    saved = {name: getattr(dist, name) for name in COLLECTIVES}
-    for name in COLLECTIVES:
-        setattr(dist, name, lambda *a, _n=name, **k: seen.append(_n) or saved[_n](*a, **k))
-    try:
+    with collective_calls() as calls:
         opt.step(train_loss=1.0, val_loss=2.0)
         opt.get_state_summary()
-    finally:
-        for name, fn in saved.items():
-            setattr(dist, name, fn)
-    return {"collectives": seen, "sharded": opt.is_sharded,
+    return {"collectives": [name for name, _ in calls], "sharded": opt.is_sharded,
             "elements": sum(st["exp_avg"].numel() for st in opt.state.values())}
 
 
@@ -276,8 +251,7 @@ def main():
             result = {"traceback": traceback.format_exc()}
         torch.save(result, os.path.join(args.out, f"{name}.{RANK}.pt"))
     if "stuck_rank" not in args.scenarios:
-        dist.barrier()
-        dist.destroy_process_group()
+        shardgrok.shutdown_distributed()
 
 
 if __name__ == "__main__":
