@@ -50,6 +50,19 @@ def extra_of(sd: dict[str, Any]) -> dict[str, Any] | None:
     return groups[0].get(CHECKPOINT_KEY)
 
 
+def checked_extra(sd: dict[str, Any], what: str = "state_dict") -> dict[str, Any]:
+    """The ``"shardgrok"`` entry of ``sd``, refusing a state dict without one (for example
+    torch.optim.AdamW's) or of another format; ``what`` names ``sd`` in the error."""
+    extra = extra_of(sd)
+    if extra is None:
+        raise ValueError(f"{what} has no param_groups[0][{CHECKPOINT_KEY!r}] entry: it was not "
+                         "saved by a shardgrok optimizer's state_dict()")
+    if extra.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{what} has shardgrok checkpoint format {extra.get('format')!r}; this "
+                         f"version reads format {CHECKPOINT_FORMAT}")
+    return extra
+
+
 def without_extra(sd: dict[str, Any]) -> dict[str, Any]:
     """A shallow copy of ``sd`` without the ``"shardgrok"`` entry (what torch.optim loads)."""
     groups = [dict(g) for g in sd["param_groups"]]
@@ -73,16 +86,7 @@ def consolidate_state_dict(shards: list[dict[str, Any]]) -> dict[str, Any]:
     needed (e.g. offline over the files each rank saved)."""
     if not shards:
         raise ValueError("consolidate_state_dict needs at least one shard")
-    metas = []
-    for j, sd in enumerate(shards):
-        extra = extra_of(sd)
-        if extra is None:
-            raise ValueError(f"shards[{j}] is not a shardgrok state_dict (no {CHECKPOINT_KEY!r} "
-                             "entry)")
-        if extra.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"shards[{j}] has checkpoint format {extra.get('format')!r}; this "
-                             f"version reads format {CHECKPOINT_FORMAT}")
-        metas.append(extra.get("sharding"))
+    metas = [checked_extra(sd, f"shards[{j}]").get("sharding") for j, sd in enumerate(shards)]
     if metas[0] is None:
         if len(shards) == 1:
             return shards[0]

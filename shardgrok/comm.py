@@ -67,6 +67,14 @@ class GroupReducer:
             buf.copy_(work)
         return buf
 
+    def _sum_tail_(self, buf: torch.Tensor, scalars: int, group) -> torch.Tensor:
+        """Sum only the last ``scalars`` entries of ``buf`` over ``group``."""
+        if scalars:
+            tail = self._on_device(buf[buf.numel() - scalars:].clone())
+            dist.all_reduce(tail, group=group)
+            buf[buf.numel() - scalars:] = tail.to(buf.device)
+        return buf
+
     def _flat_all_reduce_(self, tensors: list[torch.Tensor], scale: float) -> None:
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for t in tensors:
@@ -139,10 +147,8 @@ class MeshReducer(GroupReducer):
         self.dp_world_size = self.world_size * self.replicas
 
     def all_reduce_(self, buf: torch.Tensor, scalars: int = 0) -> torch.Tensor:
-        if self.replicate_group is not None and scalars:
-            tail = self._on_device(buf[buf.numel() - scalars:].clone())
-            dist.all_reduce(tail, group=self.replicate_group)
-            buf[buf.numel() - scalars:] = tail.to(buf.device)
+        if self.replicate_group is not None:
+            self._sum_tail_(buf, scalars, self.replicate_group)
         return super().all_reduce_(buf)
 
 
@@ -152,11 +158,7 @@ class ReplicatedReducer(GroupReducer):
     (losses, signals, flags) are summed over the group, and validation gradients averaged."""
 
     def all_reduce_(self, buf: torch.Tensor, scalars: int = 0) -> torch.Tensor:
-        if scalars:
-            tail = self._on_device(buf[buf.numel() - scalars:].clone())
-            dist.all_reduce(tail, group=self.group)
-            buf[buf.numel() - scalars:] = tail.to(buf.device)
-        return buf
+        return self._sum_tail_(buf, scalars, self.group)
 
     def all_reduce_grads_(self, module: torch.nn.Module) -> None:
         pass  # each rank computed the whole meta-gradient from the same averaged inputs

@@ -13,7 +13,7 @@ import torch
 import scenarios as S
 import shardgrok
 from helpers import backward, batch, toy
-from worker_registry import Ctx, scenario
+from worker_registry import Ctx, error_of, scenario
 
 
 def _deepspeed():
@@ -165,26 +165,20 @@ def ds_bad_config(args):
     opt = shardgrok.SuperGrok(model.parameters(), process_group=torch.distributed.group.WORLD)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
                                       config=config("supergrok", 2, how="instance"))
-    x, y = batch(0, S.DTYPE)
-    engine.backward(((engine(x) - y) ** 2).mean())
-    try:
-        engine.step()
-        out["process_group"] = None
-    except ValueError as e:
-        out["process_group"] = str(e)
+    out["process_group"] = error_of(lambda: _one_step(engine), ValueError)
     # GrokAdamW's clipping must agree with DeepSpeed's
     model = toy(S.DTYPE, dead=False)
     cfg = config("grokadamw", 2)
     cfg["optimizer"]["params"] = {"lr": 1e-2, "gradient_clipping": 0.3}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    out["clip_mismatch"] = error_of(lambda: _one_step(engine), ValueError)
+    return out
+
+
+def _one_step(engine):
     x, y = batch(0, S.DTYPE)
     engine.backward(((engine(x) - y) ** 2).mean())
-    try:
-        engine.step()
-        out["clip_mismatch"] = None
-    except ValueError as e:
-        out["clip_mismatch"] = str(e)
-    return out
+    engine.step()
 
 
 @scenario

@@ -20,7 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import scenarios as S
 from helpers import batch, toy
-from worker_registry import Ctx, scenario
+from worker_registry import Ctx, collective_calls, error_of, scenario
 
 BF16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
@@ -92,7 +92,6 @@ def fsdp2_bf16(args):
 @scenario
 def fsdp2_state(args):
     """State kept as DTensors with the parameters' placements; collectives of one step."""
-    import torch.distributed as dist
     out = {}
     for name, wrap in (("fsdp2", fsdp2()), ("hsdp", fsdp2(hsdp=Ctx.world == 4))):
         model = wrap(toy(S.DTYPE))
@@ -102,14 +101,8 @@ def fsdp2_state(args):
                    for p in model.parameters() for st in [opt.state[p]]
                    for k in ("exp_avg", "exp_avg_sq", "mu"))
         tl = S.backward(model, 2)
-        calls = []
-        saved = dist.all_reduce, dist.all_gather
-        dist.all_reduce = lambda *a, **k: calls.append(("all_reduce", dist.get_world_size(k.get("group")))) or saved[0](*a, **k)
-        dist.all_gather = lambda *a, **k: calls.append(("all_gather",)) or saved[1](*a, **k)
-        try:
+        with collective_calls() as calls:
             opt.step(train_loss=tl, val_loss=2 * tl)
-        finally:
-            dist.all_reduce, dist.all_gather = saved
         out[name] = {"dtensor_state": same, "calls": calls}
     return out
 
@@ -161,11 +154,7 @@ def fsdp_bad_args(args):
     out = {}
 
     def error(fn):
-        try:
-            fn()
-        except (ValueError, TypeError) as e:
-            return str(e)
-        return None
+        return error_of(fn, ValueError, TypeError)
     out["shard_false"] = error(lambda: shardgrok.GrokAdamW(model.parameters(), shard=False))
     out["process_group"] = error(lambda: shardgrok.GrokAdamW(
         model.parameters(), process_group=torch.distributed.group.WORLD))

@@ -64,3 +64,12 @@ def assert_same_run(got: dict, want: dict, tol: float = 1e-6, coef_rel: float = 
         for key in ("alpha", "cached_alpha"):  # GrokAdamW reports one, SuperGrok the other
             assert (g[key] is None) == (w[key] is None)
             assert g[key] is None or g[key] == pytest.approx(w[key], rel=1e-12), (t, key)
+
+
+def meta_gradient_error(got: dict, want: dict) -> float:
+    """Relative error of a meta-gradient (``{"grads": [...]}``) against another, over the whole
+    gradient: some entries are zero in exact arithmetic (a uniform shift of the log-mask leaves
+    the norm-preserving smart gradient unchanged), so per-entry ratios mean nothing."""
+    g = torch.cat([x.reshape(-1) for x in got["grads"]])
+    w = torch.cat([x.reshape(-1) for x in want["grads"]])
+    return float((g - w).norm() / w.norm())

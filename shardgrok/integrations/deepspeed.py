@@ -35,7 +35,7 @@ import torch
 
 from ..comm import GroupReducer, ReplicatedReducer
 from ..layouts.base import Segment, TensorRef
-from ..layouts.local import autograd_validation_grads, whole
+from ..layouts.local import autograd_validation_grads, averaged_validation_grads, whole
 
 _REGISTERED = False
 
@@ -324,10 +324,7 @@ class _WholeModelView:
         return autograd_validation_grads(tensors, val_closure)
 
     def finish_validation_grads(self, opt, raw, segs):
-        tensors, vs = raw
-        self.reducer.mean_(vs)  # the mean of the ranks' validation losses
-        v_of = {id(t): v for t, v in zip(tensors, vs)}
-        return [v_of[id(s.tensor)] for s in segs]
+        return averaged_validation_grads(self.reducer, raw, segs)
 
 
 class _Stage3View(_WholeModelView):

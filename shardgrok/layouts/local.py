@@ -98,10 +98,7 @@ class LocalLayout(PerTensorLayout):
         return autograd_validation_grads(tensors, val_closure)
 
     def finish_validation_grads(self, optimizer, raw, segs):
-        tensors, vs = raw
-        self.reducer.mean_(vs)  # the objective is the mean of the ranks' validation losses
-        v_of = {id(t): v for t, v in zip(tensors, vs)}
-        return [s.take(v_of[id(s.tensor)]) for s in segs]
+        return averaged_validation_grads(self.reducer, raw, segs)
 
     # ------------------------------------------------------------------ checkpoints
     def export_state(self, optimizer, sd, extra) -> None:
@@ -130,6 +127,15 @@ def autograd_validation_grads(tensors, val_closure):
         vs = torch.autograd.grad(val_loss, tensors, allow_unused=True)
     vs = [torch.zeros_like(t) if v is None else v for t, v in zip(tensors, vs)]
     return val_loss, (tensors, vs)
+
+
+def averaged_validation_grads(reducer, raw, segs) -> list[torch.Tensor]:
+    """``autograd_validation_grads``' gradients averaged over the ranks (the objective is the
+    mean of the ranks' validation losses), cut to each segment."""
+    tensors, vs = raw
+    reducer.mean_(vs)
+    v_of = {id(t): v for t, v in zip(tensors, vs)}
+    return [s.take(v_of[id(s.tensor)]) for s in segs]
 
 
 def check_val_loss(val_loss) -> None:

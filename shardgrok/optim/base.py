@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .. import _validation as V
-from ..checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, extra_of, without_extra
+from ..checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, checked_extra,
+                          without_extra)
 from ..checkpoint import to_cpu as _to_cpu
 from ..layouts import Segment, TensorRef, select_layout
 from ..reference import ACC
@@ -61,6 +62,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         # the parameters as given, per group in order, and the whole group list: an engine may
         # swap the parameters (DeepSpeed's flat partitions) and narrow the list per call
         self._group_params: list[list[torch.Tensor]] = []
+        self._own_ids: set[int] = set()
         self._param_groups_full: list[dict] = []
         self._step_number = 0  # the optimizer step the current step() call belongs to
         self._engine_checked = False
@@ -90,6 +92,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             self._reducer = self._layout.reducer
         super().add_param_group({**param_group, "params": params})
         self._group_params.append(list(params))
+        self._own_ids.update(id(p) for p in params)
         self._param_groups_full = self.param_groups
         gi = len(self.param_groups) - 1
         try:
@@ -98,7 +101,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             self._layout.add_group(self, gi)
         except Exception:
             self.param_groups.pop()  # leave the optimizer as it was
-            self._group_params.pop()
+            self._own_ids.difference_update(id(p) for p in self._group_params.pop())
             raise
         for p in self.param_groups[-1]["params"]:
             self._init_state(p)
@@ -122,10 +125,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         calls; the search for a driving engine is settled by the first step."""
         if self._layout.engine is not None:
             return
-        own = {id(p) for ps in self._group_params for p in ps}
         current = [p for g in self.param_groups for p in g["params"]]
         # ZeRO 1/2 put flat partitions in; ZeRO 3 empties the groups between its steps
-        if len(current) != len(own) or not all(id(p) in own for p in current):
+        if len(current) != len(self._own_ids) or not all(id(p) in self._own_ids for p in current):
             from ..integrations.deepspeed import attach
             attach(self)
             return
@@ -330,13 +332,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         size, each rank slicing its own range; this rank's own ZeRO shard; or, under FSDP, what
         torch.distributed.checkpoint restored."""
         self._follow_engine()
-        extra = extra_of(state_dict)
-        if extra is None:
-            raise ValueError(f"state_dict has no param_groups[0][{CHECKPOINT_KEY!r}] entry: it "
-                             "was not saved by a shardgrok optimizer's state_dict()")
-        if extra.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"unsupported shardgrok checkpoint format {extra.get('format')!r}; "
-                             f"this version reads format {CHECKPOINT_FORMAT}")
+        extra = checked_extra(state_dict)
         rest = self._layout.import_state(self, without_extra(state_dict), extra)
         super().load_state_dict(rest)
         self._param_groups_full = self.param_groups  # torch.optim rebuilt the list
