@@ -19,47 +19,72 @@ ACC = torch.float64  # accumulator dtype for the per-tensor sums
 ALPHA_MAX = 1.0 - 1e-8
 
 
+# Columns of the per-tensor scalar table phase 2 reads, in csrc/grok_math.h's order (Column).
+COLUMNS = ("grad_scale", "alpha", "one_minus_alpha", "amp", "smart_scale", "beta1",
+           "one_minus_beta1", "beta2", "one_minus_beta2", "sqrt_bc2", "eps", "decay", "step_size")
+COL = {name: i for i, name in enumerate(COLUMNS)}
+
+
 @dataclass(frozen=True)
-class AdamScalars:
-    lr: float
-    beta1: float              # the tensor's (layer-wise) beta1
+class StepScalars:
+    """One tensor's row of the table: every scalar its phase-2 update needs (Python floats).
+
+    ``amp`` is lamb for GrokAdamW and, for SuperGrok, lamb where the cosine gate engaged (else
+    0); ``alpha`` is SuperGrok's 0 on a tensor's first step (mu starts at the raw gradient);
+    ``decay = 1 - lr * weight_decay``, ``step_size = -lr / (1 - beta1^t)`` with the seed's
+    beta1 (GrokAdamW: global, SuperGrok: layer-wise)."""
+
+    grad_scale: float
+    alpha: float
+    one_minus_alpha: float
+    amp: float
+    smart_scale: float
+    beta1: float
+    one_minus_beta1: float
     beta2: float
+    one_minus_beta2: float
+    sqrt_bc2: float
     eps: float
-    weight_decay: float
-    bias_correction1: float   # 1 - beta1^t (GrokAdamW: global beta1; SuperGrok: layer-wise)
-    bias_correction2: float   # 1 - beta2^t
+    decay: float
+    step_size: float
+
+    @classmethod
+    def from_row(cls, row: torch.Tensor) -> "StepScalars":
+        return cls(*row.tolist())
 
 
-@dataclass(frozen=True)
-class GrokAdamWScalars:
-    adam: AdamScalars
-    grad_scale: float         # clip coefficient (global norm)
-    alpha: float              # EMA momentum of mu
-    lamb: float
-
-
-@dataclass(frozen=True)
-class SuperGrokScalars:
-    adam: AdamScalars
-    mu_alpha: float           # 0 on a tensor's first step: mu starts at the raw gradient
-    smart_scale: float        # rescale * ||g|| / ||h||  (smart = smart_scale * h)
-    amp: float                # lamb if the cosine gate engaged, else 0
-    grad_scale: float         # clip coefficient of the tensor's param group
-
-
-def layer_beta1(beta1: float, gamma: float, layer: int) -> float:
+def layer_beta1(beta1, gamma, layer):
     return beta1 * (1.0 - gamma) ** layer
 
 
-def adam_scalars(group: dict, layer: int, step: int, *, layerwise_bias_correction: bool) -> AdamScalars:
-    beta1, beta2 = group["betas"]
-    b1l = layer_beta1(beta1, group["gamma"], layer)
-    return AdamScalars(
-        lr=float(group["lr"]), beta1=b1l, beta2=float(beta2), eps=float(group["eps"]),
-        weight_decay=float(group["weight_decay"]),
-        bias_correction1=1.0 - (b1l if layerwise_bias_correction else beta1) ** step,
-        bias_correction2=1.0 - beta2 ** step,
-    )
+def group_values(groups: list[dict], keys: tuple[str, ...]) -> torch.Tensor:
+    """[n_groups, len(keys)] float64 of group hyperparameters (``beta1``/``beta2`` from betas)."""
+    rows = []
+    for g in groups:
+        beta1, beta2 = g["betas"]
+        rows.append([float(beta1 if k == "beta1" else beta2 if k == "beta2" else g[k]) for k in keys])
+    return torch.tensor(rows, dtype=ACC).reshape(len(groups), len(keys))
+
+
+ADAM_KEYS = ("lr", "beta1", "beta2", "eps", "weight_decay", "gamma")
+
+
+def adam_columns(table: torch.Tensor, hyper: torch.Tensor, layer: torch.Tensor, step: torch.Tensor,
+                 *, layerwise_bias_correction: bool) -> None:
+    """Fill the AdamW columns of ``table[n, len(COLUMNS)]`` from per-tensor ``hyper[n, ADAM_KEYS]``
+    (each tensor's group's values), layer indices and step counts (after this step's count)."""
+    lr, beta1, beta2, eps, wd, gamma = hyper.unbind(1)
+    b1l = layer_beta1(beta1, gamma, layer)
+    bc1 = 1.0 - (b1l if layerwise_bias_correction else beta1) ** step
+    bc2 = 1.0 - beta2 ** step
+    table[:, COL["beta1"]] = b1l
+    table[:, COL["one_minus_beta1"]] = 1.0 - b1l
+    table[:, COL["beta2"]] = beta2
+    table[:, COL["one_minus_beta2"]] = 1.0 - beta2
+    table[:, COL["sqrt_bc2"]] = bc2.sqrt()
+    table[:, COL["eps"]] = eps
+    table[:, COL["decay"]] = 1.0 - lr * wd
+    table[:, COL["step_size"]] = -lr / bc1  # inf for a tensor that has never stepped: unused
 
 
 def alpha_from_signal(alpha_init: float, kappa: float, signal: float | None) -> float:
@@ -89,14 +114,14 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-           update: torch.Tensor, k: AdamScalars) -> None:
+           update: torch.Tensor, k: StepScalars) -> None:
     """m, v update with ``update`` as the gradient, then
     ``theta -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * theta)``."""
-    exp_avg.mul_(k.beta1).add_(update, alpha=1.0 - k.beta1)
-    exp_avg_sq.mul_(k.beta2).addcmul_(update, update, value=1.0 - k.beta2)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(k.bias_correction2)).add_(k.eps)
-    param.mul_(1.0 - k.lr * k.weight_decay)
-    param.addcdiv_(exp_avg, denom, value=-k.lr / k.bias_correction1)
+    exp_avg.mul_(k.beta1).add_(update, alpha=k.one_minus_beta1)
+    exp_avg_sq.mul_(k.beta2).addcmul_(update, update, value=k.one_minus_beta2)
+    denom = (exp_avg_sq.sqrt() / k.sqrt_bc2).add_(k.eps)
+    param.mul_(k.decay)
+    param.addcdiv_(exp_avg, denom, value=k.step_size)
 
 
 def _in_fp32(fn):
@@ -123,13 +148,13 @@ def grokadamw_partial_stats(grad: torch.Tensor) -> torch.Tensor:
 
 @_in_fp32
 def grokadamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
-                      exp_avg_sq: torch.Tensor, mu: torch.Tensor, *, k: GrokAdamWScalars) -> None:
+                      exp_avg_sq: torch.Tensor, mu: torch.Tensor, *, k: StepScalars) -> None:
     g = _f32(grad)
     if k.grad_scale != 1.0:
         g = g * k.grad_scale
-    mu.mul_(k.alpha).add_(g, alpha=1.0 - k.alpha)          # mu = a mu + (1 - a) g
-    g_hat = g + k.lamb * mu                                 # g_hat = g + lamb mu
-    adamw_(param, exp_avg, exp_avg_sq, g_hat, k.adam)
+    mu.mul_(k.alpha).add_(g, alpha=k.one_minus_alpha)       # mu = a mu + (1 - a) g
+    g_hat = g + k.amp * mu                                   # g_hat = g + lamb mu
+    adamw_(param, exp_avg, exp_avg_sq, g_hat, k)
 
 
 # ---------------------------------------------------------------- SuperGrok (seed 001)
@@ -177,12 +202,12 @@ def supergrok_decide(stats: torch.Tensor, mu_alpha: torch.Tensor, lamb: torch.Te
 @_in_fp32
 def supergrok_update_(param: torch.Tensor, grad: torch.Tensor, h: torch.Tensor,
                       exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, mu: torch.Tensor, *,
-                      k: SuperGrokScalars) -> None:
+                      k: StepScalars) -> None:
     g = _f32(grad)
-    mu.mul_(k.mu_alpha).add_(g, alpha=1.0 - k.mu_alpha)    # raw, unclipped g (Rule 1)
+    mu.mul_(k.alpha).add_(g, alpha=k.one_minus_alpha)       # raw, unclipped g (Rule 1)
     final = h.view_as(g) * k.smart_scale
     if k.amp:
         final.add_(mu, alpha=k.amp)
     if k.grad_scale != 1.0:
         final.mul_(k.grad_scale)
-    adamw_(param, exp_avg, exp_avg_sq, final, k.adam)
+    adamw_(param, exp_avg, exp_avg_sq, final, k)

@@ -234,6 +234,20 @@ class DeepSpeedLayout:
                                     local, flat, lambda x, a=a, e=e: x.reshape(-1)[a:e]))
         return segs
 
+    def plan_pieces(self, opt) -> list[Segment]:
+        """The pieces of the flats this per-group call shows, with a gradient or not."""
+        segs = []
+        for flat in self._current_flats(opt):
+            st = opt.state[flat]
+            for ref, a, e in self._pieces[id(flat)]:
+                local = {k: (v if k == "step" else v[a:e]) for k, v in st.items()}
+                segs.append(Segment(ref.index, ref.layer, ref.group, flat.detach()[a:e], None,
+                                    local, flat, lambda x, a=a, e=e: x.reshape(-1)[a:e]))
+        return segs
+
+    def plan_key(self, opt) -> tuple:
+        return tuple(id(f) for f in self._current_flats(opt))
+
     def state_like(self, p):
         return p
 

@@ -53,6 +53,14 @@ class PerTensorLayout:
     def tensors(self, optimizer) -> list[TensorRef]:
         return [TensorRef(i, layer, gi, p) for i, layer, gi, _, p in tensor_layers(optimizer)]
 
+    def plan_pieces(self, optimizer) -> list:
+        """Every local piece, with or without a gradient now (the kernel's cached plan)."""
+        return self.pieces(optimizer, with_grad=False)
+
+    def plan_key(self, optimizer) -> tuple:
+        """What, beyond the param groups and the state, the plan depends on."""
+        return ()
+
     def _with_grad(self, optimizer, with_grad: bool):
         name = type(optimizer).__name__
         for ref in self.tensors(optimizer):

@@ -1,15 +1,18 @@
 """What GrokAdamW and SuperGrok share: argument checks, eager state, the two-phase step with its
-one reduction, the non-finite policy, and the checkpoint extras.
+one reduction, the backend choice, the non-finite policy, and the checkpoint extras.
 
 A step (DESIGN.md §2)::
 
-    segments = layout.pieces(opt)              # local views + global tensor index
-    stats    = phase1(segments)                # per-tensor partial sums, writes nothing
-    buf      = [stats | present | flags | scalars]   # losses / signals / failure / bad input
-    reducer.all_reduce_(buf)                   # the one collective (identity on one process)
+    phase 1   per-tensor partial sums of this rank's pieces, writes nothing
+              (kernel: one call over every segment of a cached plan; reference: per segment)
+    buf     = [stats | present | flags | scalars]   # losses / signals / failure / bad input
+    reducer.all_reduce_(buf)                         # the one collective (identity on one process)
     if a rank failed: raise everywhere; if non-finite: skip or raise  # nothing written yet
-    phase2(segments, reduced stats, scalars)   # gate, clip, Adam update in place
-    layout.post_step(opt)                      # ZeRO-1 all-gather where needed
+    table   = per-tensor scalars [n, len(COLUMNS)] decided from the reduced sums, as tensors
+    phase 2   the update in place from that table (kernel: one call; reference: per segment)
+    layout.post_step(opt)                            # ZeRO-1 all-gather where needed
+
+The backend rule is in :mod:`shardgrok.kernels`.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from .. import _validation as V
 from ..checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, checked_extra,
                           without_extra)
 from ..checkpoint import to_cpu as _to_cpu
+from .. import kernels as K
+from ..kernels.plan import FusedPlan, KernelUnsupported, TensorInfo
 from ..layouts import Segment, TensorRef, select_layout
 from ..reference import ACC
 
@@ -44,10 +49,16 @@ class GrokOptimizerBase(torch.optim.Optimizer):
     #: number of scalar inputs (sums and counts) a rank adds to the reduction
     N_VALUES = 0
 
+    #: csrc kind code of this optimizer's kernel
+    KERNEL_KIND = -1
+
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, nonfinite: str = "skip",
-                 shard: bool | None = None, process_group=None):
+                 shard: bool | None = None, process_group=None, backend: str | None = None):
         V.choice("skip", "raise")("nonfinite", nonfinite)
         V.validate(self.SPECS, defaults)
+        self.backend = K.choose_backend(backend)
+        self._plans: dict[tuple, Any] = {}   # plan key -> FusedPlan, or the reason for none
+        self._warned_fallback = False
         if "deepspeed" in sys.modules:  # let ZeRO accept us, however DeepSpeed got us
             from ..integrations.deepspeed import register
             register()
@@ -105,6 +116,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             raise
         for p in self.param_groups[-1]["params"]:
             self._init_state(p)
+        self._plans.clear()
 
     def _init_state(self, p: torch.Tensor) -> None:
         # Eager, so every rank and every checkpoint has the same keys from the start. Under
@@ -130,6 +142,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         if len(current) != len(self._own_ids) or not all(id(p) in self._own_ids for p in current):
             from ..integrations.deepspeed import attach
             attach(self)
+            self._plans.clear()
             return
         if self._engine_checked or "deepspeed" not in sys.modules or not self.is_sharded:
             return
@@ -150,6 +163,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         self._layout = LocalLayout(ReplicatedReducer(self._reducer.group))
         self._reducer = self._layout.reducer
         self.state.clear()
+        self._plans.clear()
         for ps in self._group_params:
             for p in ps:
                 self._init_state(p)
@@ -163,37 +177,82 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         the one group it steps, so the layout keeps the whole list."""
         return self._layout.groups(self)
 
+    def _fused_plan(self) -> FusedPlan | None:
+        """This step's kernel plan, or None for the reference path (the rule in
+        :mod:`shardgrok.kernels`). Plans are cached by what they depend on."""
+        if self.backend == "reference":
+            return None
+        key = (self._layout.plan_key(self),
+               tuple((id(g["params"]), len(g["params"])) for g in self.param_groups))
+        plan = self._plans.get(key)
+        if plan is None:
+            ext = K.cpu_extension()
+            try:
+                if ext is None:
+                    raise KernelUnsupported(f"the CPU kernel is unavailable: {K.unavailable_reason()}")
+                plan = self._check_kernel_inputs() or FusedPlan(ext, self, self._layout)
+            except KernelUnsupported as e:
+                plan = str(e)
+            if len(self._plans) > 16:  # DeepSpeed alternates a few keys; anything else is churn
+                self._plans.clear()
+            self._plans[key] = plan
+        if isinstance(plan, str):
+            if self.backend == "kernel":
+                raise RuntimeError(f"{type(self).__name__}(backend='kernel'): {plan}")
+            if not self._warned_fallback:
+                self._warned_fallback = True
+                K.warn_fallback(type(self).__name__, plan, stacklevel=5)
+            return None
+        return plan
+
+    def _check_kernel_inputs(self) -> None:
+        """Raise KernelUnsupported for what the kernel cannot take beyond the tensors."""
+
     def _step(self, closure: Callable[[], Any] | None, inputs: Callable[[], StepInputs]):
         self._follow_engine(stepping=True)
         new_round = self._layout.new_round(self)
         self._step_number = self._global_step + 1 if new_round else self._global_step
         red = self._reducer
-        tensors = self._tensors()
-        n = len(tensors)
         k = len(self.STATS)
-        loss, failure = None, None
+        loss, failure, plan, segs = None, None, None, []
         try:
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
             for group in self.param_groups:
                 V.validate(self.SPECS, group)
-            segs = self._layout.pieces(self)
-            local_in = inputs()
-            stats, aux = self._phase1(segs, n)
+            plan = self._fused_plan()
+            if plan is not None and not plan.resolve():  # the gradients, checked
+                self._plans.clear()  # a parameter's storage moved (p.data = ...)
+                plan = self._fused_plan()
+                if plan is not None and not plan.resolve():
+                    raise RuntimeError("a parameter's storage moved while building the plan")
+            if plan is not None:
+                info = plan.info
+                local_in = inputs()
+                stats, present, aux = self._kernel_phase1(plan)
+            else:
+                refs = self._tensors()
+                info = TensorInfo(refs)
+                segs = self._layout.pieces(self)
+                local_in = inputs()
+                stats, aux = self._phase1(segs, info.n)
+                present = torch.zeros(info.n, dtype=ACC)
+                present[[s.index for s in segs]] = 1.0
         except Exception as e:
             if red.world_size == 1:
                 raise
             # Still join the reduction, so the other ranks learn of the failure and raise too
             # instead of waiting in the next collective.
-            failure, segs, aux = e, [], None
-            stats = torch.zeros(n, k, dtype=ACC)
+            failure, segs, aux, plan = e, [], None, None
+            info = TensorInfo(self._tensors())
+            stats = torch.zeros(info.n, k, dtype=ACC)
+            present = torch.zeros(info.n, dtype=ACC)
             local_in = StepInputs([0.0] * self.N_VALUES)
-        present = torch.zeros(n, dtype=ACC)
-        present[[s.index for s in segs]] = 1.0
+        n = info.n
         tail = [1.0 if failure is not None else 0.0, 1.0 if local_in.bad else 0.0,
                 *local_in.values]
-        buf = torch.cat([stats.reshape(-1).cpu(), present, torch.tensor(tail, dtype=ACC)])
+        buf = torch.cat([stats.reshape(-1), present, torch.tensor(tail, dtype=ACC)])
         red.all_reduce_(buf, scalars=len(tail))
         stats = buf[: n * k].view(n, k)
         present = buf[n * k: n * k + n] > 0
@@ -207,28 +266,53 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                                "rank(s) (their own errors say why); no parameter or state was "
                                "changed on this rank")
         if n_bad or not torch.isfinite(stats).all():
-            self._reject(self._describe_bad(local_in, stats, segs), local_in.cause)
+            shapes = plan.shapes if plan is not None else {s.index: tuple(s.param.shape) for s in segs}
+            self._reject(self._describe_bad(local_in, stats, shapes), local_in.cause)
             return loss
-        stepped = {}
-        for ref in tensors:  # one counter per optimizer parameter (an FSDP1 FlatParameter
-            if present[ref.index]:  # holds several tensors)
-                stepped[id(ref.param)] = ref.param
-        for p in stepped.values():
-            self.state[p]["step"] += 1
+        if plan is not None:
+            steps = plan.plan.bump_steps(present)
+        else:
+            steps = self._bump_steps(refs, present)
         if new_round:  # DeepSpeed calls step() once per param group: count the first call
             self._global_step += 1
-        self._last_report = self._phase2(segs, stats, present, values, aux)
+        table, self._last_report = self._decide(info, stats, present, values, steps)
+        if plan is not None:
+            self._kernel_phase2(plan, table, aux)
+        else:
+            self._phase2(segs, table, aux)
         self._layout.post_step(self)
         return loss
 
+    def _bump_steps(self, refs: list[TensorRef], present: torch.Tensor) -> torch.Tensor:
+        """Count this step for each optimizer parameter with a gradient somewhere (an FSDP1
+        FlatParameter holds several tensors, one counter); every tensor's count after it."""
+        stepped = {}
+        for ref in refs:
+            if present[ref.index]:
+                stepped[id(ref.param)] = ref.param
+        for p in stepped.values():
+            self.state[p]["step"] += 1
+        return torch.tensor([float(self.state[r.param]["step"]) for r in refs], dtype=ACC)
+
     def _phase1(self, segs: list[Segment], n: int) -> tuple[torch.Tensor, Any]:
+        """Reference phase 1: per-tensor partial sums [n, len(STATS)] and what phase 2 reuses."""
         raise NotImplementedError
 
-    def _phase2(self, segs: list[Segment], stats: torch.Tensor, present: torch.Tensor,
-                values: list[float], aux: Any) -> dict[str, Any]:
-        """``stats`` are the reduced per-tensor sums, ``present`` marks the tensors that have a
-        gradient on some rank (their "step" is already incremented), ``values`` the reduced
-        scalar inputs."""
+    def _kernel_phase1(self, plan: FusedPlan) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Kernel phase 1: partial sums, the tensors present, and what phase 2 reuses."""
+        raise NotImplementedError
+
+    def _decide(self, info: TensorInfo, stats: torch.Tensor, present: torch.Tensor,
+                values: list[float], steps: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The per-tensor scalar table [n, len(reference.COLUMNS)] and the step's report, from
+        the reduced sums ``stats``, ``present`` (tensors with a gradient on some rank), the
+        reduced scalar inputs ``values`` and every tensor's step count after this step."""
+        raise NotImplementedError
+
+    def _phase2(self, segs: list[Segment], table: torch.Tensor, aux: Any) -> None:
+        raise NotImplementedError
+
+    def _kernel_phase2(self, plan: FusedPlan, table: torch.Tensor, aux: Any) -> None:
         raise NotImplementedError
 
     @staticmethod
@@ -241,12 +325,11 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         return stats
 
     # ------------------------------------------------------------------ non-finite policy
-    def _describe_bad(self, local_in: StepInputs, stats: torch.Tensor, segs: list[Segment]) -> str:
+    def _describe_bad(self, local_in: StepInputs, stats: torch.Tensor, shapes: dict) -> str:
         if local_in.bad:
             return local_in.bad
         rows = (~torch.isfinite(stats)).any(1).nonzero().flatten().tolist()
         if rows:
-            shapes = {s.index: tuple(s.param.shape) for s in segs}
             where = ", ".join(f"#{i} {shapes.get(i, '')}".strip() for i in rows[:8])
             return f"non-finite gradient in parameter tensor(s) {where}"
         return "a non-finite input on another rank"
@@ -335,6 +418,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         extra = checked_extra(state_dict)
         rest = self._layout.import_state(self, without_extra(state_dict), extra)
         super().load_state_dict(rest)
+        self._plans.clear()  # torch.optim put new state tensors in
         self._param_groups_full = self.param_groups  # torch.optim rebuilt the list
         self._load_extra_state(extra)
 

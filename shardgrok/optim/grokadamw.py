@@ -72,10 +72,14 @@ class GrokAdamW(GrokOptimizerBase):
             keeps everything on this process; ``True`` requires a process group.
         process_group: the group to shard over (default: the default group). Every rank of it
             must build the optimizer over the same parameters and call every ``step()``.
+        backend: ``"auto"`` (default; also set by ``SHARDGROK_BACKEND``), ``"kernel"`` or
+            ``"reference"``: the compiled two-call step or the per-tensor PyTorch one (the rule
+            is in :mod:`shardgrok.kernels`).
     """
 
     SPECS = GROKADAMW_SPECS
     STATS = R.GROKADAMW_STATS
+    KERNEL_KIND = 0  # csrc/cpu/kernel.h: GROKADAMW
     N_VALUES = 2  # signal sum, number of ranks with a signal
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -84,14 +88,14 @@ class GrokAdamW(GrokOptimizerBase):
                  grokking_signal_fns: Sequence[SignalFn] | None = None,
                  grokking_signal_decay_rate: float = 0.1, gradient_clipping: float = 1.0, *,
                  grokking_signal_fn: SignalFn | None = None, nonfinite: str = "skip",
-                 shard: bool | None = None, process_group=None):
+                 shard: bool | None = None, process_group=None, backend: str | None = None):
         self.grokking_signal_fns = _signal_fns(grokking_signal_fns, grokking_signal_fn)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         alpha_init=alpha_init, lamb=lamb, gamma=gamma,
                         grokking_signal_decay_rate=grokking_signal_decay_rate,
                         gradient_clipping=gradient_clipping, layer_index=None)
         super().__init__(params, defaults, nonfinite=nonfinite, shard=shard,
-                         process_group=process_group)
+                         process_group=process_group, backend=backend)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -118,32 +122,42 @@ class GrokAdamW(GrokOptimizerBase):
     def _phase1(self, segs, n):
         return self._scatter_stats(segs, [R.grokadamw_partial_stats(s.grad) for s in segs], n, 1), None
 
-    def _phase2(self, segs, stats, present, values, aux) -> dict[str, Any]:
+    def _kernel_phase1(self, plan):
+        stats, present = plan.plan.phase1(self.KERNEL_KIND)
+        return stats, present, None
+
+    def _decide(self, info, stats, present, values, steps):
         signal_sum, signal_ranks = values
         signal = signal_sum / signal_ranks if signal_ranks else None
         norm_sq = float(stats[:, 0].sum())
-        alphas, coefs = [], []
         groups = self._groups()
         # Under DeepSpeed the engine has clipped already (same formula, global): report its
         # coefficient, apply none.
         engine_clips = getattr(self._layout, "engine_clips", False)
-        for group in groups:
-            alphas.append(R.alpha_from_signal(group["alpha_init"],
-                                              group["grokking_signal_decay_rate"], signal))
-            coefs.append(self._layout.clip_coefficient() if engine_clips else
-                         R.clip_coefficient(group["gradient_clipping"], norm_sq))
+        alphas = [R.alpha_from_signal(g["alpha_init"], g["grokking_signal_decay_rate"], signal)
+                  for g in groups]
+        coefs = [self._layout.clip_coefficient() if engine_clips else
+                 R.clip_coefficient(g["gradient_clipping"], norm_sq) for g in groups]
+        per_group = R.group_values(groups, R.ADAM_KEYS + ("lamb",))
+        extra = torch.tensor([[1.0 if engine_clips else c, a, 1.0 - a]
+                              for c, a in zip(coefs, alphas)], dtype=R.ACC)
+        hyper = per_group[info.group_of]
+        table = torch.zeros(info.n, len(R.COLUMNS), dtype=R.ACC)
+        R.adam_columns(table, hyper[:, :6], info.layer, steps, layerwise_bias_correction=False)
+        table[:, R.COL["amp"]] = hyper[:, 6]
+        table[:, [R.COL["grad_scale"], R.COL["alpha"], R.COL["one_minus_alpha"]]] = extra[info.group_of]
+        report = {"grokking_signal": signal, "alpha": alphas[0], "alphas": alphas,
+                  "grad_norm": math.sqrt(norm_sq), "last_clip_coef": min(coefs),
+                  "last_clip_coefs": coefs}
+        return table, report
+
+    def _phase2(self, segs, table, aux) -> None:
         for s in segs:
-            group = groups[s.group]
-            k = R.GrokAdamWScalars(
-                adam=R.adam_scalars(group, s.layer, int(s.state["step"]),
-                                    layerwise_bias_correction=False),
-                grad_scale=1.0 if engine_clips else coefs[s.group], alpha=alphas[s.group],
-                lamb=float(group["lamb"]))
             R.grokadamw_update_(s.param, s.grad, s.state["exp_avg"], s.state["exp_avg_sq"],
-                                s.state["mu"], k=k)
-        return {"grokking_signal": signal, "alpha": alphas[0], "alphas": alphas,
-                "grad_norm": math.sqrt(norm_sq), "last_clip_coef": min(coefs),
-                "last_clip_coefs": coefs}
+                                s.state["mu"], k=R.StepScalars.from_row(table[s.index]))
+
+    def _kernel_phase2(self, plan, table, aux) -> None:
+        plan.plan.phase2(self.KERNEL_KIND, table)
 
     def get_alpha(self) -> float:
         """alpha used at the last step (first param group); alpha_init before any step."""

@@ -10,6 +10,7 @@ from .. import _validation as V
 from .. import reference as R
 from ..bilevel import meta_gradient
 from ..metanet import SimpleMetaNet, check_elementwise, masked_grad, rescale_of
+from ..metanet_table import build_table, is_tabulable, kernel_arrays
 from .base import GrokOptimizerBase, StepInputs
 from .grokadamw import GROKADAMW_SPECS
 
@@ -70,10 +71,14 @@ class SuperGrok(GrokOptimizerBase):
         nonfinite: ``"skip"`` (default) or ``"raise"``; see :class:`GrokAdamW`.
         shard, process_group: ZeRO-1 sharding of m, v, mu; see :class:`GrokAdamW`. The meta-net
             is replicated: rank 0's weights are broadcast at construction.
+        backend: ``"auto"``, ``"kernel"`` or ``"reference"``; see :class:`GrokAdamW`. The
+            kernel evaluates the default SimpleMetaNet by its exact piecewise-linear table; a
+            meta-net of your own runs in PyTorch, the rest of the step fused.
     """
 
     SPECS = SUPERGROK_SPECS
     STATS = R.SUPERGROK_STATS
+    KERNEL_KIND = 1  # csrc/cpu/kernel.h: SUPERGROK
     N_VALUES = 4  # train-loss sum and count, val-loss sum and count
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -82,7 +87,7 @@ class SuperGrok(GrokOptimizerBase):
                  warmup_steps: int = 100, gradient_clipping: float = 1.0,
                  meta_net: nn.Module | None = None, meta_hidden_dim: int = 32, *,
                  meta_lr: float = 1e-4, nonfinite: str = "skip", shard: bool | None = None,
-                 process_group=None):
+                 process_group=None, backend: str | None = None):
         V.integer(1)("meta_hidden_dim", meta_hidden_dim)
         V.real(0.0, lo_open=True)("meta_lr", meta_lr)
         if meta_net is not None and not isinstance(meta_net, nn.Module):
@@ -92,7 +97,8 @@ class SuperGrok(GrokOptimizerBase):
                         warmup_steps=warmup_steps, gradient_clipping=gradient_clipping,
                         layer_index=None)
         super().__init__(params, defaults, nonfinite=nonfinite, shard=shard,
-                         process_group=process_group)
+                         process_group=process_group, backend=backend)
+        self._table_cache = None  # (weights it was built from, kernel arrays)
         net = meta_net if meta_net is not None else SimpleMetaNet(hidden_dim=meta_hidden_dim)
         first = self.param_groups[0]["params"][0]
         self.meta_net = net.to(first.device)
@@ -150,7 +156,37 @@ class SuperGrok(GrokOptimizerBase):
             partials.append(R.supergrok_partial_stats(s.grad, h, s.state["mu"]))
         return self._scatter_stats(segs, partials, n, len(self.STATS)), hs
 
-    def _phase2(self, segs, stats, present, values, hs) -> dict[str, Any]:
+    def _kernel_table(self):
+        """The default meta-net's exact piecewise-linear table as the kernel's fp32 arrays, rebuilt
+        whenever the weights differ from those it was built from (compared by value every step:
+        meta_step, load_state_dict, or a user's own edit, through ``.data`` too); None for a
+        meta-net that is not a SimpleMetaNet."""
+        if not is_tabulable(self.meta_net):
+            return None
+        weights = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64)
+                             for p in self.meta_net.net.parameters()])
+        cached = self._table_cache
+        if cached is None or not torch.equal(cached[0], weights):
+            arrays = kernel_arrays(build_table(self.meta_net))
+            self._table_cache = cached = (weights, arrays)
+        return cached[1]
+
+    def _kernel_inputs(self, plan) -> dict:
+        arrays = self._kernel_table()
+        if arrays is not None:
+            return dict(breakpoints=arrays.breakpoints, slopes=arrays.slopes,
+                        intercepts=arrays.intercepts, table_size=arrays.breakpoints.numel())
+        # a user's meta-net runs in PyTorch; the rest of the step stays fused
+        hs = [None if g is None else masked_grad(self.meta_net, g).float()
+              for g in plan.plan.grad_views()]
+        return dict(hs=hs)
+
+    def _kernel_phase1(self, plan):
+        aux = self._kernel_inputs(plan)
+        stats, present = plan.plan.phase1(self.KERNEL_KIND, **aux)
+        return stats, present, aux
+
+    def _decide(self, info, stats, present, values, steps):
         train_sum, train_n, val_sum, val_n = values
         if train_n and val_n:
             self._cached_signal = loss_signal(train_sum / train_n, val_sum / val_n)
@@ -159,30 +195,25 @@ class SuperGrok(GrokOptimizerBase):
         # sums over all its tensors, wherever they live.
         groups = self._groups()
         t_now = self._global_step  # this step's number (already counted)
-        group_of, mu_alpha, lamb, amplify = [], [], [], []
-        for ref in self._tensors():
-            group = groups[ref.group]
-            group_of.append(ref.group)
-            first = float(self.state[ref.param]["step"]) == 1   # already incremented
-            mu_alpha.append(0.0 if first else alphas[ref.group])
-            lamb.append(float(group["lamb"]))
-            amplify.append(t_now > group["warmup_steps"])
-        group_of = torch.tensor(group_of)
-        d = R.supergrok_decide(stats, torch.tensor(mu_alpha, dtype=torch.float64),
-                               torch.tensor(lamb, dtype=torch.float64),
-                               float(rescale_of(self.meta_net)), torch.tensor(amplify))
-        coefs = [R.clip_coefficient(g["gradient_clipping"],
-                                    float(d.final_sq[present & (group_of == gi)].sum()))
-                 for gi, g in enumerate(groups)]
-        for s, h in zip(segs, hs):
-            group = groups[s.group]
-            k = R.SuperGrokScalars(
-                adam=R.adam_scalars(group, s.layer, int(s.state["step"]),
-                                    layerwise_bias_correction=True),
-                mu_alpha=mu_alpha[s.index], smart_scale=float(d.smart_scale[s.index]),
-                amp=float(d.amp[s.index]), grad_scale=coefs[s.group])
-            R.supergrok_update_(s.param, s.grad, h, s.state["exp_avg"], s.state["exp_avg_sq"],
-                                s.state["mu"], k=k)
+        per_group = R.group_values(groups, R.ADAM_KEYS + ("lamb",))
+        g_of = info.group_of
+        alpha_g = torch.tensor(alphas, dtype=R.ACC)
+        amplify_g = torch.tensor([t_now > g["warmup_steps"] for g in groups])
+        mu_alpha = torch.where(steps == 1, 0.0, alpha_g[g_of])   # mu starts at the first g
+        hyper = per_group[g_of]
+        d = R.supergrok_decide(stats, mu_alpha, hyper[:, 6], float(rescale_of(self.meta_net)),
+                               amplify_g[g_of])
+        group_sq = torch.zeros(len(groups), dtype=R.ACC).index_add_(
+            0, g_of[present], d.final_sq[present])
+        coefs = [R.clip_coefficient(g["gradient_clipping"], float(sq))
+                 for g, sq in zip(groups, group_sq)]
+        table = torch.zeros(info.n, len(R.COLUMNS), dtype=R.ACC)
+        R.adam_columns(table, hyper[:, :6], info.layer, steps, layerwise_bias_correction=True)
+        table[:, R.COL["grad_scale"]] = torch.tensor(coefs, dtype=R.ACC)[g_of]
+        table[:, R.COL["alpha"]] = mu_alpha
+        table[:, R.COL["one_minus_alpha"]] = 1.0 - mu_alpha
+        table[:, R.COL["amp"]] = d.amp
+        table[:, R.COL["smart_scale"]] = d.smart_scale
         # DeepSpeed steps one group per call: the report covers the whole optimizer step
         r = self._round_report
         if self._step_number != r.get("step"):
@@ -192,13 +223,22 @@ class SuperGrok(GrokOptimizerBase):
                      engaged=torch.zeros(n, dtype=torch.bool), coefs=[1.0] * len(groups))
         r["present"] |= present
         r["engaged"] = torch.where(present, d.engaged, r["engaged"])
-        for gi in set(group_of[present].tolist()):
+        for gi in set(g_of[present].tolist()):
             r["coefs"][gi] = coefs[gi]
         engaged = r["engaged"][r["present"]].tolist()
         coefs = list(r["coefs"])
-        return {"cached_alpha": alphas[0], "gate_engaged": engaged,
-                "gate_engaged_fraction": sum(engaged) / len(engaged) if engaged else 0.0,
-                "last_clip_coef": min(coefs), "last_clip_coefs": coefs}
+        report = {"cached_alpha": alphas[0], "gate_engaged": engaged,
+                  "gate_engaged_fraction": sum(engaged) / len(engaged) if engaged else 0.0,
+                  "last_clip_coef": min(coefs), "last_clip_coefs": coefs}
+        return table, report
+
+    def _phase2(self, segs, table, hs) -> None:
+        for s, h in zip(segs, hs):
+            R.supergrok_update_(s.param, s.grad, h, s.state["exp_avg"], s.state["exp_avg_sq"],
+                                s.state["mu"], k=R.StepScalars.from_row(table[s.index]))
+
+    def _kernel_phase2(self, plan, table, aux) -> None:
+        plan.plan.phase2(self.KERNEL_KIND, table, **aux)
 
     def _alphas(self) -> list[float]:
         return [R.alpha_from_signal(g["alpha_init"], g["kappa"], self._cached_signal)

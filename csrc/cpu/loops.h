@@ -1,0 +1,184 @@
+// The CPU kernel's loops, compiled once per instruction set: each isa_*.cpp includes this file
+// after its `#pragma GCC target`, and GCC vectorises the plain loops below for that target. Every
+// path runs the same scalar operations in the same order (no contraction, fp64 sums in eight
+// fixed lanes), so AVX-512, AVX2 and the portable path give identical bits.
+//
+// Everything here has internal linkage: an instantiation compiled for AVX-512 must never be
+// picked by the linker for the portable path.
+#include "kernel.h"
+
+namespace {
+
+using namespace sg;
+using namespace sg::cpu;
+
+constexpr int LANES = 8;    // fp64 accumulators per sum: element i of a chunk goes to lane i % 8
+constexpr int BLOCK = 256;  // elements staged at a time for the meta-net's table search
+
+static_assert(CHUNK % BLOCK == 0 && BLOCK % LANES == 0, "chunks hold whole blocks of lanes");
+
+SG_HD double combine(const double* a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+// ---------------------------------------------------------------- GrokAdamW
+template <int GD>
+void grokadamw_phase1(const Job&, const Segment& s, int64_t b, int64_t n, double* out) {
+  typedef Storage<GD> G;
+  const typename G::T* g = static_cast<const typename G::T*>(s.grad) + b;
+  double acc[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int j = 0; j < LANES; ++j) {
+      const double x = G::load(g[i + j]);
+      acc[j] += x * x;
+    }
+  for (int j = 0; i + j < n; ++j) {
+    const double x = G::load(g[i + j]);
+    acc[j] += x * x;
+  }
+  out[ST_GRAD_SQ] = combine(acc);
+}
+
+template <int PD, int GD, int SD>
+void grokadamw_phase2(const Job& job, const Segment& s, int64_t b, int64_t n) {
+  typedef Storage<PD> P;
+  typedef Storage<GD> G;
+  typedef Storage<SD> S;
+  const Scalars k = scalars_from_row(job.scalars + (int64_t)s.tensor * N_COLUMNS);
+  typename P::T* p = static_cast<typename P::T*>(s.param) + b;
+  const typename G::T* g = static_cast<const typename G::T*>(s.grad) + b;
+  typename S::T* m = static_cast<typename S::T*>(s.exp_avg) + b;
+  typename S::T* v = static_cast<typename S::T*>(s.exp_avg_sq) + b;
+  typename S::T* mu = static_cast<typename S::T*>(s.mu) + b;
+  for (int64_t i = 0; i < n; ++i) {
+    float pi = P::load(p[i]), mi = S::load(m[i]), vi = S::load(v[i]), ui = S::load(mu[i]);
+    grokadamw_update(pi, G::load(g[i]), mi, vi, ui, k);
+    p[i] = P::store(pi);
+    m[i] = S::store(mi);
+    v[i] = S::store(vi);
+    mu[i] = S::store(ui);
+  }
+}
+
+// ---------------------------------------------------------------- SuperGrok
+// x[0:n] = g, h[0:n] = exp(f(g)) g for one block; the rest of the block zero (adds nothing).
+template <int GD>
+void stage_masked(const Job& job, const Segment& s, int64_t at, int64_t n, float* __restrict x,
+                  float* __restrict h) {
+  typedef Storage<GD> G;
+  const typename G::T* __restrict g = static_cast<const typename G::T*>(s.grad) + at;
+  for (int e = 0; e < BLOCK; ++e) x[e] = e < n ? G::load(g[e]) : 0.0f;
+  if (s.h != nullptr) {
+    const float* __restrict given = s.h + at;
+    for (int e = 0; e < BLOCK; ++e) h[e] = e < n ? given[e] : 0.0f;
+    return;
+  }
+  const float* __restrict bp = job.table.breakpoints;
+  const float* __restrict slope = job.table.slopes;
+  const float* __restrict icpt = job.table.intercepts;
+  int32_t idx[BLOCK];
+  for (int e = 0; e < BLOCK; ++e) idx[e] = 0;
+  for (int32_t step = job.table.size >> 1; step > 0; step >>= 1)
+    for (int e = 0; e < BLOCK; ++e) idx[e] += (x[e] >= bp[idx[e] + step - 1]) ? step : 0;
+  for (int e = 0; e < BLOCK; ++e) h[e] = slope[idx[e]] * x[e] + icpt[idx[e]];
+  for (int e = 0; e < BLOCK; ++e) h[e] = masked(clamp_log_mask(h[e]), x[e]);
+}
+
+template <int GD, int SD>
+void supergrok_phase1(const Job& job, const Segment& s, int64_t b, int64_t n, double* out) {
+  typedef Storage<SD> S;
+  const typename S::T* mu = static_cast<const typename S::T*>(s.mu);
+  double acc[N_STATS][LANES];
+  for (int q = 0; q < N_STATS; ++q)
+    for (int j = 0; j < LANES; ++j) acc[q][j] = 0.0;
+  alignas(64) float x[BLOCK], h[BLOCK], u[BLOCK];
+  for (int64_t at = b; at < b + n; at += BLOCK) {
+    const int64_t len = (b + n - at) < BLOCK ? (b + n - at) : BLOCK;
+    stage_masked<GD>(job, s, at, len, x, h);
+    for (int e = 0; e < BLOCK; ++e) u[e] = e < len ? S::load(mu[at + e]) : 0.0f;
+    for (int i = 0; i < BLOCK; i += LANES)
+      for (int j = 0; j < LANES; ++j) {
+        const double dg = x[i + j], dh = h[i + j], du = u[i + j];
+        acc[ST_GRAD_SQ][j] += dg * dg;
+        acc[ST_H_SQ][j] += dh * dh;
+        acc[ST_H_MU][j] += dh * du;
+        acc[ST_H_GRAD][j] += dh * dg;
+        acc[ST_MU_SQ][j] += du * du;
+        acc[ST_MU_GRAD][j] += du * dg;
+      }
+  }
+  for (int q = 0; q < N_STATS; ++q) out[q] = combine(acc[q]);
+}
+
+template <int PD, int GD, int SD>
+void supergrok_phase2(const Job& job, const Segment& s, int64_t b, int64_t n) {
+  typedef Storage<PD> P;
+  typedef Storage<SD> S;
+  const Scalars k = scalars_from_row(job.scalars + (int64_t)s.tensor * N_COLUMNS);
+  typename P::T* p = static_cast<typename P::T*>(s.param);
+  typename S::T* m = static_cast<typename S::T*>(s.exp_avg);
+  typename S::T* v = static_cast<typename S::T*>(s.exp_avg_sq);
+  typename S::T* mu = static_cast<typename S::T*>(s.mu);
+  alignas(64) float x[BLOCK], h[BLOCK];
+  for (int64_t at = b; at < b + n; at += BLOCK) {
+    const int64_t len = (b + n - at) < BLOCK ? (b + n - at) : BLOCK;
+    stage_masked<GD>(job, s, at, len, x, h);
+    for (int64_t e = 0; e < len; ++e) {
+      const int64_t i = at + e;
+      float pi = P::load(p[i]), mi = S::load(m[i]), vi = S::load(v[i]), ui = S::load(mu[i]);
+      supergrok_update(pi, x[e], h[e], mi, vi, ui, k);
+      p[i] = P::store(pi);
+      m[i] = S::store(mi);
+      v[i] = S::store(vi);
+      mu[i] = S::store(ui);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- dtype dispatch
+typedef void (*Phase1Fn)(const Job&, const Segment&, int64_t, int64_t, double*);
+typedef void (*Phase2Fn)(const Job&, const Segment&, int64_t, int64_t);
+
+template <int PD, int GD, int SD>
+struct Instance {
+  static void p2(const Job& job, const Segment& s, int64_t b, int64_t n) {
+    if (job.kind == GROKADAMW) grokadamw_phase2<PD, GD, SD>(job, s, b, n);
+    else supergrok_phase2<PD, GD, SD>(job, s, b, n);
+  }
+};
+
+template <int GD, int SD>
+void phase1_of(const Job& job, const Segment& s, int64_t b, int64_t n, double* out) {
+  if (job.kind == GROKADAMW) grokadamw_phase1<GD>(job, s, b, n, out);
+  else supergrok_phase1<GD, SD>(job, s, b, n, out);
+}
+
+#define SG_ROW(P, G) {Instance<P, G, F32>::p2, Instance<P, G, BF16>::p2, Instance<P, G, F16>::p2}
+#define SG_PLANE(P) {SG_ROW(P, F32), SG_ROW(P, BF16), SG_ROW(P, F16)}
+const Phase2Fn PHASE2[3][3][3] = {SG_PLANE(F32), SG_PLANE(BF16), SG_PLANE(F16)};
+#undef SG_PLANE
+#undef SG_ROW
+const Phase1Fn PHASE1[3][3] = {{phase1_of<F32, F32>, phase1_of<F32, BF16>, phase1_of<F32, F16>},
+                               {phase1_of<BF16, F32>, phase1_of<BF16, BF16>, phase1_of<BF16, F16>},
+                               {phase1_of<F16, F32>, phase1_of<F16, BF16>, phase1_of<F16, F16>}};
+
+void run_phase1(const Job& job, int64_t first, int64_t last) {
+  for (int64_t c = first; c < last; ++c) {
+    const Chunk& ch = job.chunks[c];
+    const Segment& s = job.segments[ch.segment];
+    double* out = job.partials + c * N_STATS;
+    for (int q = 0; q < N_STATS; ++q) out[q] = 0.0;
+    PHASE1[s.grad_dtype][s.state_dtype](job, s, ch.begin, ch.size, out);
+  }
+}
+
+void run_phase2(const Job& job, int64_t first, int64_t last) {
+  for (int64_t c = first; c < last; ++c) {
+    const Chunk& ch = job.chunks[c];
+    const Segment& s = job.segments[ch.segment];
+    PHASE2[s.param_dtype][s.grad_dtype][s.state_dtype](job, s, ch.begin, ch.size);
+  }
+}
+
+}  // namespace

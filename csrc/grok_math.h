@@ -1,0 +1,235 @@
+// Per-element math of GrokAdamW and SuperGrok, shared by every backend.
+//
+// g++ compiles it into each CPU instruction-set translation unit (functions have internal
+// linkage, so an AVX-512 copy never replaces the portable one at link time) and nvcc into the
+// CUDA kernels (__host__ __device__). The host-side tests run these same lines against
+// shardgrok/reference.py, the oracle.
+//
+// Rules that keep every backend's bits equal (CPU paths agree bit for bit with each other, the
+// CUDA kernel with the host copy of this file):
+// - no fused multiply-add unless written (-ffp-contract=off / --fmad=false), no fast-math;
+// - exp, the fp16/bf16 conversions and the meta-net table search are written out here, not
+//   taken from a vendor library whose rounding differs by platform;
+// - sums are never formed here: callers accumulate in fp64 with a fixed lane order.
+#ifndef SHARDGROK_GROK_MATH_H
+#define SHARDGROK_GROK_MATH_H
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define SG_HD __host__ __device__ __forceinline__
+#else
+// internal linkage: each instruction-set translation unit keeps its own copy; always inlined so
+// the copy is compiled for the caller's target
+#define SG_HD static inline __attribute__((always_inline))
+#endif
+
+namespace sg {
+
+// Storage dtypes a segment's parameter, gradient or state may have.
+enum Dtype : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
+
+// Columns of the per-tensor scalar table phase 2 reads (one row per tensor, fp64, built by
+// shardgrok/reference.py's *_step_table from the reduced statistics).
+enum Column : int32_t {
+  COL_GRAD_SCALE = 0,   // clip coefficient applied to the gradient (GrokAdamW) / final (SuperGrok)
+  COL_ALPHA,            // EMA momentum of mu (SuperGrok: 0 on a tensor's first step)
+  COL_ONE_MINUS_ALPHA,
+  COL_AMP,              // GrokAdamW: lamb; SuperGrok: lamb where the cosine gate engaged, else 0
+  COL_SMART_SCALE,      // SuperGrok: rescale * ||g|| / ||h||
+  COL_BETA1,            // the tensor's layer-wise beta1
+  COL_ONE_MINUS_BETA1,
+  COL_BETA2,
+  COL_ONE_MINUS_BETA2,
+  COL_SQRT_BC2,         // sqrt(1 - beta2^t)
+  COL_EPS,
+  COL_DECAY,            // 1 - lr * weight_decay
+  COL_STEP_SIZE,        // -lr / (1 - beta1^t)
+  N_COLUMNS
+};
+
+// Per-tensor sums phase 1 produces (SuperGrok order; GrokAdamW uses the first only). Must match
+// GROKADAMW_STATS / SUPERGROK_STATS in shardgrok/reference.py.
+enum Stat : int32_t { ST_GRAD_SQ = 0, ST_H_SQ, ST_H_MU, ST_H_GRAD, ST_MU_SQ, ST_MU_GRAD, N_STATS };
+
+// The range f(g) is clamped to before exp (metanet.LOG_MASK_LIMIT).
+#define SG_LOG_MASK_LIMIT 20.0f
+
+struct Scalars {  // one tensor's row of the table, in fp32 as the update uses it
+  float grad_scale, alpha, one_minus_alpha, amp, smart_scale;
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, decay, step_size;
+};
+
+SG_HD Scalars scalars_from_row(const double* r) {
+  Scalars k;
+  k.grad_scale = (float)r[COL_GRAD_SCALE];
+  k.alpha = (float)r[COL_ALPHA];
+  k.one_minus_alpha = (float)r[COL_ONE_MINUS_ALPHA];
+  k.amp = (float)r[COL_AMP];
+  k.smart_scale = (float)r[COL_SMART_SCALE];
+  k.beta1 = (float)r[COL_BETA1];
+  k.one_minus_beta1 = (float)r[COL_ONE_MINUS_BETA1];
+  k.beta2 = (float)r[COL_BETA2];
+  k.one_minus_beta2 = (float)r[COL_ONE_MINUS_BETA2];
+  k.sqrt_bc2 = (float)r[COL_SQRT_BC2];
+  k.eps = (float)r[COL_EPS];
+  k.decay = (float)r[COL_DECAY];
+  k.step_size = (float)r[COL_STEP_SIZE];
+  return k;
+}
+
+// ------------------------------------------------------------------ bit casts and conversions
+SG_HD float bits_to_f32(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+SG_HD uint32_t f32_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+SG_HD float bf16_to_f32(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
+
+// Round to nearest even, NaN to the canonical quiet NaN: what torch's bfloat16 conversion does.
+SG_HD uint16_t f32_to_bf16(float f) {
+  uint32_t u = f32_to_bits(f);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (f != f) ? (uint16_t)0x7FC0u : (uint16_t)rounded;
+}
+
+// IEEE binary16 <-> binary32 by integer and fp32 arithmetic only (exact, round to nearest even,
+// subnormals included), so the result does not depend on F16C or the GPU's converter.
+SG_HD float f16_to_f32(uint16_t h) {
+  const uint32_t w = (uint32_t)h << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  // normal: move the exponent and mantissa into fp32 position and rebias by 2^-112
+  const float normal = bits_to_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  // subnormal: the mantissa as the low bits of 0.5's significand, minus 0.5
+  const float subnormal = bits_to_f32((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t body = two_w < (1u << 27) ? f32_to_bits(subnormal) : f32_to_bits(normal);
+  return bits_to_f32(sign | body);
+}
+
+SG_HD uint16_t f32_to_f16(float f) {
+  const uint32_t w = f32_to_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  // scaling by 2^112 then 2^-110 saturates overflow to inf and rounds at the fp16 precision
+  float base = ((f < 0 ? -f : f) * 0x1.0p+112f) * 0x1.0p-110f;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = bits_to_f32((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+template <int D> struct Storage;
+template <> struct Storage<F32> {
+  typedef float T;
+  SG_HD float load(T x) { return x; }
+  SG_HD T store(float x) { return x; }
+};
+template <> struct Storage<BF16> {
+  typedef uint16_t T;
+  SG_HD float load(T x) { return bf16_to_f32(x); }
+  SG_HD T store(float x) { return f32_to_bf16(x); }
+};
+template <> struct Storage<F16> {
+  typedef uint16_t T;
+  SG_HD float load(T x) { return f16_to_f32(x); }
+  SG_HD T store(float x) { return f32_to_f16(x); }
+};
+
+// ------------------------------------------------------------------ exp on the clamped log-mask
+// exp(x) for x in [-SG_LOG_MASK_LIMIT, SG_LOG_MASK_LIMIT]: x = n ln2 + r, |r| <= ln2 / 2, with a
+// degree-6 minimax polynomial for e^r (Cephes' expf coefficients); about 1 ulp.
+SG_HD float exp_clamped(float x) {
+  const float t = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: rounds x/ln2 to an int
+  const float n = t - 12582912.0f;
+  const int32_t ni = (int32_t)(f32_to_bits(t) - 0x4B400000u);
+  float r = x - n * 0.693359375f;       // ln2 split in two so n * hi is exact
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  return p * bits_to_f32((uint32_t)(ni + 127) << 23);
+}
+
+SG_HD float clamp_log_mask(float f) {
+  f = f < -SG_LOG_MASK_LIMIT ? -SG_LOG_MASK_LIMIT : f;
+  return f > SG_LOG_MASK_LIMIT ? SG_LOG_MASK_LIMIT : f;
+}
+
+// ------------------------------------------------------------------ the meta-net's table
+// SimpleMetaNet's log-mask is exactly piecewise linear in g (shardgrok/metanet_table.py builds
+// the table). The search counts the breakpoints <= x: breakpoints sorted and padded with +inf,
+// `size` a power of two with at least one more slot than real breakpoints, pieces indexed by
+// the count (slopes/intercepts have size entries).
+struct Table {
+  const float* breakpoints;
+  const float* slopes;
+  const float* intercepts;
+  int32_t size;
+};
+
+SG_HD int32_t table_search(const Table& t, float x) {
+  int32_t idx = 0;
+  for (int32_t step = t.size >> 1; step > 0; step >>= 1)
+    idx += (x >= t.breakpoints[idx + step - 1]) ? step : 0;
+  return idx;
+}
+
+SG_HD float table_log_mask(const Table& t, float x) {
+  const int32_t i = table_search(t, x);
+  return clamp_log_mask(t.slopes[i] * x + t.intercepts[i]);
+}
+
+// h = exp(f(g)) * g, the meta-net's masked gradient (before the norm correction)
+SG_HD float masked(float log_mask, float g) { return exp_clamped(log_mask) * g; }
+
+// ------------------------------------------------------------------ updates
+// The Adam part, as shardgrok/reference.py's adamw_ orders it.
+SG_HD void adamw(float& p, float& m, float& v, float u, const Scalars& k) {
+  m = m * k.beta1 + u * k.one_minus_beta1;
+  v = v * k.beta2 + (u * u) * k.one_minus_beta2;
+  const float denom = __builtin_sqrtf(v) / k.sqrt_bc2 + k.eps;
+  p = p * k.decay;
+  p = p + k.step_size * (m / denom);
+}
+
+// GrokAdamW: g clipped, mu = a mu + (1 - a) g, AdamW on g + lamb mu.
+SG_HD void grokadamw_update(float& p, float g, float& m, float& v, float& mu, const Scalars& k) {
+  g = g * k.grad_scale;
+  mu = mu * k.alpha + g * k.one_minus_alpha;
+  adamw(p, m, v, g + k.amp * mu, k);
+}
+
+// SuperGrok: mu from the raw g, final = smart (+ lamb mu where the gate engaged), clipped.
+SG_HD void supergrok_update(float& p, float g, float h, float& m, float& v, float& mu,
+                            const Scalars& k) {
+  mu = mu * k.alpha + g * k.one_minus_alpha;
+  float final_ = h * k.smart_scale;
+  if (k.amp != 0.0f) final_ = final_ + k.amp * mu;
+  adamw(p, m, v, final_ * k.grad_scale, k);
+}
+
+}  // namespace sg
+
+#endif  // SHARDGROK_GROK_MATH_H

@@ -1,0 +1,98 @@
+"""The compiled step (csrc/) and the rule that picks a backend for each optimizer step.
+
+The rule, in one place. ``backend=`` on GrokAdamW/SuperGrok, else the environment variable
+``SHARDGROK_BACKEND``, else ``"auto"``:
+
+- ``"reference"``: the per-tensor PyTorch path (``shardgrok/reference.py``), the oracle the
+  kernel is tested against.
+- ``"kernel"``: the compiled two-call step; raises, saying why, when the kernel is not built or
+  cannot take one of this rank's tensors.
+- ``"auto"`` (default): the kernel when it is built and takes every local tensor, else the
+  reference, with one warning per optimizer saying why.
+
+The kernel takes contiguous fp32, bf16 and fp16 parameters (fp32 math) on the CPU; fp64, other
+devices (until the CUDA kernel lands) and non-contiguous parameters go to the reference.
+``SHARDGROK_CPU_ISA`` (``avx512``, ``avx2``, ``generic``) runs a lower instruction set than the
+best one the CPU has. ``python -m shardgrok.kernels`` reports what is built and in use.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+from . import build
+
+BACKENDS = ("auto", "kernel", "reference")
+ENV_BACKEND = "SHARDGROK_BACKEND"
+ENV_ISA = "SHARDGROK_CPU_ISA"
+
+_state: dict = {"tried": False, "ext": None, "reason": None, "origin": None}
+
+
+def choose_backend(backend: str | None) -> str:
+    """The keyword, else the environment variable, else "auto"; checked either way."""
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
+        source = ENV_BACKEND
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    return backend
+
+
+def cpu_extension():
+    """The CPU extension module, built or loaded on first use; None if it cannot be had (see
+    :func:`unavailable_reason`)."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        ext, origin, reason = None, None, None
+        try:
+            from .. import _C_cpu as ext  # ahead-of-time build (setup.py)
+            origin = "ahead-of-time build (shardgrok._C_cpu)"
+        except ImportError:
+            if not build.sources_present():
+                reason = (f"no ahead-of-time build and no C++ sources at {build.CSRC} to build "
+                          "from (install from a source checkout, or build ahead of time with "
+                          "SHARDGROK_BUILD_KERNELS=1)")
+            else:
+                try:
+                    ext = build.build_cpu()
+                    origin = "just-in-time build (torch.utils.cpp_extension)"
+                except Exception as e:  # no compiler, no ninja, a compile error
+                    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+                    reason = f"building it failed: {type(e).__name__}: {lines[-1] if lines else e}"
+        if ext is not None:
+            isa = os.environ.get(ENV_ISA)
+            if isa:
+                try:
+                    ext.set_isa(isa)
+                except RuntimeError as e:
+                    ext, reason = None, f"{ENV_ISA}={isa}: {str(e).splitlines()[0]}"
+        _state.update(ext=ext, reason=reason, origin=origin)
+    return _state["ext"]
+
+
+def unavailable_reason() -> str | None:
+    """Why the CPU kernel is not available (None when it is)."""
+    cpu_extension()
+    return _state["reason"]
+
+
+def status() -> dict:
+    """What is built and in use, for ``python -m shardgrok.kernels`` and bug reports."""
+    ext = cpu_extension()
+    return {
+        "cpu": {"available": ext is not None, "origin": _state["origin"],
+                "isa": ext.isa() if ext is not None else None,
+                "supported_isas": ext.supported_isas() if ext is not None else [],
+                "reason": _state["reason"]},
+        "cuda": {"available": False,
+                 "reason": "the CUDA kernel is not written yet (csrc/cuda/); CUDA tensors use "
+                           "the reference path"},
+        "default_backend": choose_backend(None),
+    }
+
+
+def warn_fallback(owner: str, reason: str, stacklevel: int = 4) -> None:
+    warnings.warn(f"{owner}: using the reference (PyTorch) step, not the compiled kernel: "
+                  f"{reason}", UserWarning, stacklevel=stacklevel)

@@ -1,0 +1,23 @@
+"""``python -m shardgrok.kernels``: what is built, which instruction set is in use, and why a
+backend is unavailable. Exit status 0 when the CPU kernel is available, 1 otherwise."""
+import sys
+
+from . import status
+
+
+def main() -> int:
+    s = status()
+    cpu = s["cpu"]
+    print(f"default backend: {s['default_backend']}")
+    if cpu["available"]:
+        print(f"cpu kernel: available ({cpu['origin']})")
+        print(f"  instruction set in use: {cpu['isa']} (supported here: "
+              f"{', '.join(cpu['supported_isas'])})")
+    else:
+        print(f"cpu kernel: unavailable: {cpu['reason']}")
+    print(f"cuda kernel: unavailable: {s['cuda']['reason']}")
+    return 0 if cpu["available"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Building the compiled step (csrc/) and finding it again.
+
+Just in time (the default): the first process that needs the kernel compiles it with
+``torch.utils.cpp_extension.load`` and ninja into ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``); later processes load the cached library. torchrun ranks that
+start together are safe: cpp_extension takes a lock file in the build directory, one rank builds
+and the others wait for it, then load the same library. The module name carries a digest of the
+sources, the flags and the torch version, so an edit or a torch upgrade builds afresh instead of
+loading a stale library.
+
+Ahead of time (opt-in): ``SHARDGROK_BUILD_KERNELS=1 pip install --no-build-isolation .`` (see
+setup.py) compiles ``shardgrok._C_cpu`` into the package; it is used when present.
+
+Compiler flags (the same for both): ``-O3``; ``-ffp-contract=off`` so no compiler fuses a
+multiply-add the reference does not, and every instruction-set path gives the same bits;
+``-fno-math-errno`` so sqrt vectorises; ``-fopenmp`` for ``at::parallel_for`` (the library
+then binds to the OpenMP runtime torch has loaded). Never ``-march=native``: the AVX2 and
+AVX-512 paths are compiled by ``#pragma GCC target`` in their own files and chosen at run time.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+
+import torch
+
+#: where the C++ sources are in a source checkout (an editable install)
+CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
+CPU_SOURCES = ("bindings.cpp", "cpu/dispatch.cpp", "cpu/isa_avx512.cpp", "cpu/isa_avx2.cpp",
+               "cpu/isa_generic.cpp")
+HEADERS = ("grok_math.h", "cpu/kernel.h", "cpu/loops.h", "cpu/dispatch.h")
+CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+
+def sources_present() -> bool:
+    return all((CSRC / f).is_file() for f in CPU_SOURCES + HEADERS)
+
+
+def digest() -> str:
+    h = hashlib.sha256()
+    for f in CPU_SOURCES + HEADERS:
+        h.update(f.encode())
+        h.update((CSRC / f).read_bytes())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:12]
+
+
+def build_cpu(verbose: bool = False):
+    """Compile (or load the cached) CPU extension; raises on any failure."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(
+        name=f"shardgrok_cpu_{digest()}",
+        sources=[str(CSRC / f) for f in CPU_SOURCES],
+        extra_cflags=CFLAGS,
+        extra_ldflags=LDFLAGS,
+        extra_include_paths=[str(CSRC)],
+        verbose=verbose or bool(os.environ.get("SHARDGROK_VERBOSE_BUILD")),
+    )
