@@ -41,6 +41,12 @@ def exact_supergrok(args):
 
 
 @scenario
+def exact_supergrok_nometa(args):
+    """Without meta-steps, which tests/oracle.py does not model: the run it is compared with."""
+    return S.run("supergrok", RANK, WORLD, shard=True, meta=False)
+
+
+@scenario
 def collectives(args):
     counts = {}
     for kind in S.KINDS:
@@ -160,7 +166,7 @@ def fault_in_step(args):
     except Exception as e:
         err = (type(e).__name__, str(e))
     elapsed = time.monotonic() - t0
-    unchanged = all(torch.equal(a, b) for a, b in zip(before, S.params(model)))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, S.params(model), strict=True))
     step_after = opt.get_global_step()
     S.train("supergrok", model, opt, range(2, 3), RANK, WORLD)  # the job can go on
     return {"error": err, "elapsed": elapsed, "unchanged": unchanged, "step_after": step_after,
@@ -191,7 +197,8 @@ def nonfinite(args):
                 err = type(ex).__name__
         out[policy] = {
             "error": err, "warned": any(issubclass(c.category, RuntimeWarning) for c in caught),
-            "unchanged": all(torch.equal(x, y) for x, y in zip(before, S.params(model))),
+            "unchanged": all(torch.equal(x, y)
+                             for x, y in zip(before, S.params(model), strict=True)),
             "state_unchanged": all(torch.equal(v, opt.state[w][k]) for k, v in state_before.items()),
             "global_step": opt.get_global_step(), "skipped": opt.get_state_summary()["skipped_steps"]}
     return out

@@ -76,7 +76,7 @@ def train(kind, engine, steps, rank=0, world=1, meta=True):
             opt.set_losses(train_loss=tl + d, val_loss=(1.2 + 0.02 * t) * tl - d)
         engine.step()
         rep = opt.get_state_summary()
-        record.append({k: rep.get(k) for k in ("last_clip_coefs", "gate_engaged", "alpha",
+        record.append({k: rep.get(k) for k in ("backend", "last_clip_coefs", "gate_engaged", "alpha",
                                                 "cached_alpha", "global_step")})
     return record
 
@@ -111,7 +111,7 @@ def oracle(kind: str, meta: bool = True, steps=range(S.STEPS)) -> dict:
         else:
             opt.step()
         rep = opt.get_state_summary()
-        record.append({k: rep.get(k) for k in ("last_clip_coefs", "gate_engaged", "alpha",
+        record.append({k: rep.get(k) for k in ("backend", "last_clip_coefs", "gate_engaged", "alpha",
                                                 "cached_alpha", "global_step")})
     return {"params": [p.detach().clone() for p in model.parameters()], "record": record}
 
@@ -126,6 +126,17 @@ def ds_exact(args):
             record = train(kind, engine, range(S.STEPS), Ctx.rank, Ctx.world)
             out[f"{kind}.{stage}"] = {"params": full_params(model, stage), "record": record,
                                       "sharded_state": _state_elements(engine)}
+    return out
+
+
+@scenario
+def ds_nometa(args):
+    """SuperGrok without meta-steps (tests/oracle.py has none), for the oracle comparison."""
+    out = {}
+    for stage in (2, 3):
+        model, engine = engine_for("supergrok", stage)
+        record = train("supergrok", engine, range(S.STEPS), Ctx.rank, Ctx.world, meta=False)
+        out[stage] = {"params": full_params(model, stage), "record": record}
     return out
 
 

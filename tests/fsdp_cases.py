@@ -58,7 +58,7 @@ def bf16_backward(model, t):
     x, y = batch(t, torch.float32)
     loss = ((low(x.to(torch.bfloat16)) - y) ** 2).mean() * 20
     loss.backward()
-    for p, q in zip(model.parameters(), low.parameters()):
+    for p, q in zip(model.parameters(), low.parameters(), strict=True):
         p.grad = None if q.grad is None else q.grad.float()
     return loss.item()
 
@@ -82,6 +82,18 @@ def fsdp1_exact(args):
     return {f"{kind}.orig{orig}": _run(kind, wrap=fsdp1(orig), dead=False, groups=S.one_group,
                                        read=fsdp1_params)
             for orig in (False, True) for kind in S.KINDS}
+
+
+@scenario
+def fsdp2_nometa(args):
+    """SuperGrok without meta-steps (tests/oracle.py has none), for the oracle comparison."""
+    return _run("supergrok", wrap=fsdp2(), meta=False)
+
+
+@scenario
+def fsdp1_nometa(args):
+    return _run("supergrok", wrap=fsdp1(False), dead=False, groups=S.one_group,
+                read=fsdp1_params, meta=False)
 
 
 @scenario

@@ -3,6 +3,7 @@ that steps an optimizer and the naive oracle side by side."""
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -56,8 +57,30 @@ def backward(model, step):
     return loss.item()
 
 
-def max_abs_diff(m1, m2):
-    return max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(m1.parameters(), m2.parameters()))
+def max_diff(a, b) -> float:
+    """Largest |x - y| over two lists of tensors, pairwise. The lists must be equally long and the
+    pairs equally shaped (a short list or a broadcast would compare only part of a run). Any NaN
+    or Inf, on either side, gives inf: nothing these tests compare may be non-finite, and a run
+    and its reference that broke the same way have not agreed."""
+    a, b = list(a), list(b)
+    assert len(a) == len(b), f"comparing {len(a)} tensors with {len(b)}"
+    assert a, "nothing to compare"
+    worst = 0.0
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        x, y = x.detach(), y.detach()
+        assert x.shape == y.shape, f"tensor {i}: shape {tuple(x.shape)} vs {tuple(y.shape)}"
+        if not (bool(x.isfinite().all()) and bool(y.isfinite().all())):
+            return math.inf
+        if x.numel():
+            worst = max(worst, float((x - y).abs().max()))
+    return worst
+
+
+def max_abs_diff(m1, m2) -> float:
+    """max_diff over two modules' parameters, which must have the same names in the same order."""
+    n1, n2 = dict(m1.named_parameters()), dict(m2.named_parameters())
+    assert list(n1) == list(n2), f"parameter names differ: {list(n1)} vs {list(n2)}"
+    return max_diff(n1.values(), n2.values())
 
 
 def clone(model):

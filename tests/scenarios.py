@@ -16,6 +16,7 @@ import torch
 
 import shardgrok
 from helpers import backward, batch, toy, two_groups
+from oracle import NaiveGrokAdamW, NaiveSuperGrok
 
 DTYPE = torch.float32
 STEPS = 20
@@ -78,7 +79,7 @@ def train(kind: str, model, opt, steps, rank: int = 0, world: int = 1, meta: boo
             else:
                 opt.step()
         rep = opt.get_state_summary()
-        record.append({k: rep.get(k) for k in ("last_clip_coefs", "gate_engaged", "alpha",
+        record.append({k: rep.get(k) for k in ("backend", "last_clip_coefs", "gate_engaged", "alpha",
                                                 "cached_alpha", "avg_mu_norm", "global_step")})
     return record
 
@@ -101,6 +102,37 @@ def run(kind: str, rank: int = 0, world: int = 1, shard: bool = False, *, wrap=N
     opt = make(kind, module, rank, world, shard, **kw)
     record = train(kind, module, opt, range(STEPS), rank, world, meta, backward_fn)
     return {"params": read(module), "record": record}
+
+
+def naive_run(kind: str, *, dead: bool = True, groups=default_groups, signal: bool = True,
+              dtype=torch.float64) -> dict:
+    """``run(kind, meta=False)`` (or, ``signal=False``, a GrokAdamW without a signal function) by
+    the independent oracle of tests/oracle.py in ``dtype``: the same fp32 initial weights, fp32
+    batches and meta-net, cast; the rank-averaged signal and losses of ``make``/``train``."""
+    model = toy(DTYPE, dead=dead).to(dtype)
+    common = dict(lr=1e-2, gradient_clipping=0.5)
+    if kind == "grokadamw":
+        opt = NaiveGrokAdamW(groups(model), **common)
+    else:
+        torch.manual_seed(7)  # make()'s seed for the default meta-net
+        net = shardgrok.SimpleMetaNet(hidden_dim=8).to(dtype)
+        opt = NaiveSuperGrok(groups(model), net, warmup_steps=5, **common)
+    gates, clips = [], []
+    for t in range(STEPS):
+        # batch() draws different numbers per dtype: draw the runs' fp32 ones
+        x, y = (v.to(dtype) for v in batch(t, DTYPE))
+        model.zero_grad(set_to_none=True)
+        loss = ((model(x) - y) ** 2).mean() * 20
+        loss.backward()
+        tl = loss.item()
+        if kind == "grokadamw":
+            opt.step(signal=0.5 + 0.1 * t if signal else None)
+        else:
+            opt.step(**(dict(train_loss=tl, val_loss=(1.2 + 0.02 * t) * tl) if t % 4 == 0 else {}))
+            gates.append(list(opt.gates))
+            clips.append(list(opt.clips))
+    return {"params": [p.detach().clone() for p in model.parameters()], "gates": gates,
+            "clips": clips}
 
 
 # ---------------------------------------------------------------- checkpoints

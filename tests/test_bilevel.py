@@ -45,7 +45,7 @@ def test_meta_gradient_matches_finite_differences():
     loss = opt.meta_gradient(val_closure)
     assert loss == pytest.approx(F(), rel=1e-12)  # it returns the look-ahead loss
     # parameters and training gradients are left exactly as they were
-    for p, p0, g0 in zip(model.parameters(), params0, grads0):
+    for p, p0, g0 in zip(model.parameters(), params0, grads0, strict=True):
         assert torch.equal(p, p0)
         assert (p.grad is None and g0 is None) or torch.equal(p.grad, g0)
 
@@ -74,7 +74,7 @@ def test_meta_steps_train_the_meta_net_and_lower_the_objective():
     for _ in range(15):
         opt.meta_step(val_closure)
     after = F()
-    assert any(not torch.equal(a, b) for a, b in zip(w0, opt.meta_net.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(w0, opt.meta_net.parameters(), strict=True))
     assert after < before - 1e-4, (before, after)
 
 

@@ -55,12 +55,12 @@ def test_resume_is_exact(kind):
     assert o3.get_global_step() == 6
     if kind == "supergrok":
         assert o3.get_cached_alpha() == o2.get_cached_alpha() != o3.param_groups[0]["alpha_init"]
-        for a, b in zip(o3.meta_net.parameters(), o2.meta_net.parameters()):
+        for a, b in zip(o3.meta_net.parameters(), o2.meta_net.parameters(), strict=True):
             assert torch.equal(a, b)
     _train(kind, m3, o3, range(6, 12))
     assert max_abs_diff(m1, m3) == 0.0
     if kind == "supergrok":
-        for a, b in zip(o1.meta_net.parameters(), o3.meta_net.parameters()):
+        for a, b in zip(o1.meta_net.parameters(), o3.meta_net.parameters(), strict=True):
             assert torch.equal(a, b)
 
 
@@ -223,11 +223,11 @@ def test_meta_optimizer_state_exists_before_the_first_meta_step():
     lazy = torch.optim.Adam(lazy_net.parameters(), lr=1e-2)
     assert all(len(opt.meta_optimizer.state[p]) == 3 for p in net.parameters())
     for _ in range(3):
-        for p, q in zip(net.parameters(), lazy_net.parameters()):
+        for p, q in zip(net.parameters(), lazy_net.parameters(), strict=True):
             p.grad = torch.full_like(p, 0.5)
             q.grad = torch.full_like(q, 0.5)
         opt.meta_optimizer.step()
         lazy.step()
-    for p, q in zip(net.parameters(), lazy_net.parameters()):
+    for p, q in zip(net.parameters(), lazy_net.parameters(), strict=True):
         assert torch.equal(p, q)
         assert opt.meta_optimizer.state[p].keys() == lazy.state[q].keys()

@@ -122,7 +122,7 @@ def test_nonfinite_skip_policy(kind, bad):
         else:
             _step(kind, opt)
     after = _snapshot(model, opt)
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert opt.get_global_step() == 3 and opt.get_state_summary()["skipped_steps"] == 1
     assert opt.get_state_summary().get("cached_alpha") == alpha
     # the next clean step proceeds normally
@@ -142,7 +142,7 @@ def test_nonfinite_raise_policy(kind):
     before = _snapshot(model, opt)
     with pytest.raises(FloatingPointError, match=r"non-finite gradient in parameter tensor\(s\) #2 \(7,\)"):
         _step(kind, opt)
-    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt)))
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt), strict=True))
 
 
 def test_signal_exception_is_chained_in_raise_mode():

@@ -276,6 +276,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         if new_round:  # DeepSpeed calls step() once per param group: count the first call
             self._global_step += 1
         table, self._last_report = self._decide(info, stats, present, values, steps)
+        self._last_report["backend"] = "kernel" if plan is not None else "reference"
         if plan is not None:
             self._kernel_phase2(plan, table, aux)
         else:
