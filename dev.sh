@@ -17,8 +17,8 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || constraints.txt -nt "$stam
   touch "$stamp"
 fi
 
-# DeepSpeed JIT-builds a communication op on its first start (about 30 s); every later process
-# reuses it from here.
+# DeepSpeed JIT-builds a communication op on its first start (about 30 s) and shardgrok its CPU
+# kernel (about a minute on 2 cores); every later process reuses them from here.
 case "$VENV" in /*) venv_dir="$VENV" ;; *) venv_dir="$PWD/$VENV" ;; esac
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$venv_dir/torch_extensions}"
 
@@ -26,6 +26,11 @@ cmd="${1:-}"
 shift || true
 case "$cmd" in
   demo) exec "$PY" -m shardgrok.demo "$@" ;;
-  test) exec "$PY" -m pytest -q "$@" ;;
+  test)
+    # Build the compiled step first (cached with the comm op above) and require it: every test
+    # then runs on the kernel wherever it takes the tensors.
+    "$PY" -m shardgrok.kernels
+    export SHARDGROK_REQUIRE_KERNEL=1
+    exec "$PY" -m pytest -q "$@" ;;
   *) echo "usage: ./dev.sh demo|test [args]" >&2; exit 2 ;;
 esac

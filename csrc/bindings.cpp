@@ -102,6 +102,7 @@ class Plan {
     for (const at::Tensor& t : sources_) source_ptrs_.push_back(t.data_ptr());
     for (const PlanSegment& s : segs_) {
       const at::Tensor& src = sources_[s.source];
+      if (s.numel == 0) continue;  // an empty view has no data pointer, and nothing to update
       TORCH_CHECK(s.param.data_ptr() == static_cast<char*>(src.data_ptr()) + s.offset * src.element_size(),
                   "a segment's parameter view must lie in its source at its offset");
     }
@@ -385,6 +386,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("hs") = py::none(), py::arg("breakpoints") = py::none(),
            py::arg("slopes") = py::none(), py::arg("intercepts") = py::none(),
            py::arg("table_size") = 0);
+#ifdef SHARDGROK_DIGEST  // of the sources it was built from (build.py), unquoted on the command line
+#define SG_STRINGIFY2(x) #x
+#define SG_STRINGIFY(x) SG_STRINGIFY2(x)
+  m.attr("digest") = SG_STRINGIFY(SHARDGROK_DIGEST);
+#else
+  m.attr("digest") = "";
+#endif
   m.attr("N_COLUMNS") = (int)sg::N_COLUMNS;
   m.attr("N_STATS") = (int)sg::N_STATS;
   m.attr("CHUNK") = sg::cpu::CHUNK;

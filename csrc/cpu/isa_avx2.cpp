@@ -4,6 +4,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #pragma GCC target("avx2,f16c,bmi2")
+#define SG_ISA_AVX2
 #include "loops.h"
 sg::cpu::Kernels sg::cpu::kernels_avx2() { return {run_phase1, run_phase2}; }
 #else

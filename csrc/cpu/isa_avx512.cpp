@@ -4,6 +4,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c,bmi2,prefer-vector-width=512")
+#define SG_ISA_AVX512
 #include "loops.h"
 sg::cpu::Kernels sg::cpu::kernels_avx512() { return {run_phase1, run_phase2}; }
 #else

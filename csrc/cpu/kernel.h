@@ -4,6 +4,9 @@
 #define SHARDGROK_CPU_KERNEL_H
 
 #include <stdint.h>
+#if defined(__x86_64__)
+#include <immintrin.h>  // before any target pragma: the intrinsics carry their own targets
+#endif
 
 #include "../grok_math.h"
 

@@ -68,20 +68,54 @@ void stage_masked(const Job& job, const Segment& s, int64_t at, int64_t n, float
                   float* __restrict h) {
   typedef Storage<GD> G;
   const typename G::T* __restrict g = static_cast<const typename G::T*>(s.grad) + at;
-  for (int e = 0; e < BLOCK; ++e) x[e] = e < n ? G::load(g[e]) : 0.0f;
+  for (int e = 0; e < n; ++e) x[e] = G::load(g[e]);
+  for (int e = (int)n; e < BLOCK; ++e) x[e] = 0.0f;
   if (s.h != nullptr) {
     const float* __restrict given = s.h + at;
-    for (int e = 0; e < BLOCK; ++e) h[e] = e < n ? given[e] : 0.0f;
+    for (int e = 0; e < n; ++e) h[e] = given[e];
+    for (int e = (int)n; e < BLOCK; ++e) h[e] = 0.0f;
     return;
   }
   const float* __restrict bp = job.table.breakpoints;
   const float* __restrict slope = job.table.slopes;
   const float* __restrict icpt = job.table.intercepts;
+  const int32_t size = job.table.size;
+#if defined(SG_ISA_AVX512)  // set by isa_avx512.cpp: GCC defines no feature macros under a target pragma
+  // the same search as table_search, 16 lanes at a time with hardware gathers (GCC's generic
+  // tuning would emulate them element by element)
+  // masked form with a zero source: the plain one trips GCC 12's -Wmaybe-uninitialized
+#define SG_GATHER16(i, base) _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, (i), (base), 4)
+  for (int e = 0; e < BLOCK; e += 16) {
+    const __m512 xv = _mm512_load_ps(x + e);
+    __m512i idx = _mm512_setzero_si512();
+    for (int32_t step = size >> 1; step > 0; step >>= 1) {
+      const __m512 b = SG_GATHER16(_mm512_add_epi32(idx, _mm512_set1_epi32(step - 1)), bp);
+      idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(xv, b, _CMP_GE_OQ), idx,
+                                  _mm512_set1_epi32(step));
+    }
+    const __m512 sl = SG_GATHER16(idx, slope), ic = SG_GATHER16(idx, icpt);
+    _mm512_store_ps(h + e, _mm512_add_ps(_mm512_mul_ps(sl, xv), ic));
+  }
+#undef SG_GATHER16
+#elif defined(SG_ISA_AVX2)
+  for (int e = 0; e < BLOCK; e += 8) {
+    const __m256 xv = _mm256_load_ps(x + e);
+    __m256i idx = _mm256_setzero_si256();
+    for (int32_t step = size >> 1; step > 0; step >>= 1) {
+      const __m256 b = _mm256_i32gather_ps(bp, _mm256_add_epi32(idx, _mm256_set1_epi32(step - 1)), 4);
+      const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(xv, b, _CMP_GE_OQ));
+      idx = _mm256_add_epi32(idx, _mm256_and_si256(ge, _mm256_set1_epi32(step)));
+    }
+    const __m256 sl = _mm256_i32gather_ps(slope, idx, 4), ic = _mm256_i32gather_ps(icpt, idx, 4);
+    _mm256_store_ps(h + e, _mm256_add_ps(_mm256_mul_ps(sl, xv), ic));
+  }
+#else
   int32_t idx[BLOCK];
   for (int e = 0; e < BLOCK; ++e) idx[e] = 0;
-  for (int32_t step = job.table.size >> 1; step > 0; step >>= 1)
+  for (int32_t step = size >> 1; step > 0; step >>= 1)
     for (int e = 0; e < BLOCK; ++e) idx[e] += (x[e] >= bp[idx[e] + step - 1]) ? step : 0;
   for (int e = 0; e < BLOCK; ++e) h[e] = slope[idx[e]] * x[e] + icpt[idx[e]];
+#endif
   for (int e = 0; e < BLOCK; ++e) h[e] = masked(clamp_log_mask(h[e]), x[e]);
 }
 
@@ -89,26 +123,37 @@ template <int GD, int SD>
 void supergrok_phase1(const Job& job, const Segment& s, int64_t b, int64_t n, double* out) {
   typedef Storage<SD> S;
   const typename S::T* mu = static_cast<const typename S::T*>(s.mu);
-  double acc[N_STATS][LANES];
-  for (int q = 0; q < N_STATS; ++q)
-    for (int j = 0; j < LANES; ++j) acc[q][j] = 0.0;
+  // GCC vector types: one 8-double "lane group" per sum, the same per-lane operations on every
+  // target (one zmm, two ymm or four xmm registers)
+  typedef double v8d __attribute__((vector_size(64)));
+  typedef float v8f __attribute__((vector_size(32)));
+  v8d acc[N_STATS] = {};
   alignas(64) float x[BLOCK], h[BLOCK], u[BLOCK];
   for (int64_t at = b; at < b + n; at += BLOCK) {
     const int64_t len = (b + n - at) < BLOCK ? (b + n - at) : BLOCK;
     stage_masked<GD>(job, s, at, len, x, h);
-    for (int e = 0; e < BLOCK; ++e) u[e] = e < len ? S::load(mu[at + e]) : 0.0f;
-    for (int i = 0; i < BLOCK; i += LANES)
-      for (int j = 0; j < LANES; ++j) {
-        const double dg = x[i + j], dh = h[i + j], du = u[i + j];
-        acc[ST_GRAD_SQ][j] += dg * dg;
-        acc[ST_H_SQ][j] += dh * dh;
-        acc[ST_H_MU][j] += dh * du;
-        acc[ST_H_GRAD][j] += dh * dg;
-        acc[ST_MU_SQ][j] += du * du;
-        acc[ST_MU_GRAD][j] += du * dg;
-      }
+    for (int e = 0; e < len; ++e) u[e] = S::load(mu[at + e]);
+    for (int e = (int)len; e < BLOCK; ++e) u[e] = 0.0f;
+    for (int i = 0; i < BLOCK; i += LANES) {
+      v8f xf, hf, uf;
+      __builtin_memcpy(&xf, x + i, sizeof xf);
+      __builtin_memcpy(&hf, h + i, sizeof hf);
+      __builtin_memcpy(&uf, u + i, sizeof uf);
+      const v8d dg = __builtin_convertvector(xf, v8d), dh = __builtin_convertvector(hf, v8d),
+                du = __builtin_convertvector(uf, v8d);
+      acc[ST_GRAD_SQ] += dg * dg;
+      acc[ST_H_SQ] += dh * dh;
+      acc[ST_H_MU] += dh * du;
+      acc[ST_H_GRAD] += dh * dg;
+      acc[ST_MU_SQ] += du * du;
+      acc[ST_MU_GRAD] += du * dg;
+    }
   }
-  for (int q = 0; q < N_STATS; ++q) out[q] = combine(acc[q]);
+  for (int q = 0; q < N_STATS; ++q) {
+    double lanes[LANES];
+    __builtin_memcpy(lanes, &acc[q], sizeof lanes);
+    out[q] = combine(lanes);
+  }
 }
 
 template <int PD, int GD, int SD>

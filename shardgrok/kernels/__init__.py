@@ -49,7 +49,13 @@ def cpu_extension():
         try:
             from .. import _C_cpu as ext  # ahead-of-time build (setup.py)
             origin = "ahead-of-time build (shardgrok._C_cpu)"
+            if build.sources_present() and ext.digest != build.digest():
+                warnings.warn("shardgrok._C_cpu was built from other sources than the csrc/ "
+                              "next to it; building those just in time instead", UserWarning)
+                ext = None
         except ImportError:
+            pass
+        if ext is None:
             if not build.sources_present():
                 reason = (f"no ahead-of-time build and no C++ sources at {build.CSRC} to build "
                           "from (install from a source checkout, or build ahead of time with "

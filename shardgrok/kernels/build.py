@@ -30,8 +30,8 @@ CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("bindings.cpp", "cpu/dispatch.cpp", "cpu/isa_avx512.cpp", "cpu/isa_avx2.cpp",
                "cpu/isa_generic.cpp")
 HEADERS = ("grok_math.h", "cpu/kernel.h", "cpu/loops.h", "cpu/dispatch.h")
-CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp")
+LDFLAGS = ("-fopenmp",)  # tuples: cpp_extension appends to the lists it is given
 
 
 def sources_present() -> bool:
@@ -48,15 +48,22 @@ def digest() -> str:
     return h.hexdigest()[:12]
 
 
+def digest_flag(d: str) -> str:
+    """Baked into the library, so a stale ahead-of-time build is recognised (not part of the
+    digest itself)."""
+    return f"-DSHARDGROK_DIGEST={d}"
+
+
 def build_cpu(verbose: bool = False):
     """Compile (or load the cached) CPU extension; raises on any failure."""
     from torch.utils import cpp_extension
 
+    d = digest()
     return cpp_extension.load(
-        name=f"shardgrok_cpu_{digest()}",
+        name=f"shardgrok_cpu_{d}",
         sources=[str(CSRC / f) for f in CPU_SOURCES],
-        extra_cflags=CFLAGS,
-        extra_ldflags=LDFLAGS,
+        extra_cflags=[*CFLAGS, digest_flag(d)],
+        extra_ldflags=list(LDFLAGS),
         extra_include_paths=[str(CSRC)],
         verbose=verbose or bool(os.environ.get("SHARDGROK_VERBOSE_BUILD")),
     )
