@@ -51,6 +51,8 @@ class GrokOptimizerBase(torch.optim.Optimizer):
 
     #: csrc kind code of this optimizer's kernel
     KERNEL_KIND = -1
+    #: what else than the gradient itself can make a tensor's sums non-finite
+    NONFINITE_NOTE = ""
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, nonfinite: str = "skip",
                  shard: bool | None = None, process_group=None, backend: str | None = None):
@@ -332,7 +334,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         rows = (~torch.isfinite(stats)).any(1).nonzero().flatten().tolist()
         if rows:
             where = ", ".join(f"#{i} {shapes.get(i, '')}".strip() for i in rows[:8])
-            return f"non-finite gradient in parameter tensor(s) {where}"
+            return f"non-finite gradient in parameter tensor(s) {where}{self.NONFINITE_NOTE}"
         return "a non-finite input on another rank"
 
     def _reject(self, reason: str, cause: BaseException | None) -> None:

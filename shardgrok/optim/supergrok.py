@@ -79,6 +79,8 @@ class SuperGrok(GrokOptimizerBase):
     SPECS = SUPERGROK_SPECS
     STATS = R.SUPERGROK_STATS
     KERNEL_KIND = 1  # csrc/cpu/kernel.h: SUPERGROK
+    NONFINITE_NOTE = (" (or its masked form exp(f(g)) * g, which overflows float32 once "
+                      "|g| > ~7e29 where the meta-net's log-mask reaches its clamp of 20)")
     N_VALUES = 4  # train-loss sum and count, val-loss sum and count
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
