@@ -785,3 +785,26 @@ def test_sparse_gradient_raises(ext, name):
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
     assert torch.equal(emb.weight.detach(), before)
+
+
+def test_every_instruction_set_bitwise_for_every_table_size(isa_restored):
+    """The AVX-512 search keeps tables of up to 16, 64 and 128 entries in registers (different
+    code for each) and gathers above; every size must give the generic path's bits."""
+    ext = isa_restored
+    sizes_seen = set()
+    for hidden in (1, 2, 4, 8, 16, 32, 64):
+        torch.manual_seed(hidden)
+        net = SimpleMetaNet(hidden)
+        with torch.no_grad():
+            for w in net.net.parameters():
+                w.normal_()
+        sizes_seen.add(kernel_arrays(build_table(net)).breakpoints.numel())
+        out = {}
+        for isa in ext.supported_isas():
+            ext.set_isa(isa)
+            params, opt = run("supergrok", "kernel", [ext.CHUNK + 7, 5], 2, net=net)
+            out[isa] = [t.clone() for _, t in tensors_of(params, opt)]
+        for isa, got in out.items():
+            for i, (a, b) in enumerate(zip(out["generic"], got, strict=True)):
+                assert torch.equal(a, b), f"H={hidden}, tensor {i}: {isa} differs from generic"
+    assert min(sizes_seen) <= 16 and {32, 64, 128} & sizes_seen and max(sizes_seen) > 128, sizes_seen

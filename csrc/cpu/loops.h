@@ -81,22 +81,63 @@ void stage_masked(const Job& job, const Segment& s, int64_t at, int64_t n, float
   const float* __restrict icpt = job.table.intercepts;
   const int32_t size = job.table.size;
 #if defined(SG_ISA_AVX512)  // set by isa_avx512.cpp: GCC defines no feature macros under a target pragma
-  // the same search as table_search, 16 lanes at a time with hardware gathers (GCC's generic
-  // tuning would emulate them element by element)
-  // masked form with a zero source: the plain one trips GCC 12's -Wmaybe-uninitialized
-#define SG_GATHER16(i, base) _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, (i), (base), 4)
-  for (int e = 0; e < BLOCK; e += 16) {
-    const __m512 xv = _mm512_load_ps(x + e);
-    __m512i idx = _mm512_setzero_si512();
-    for (int32_t step = size >> 1; step > 0; step >>= 1) {
-      const __m512 b = SG_GATHER16(_mm512_add_epi32(idx, _mm512_set1_epi32(step - 1)), bp);
-      idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(xv, b, _CMP_GE_OQ), idx,
-                                  _mm512_set1_epi32(step));
+  // The same search as table_search, 16 lanes at a time, with no memory gather for tables of
+  // up to 128 entries: the levels of step >= 8 probe only every 8th breakpoint, which fit in one
+  // register (a permute); the last three levels and the piece look up the whole array held in
+  // up to 8 registers (two-register permutes, blended by the index's high bits). Larger tables
+  // use hardware gathers (GCC's generic tuning would emulate those element by element).
+  if (size <= 128) {
+    const int32_t regs = size <= 16 ? 1 : size / 16;
+    __m512 bpr[8], slr[8], icr[8];
+    for (int32_t r = 0; r < regs; ++r) {
+      const int32_t left = size - 16 * r;  // entries of the array in this register
+      const __mmask16 m = (__mmask16)(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+      bpr[r] = _mm512_maskz_loadu_ps(m, bp + 16 * r);
+      slr[r] = _mm512_maskz_loadu_ps(m, slope + 16 * r);
+      icr[r] = _mm512_maskz_loadu_ps(m, icpt + 16 * r);
     }
-    const __m512 sl = SG_GATHER16(idx, slope), ic = SG_GATHER16(idx, icpt);
-    _mm512_store_ps(h + e, _mm512_add_ps(_mm512_mul_ps(sl, xv), ic));
-  }
+    // pivots: breakpoints 7, 15, 23, ...
+    alignas(64) float piv[16] = {};
+    for (int32_t k = 0; 8 * k + 7 < size && k < 16; ++k) piv[k] = bp[8 * k + 7];
+    const __m512 pivv = _mm512_load_ps(piv);
+    const auto lookup = [regs](const __m512* r, __m512i i) SG_LOOKUP_TARGET {
+      if (regs == 1) return _mm512_permutexvar_ps(i, r[0]);
+      __m512 pair[4];
+      for (int32_t q = 0; 2 * q < regs; ++q) pair[q] = _mm512_permutex2var_ps(r[2 * q], i, r[2 * q + 1]);
+      if (regs == 2) return pair[0];
+      const __m512 lo = _mm512_mask_blend_ps(_mm512_test_epi32_mask(i, _mm512_set1_epi32(32)), pair[0], pair[1]);
+      if (regs == 4) return lo;
+      const __m512 hi = _mm512_mask_blend_ps(_mm512_test_epi32_mask(i, _mm512_set1_epi32(32)), pair[2], pair[3]);
+      return _mm512_mask_blend_ps(_mm512_test_epi32_mask(i, _mm512_set1_epi32(64)), lo, hi);
+    };
+    for (int e = 0; e < BLOCK; e += 16) {
+      const __m512 xv = _mm512_load_ps(x + e);
+      __m512i idx = _mm512_setzero_si512();
+      for (int32_t step = size >> 1; step > 0; step >>= 1) {
+        const __m512i probe = _mm512_add_epi32(idx, _mm512_set1_epi32(step - 1));
+        const __m512 b = step >= 8 ? _mm512_permutexvar_ps(_mm512_srli_epi32(probe, 3), pivv)
+                                   : lookup(bpr, probe);
+        idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(xv, b, _CMP_GE_OQ), idx,
+                                    _mm512_set1_epi32(step));
+      }
+      _mm512_store_ps(h + e, _mm512_add_ps(_mm512_mul_ps(lookup(slr, idx), xv), lookup(icr, idx)));
+    }
+  } else {
+    // masked gathers with a zero source: the plain ones trip GCC 12's -Wmaybe-uninitialized
+#define SG_GATHER16(i, base) _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, (i), (base), 4)
+    for (int e = 0; e < BLOCK; e += 16) {
+      const __m512 xv = _mm512_load_ps(x + e);
+      __m512i idx = _mm512_setzero_si512();
+      for (int32_t step = size >> 1; step > 0; step >>= 1) {
+        const __m512 b = SG_GATHER16(_mm512_add_epi32(idx, _mm512_set1_epi32(step - 1)), bp);
+        idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(xv, b, _CMP_GE_OQ), idx,
+                                    _mm512_set1_epi32(step));
+      }
+      const __m512 sl = SG_GATHER16(idx, slope), ic = SG_GATHER16(idx, icpt);
+      _mm512_store_ps(h + e, _mm512_add_ps(_mm512_mul_ps(sl, xv), ic));
+    }
 #undef SG_GATHER16
+  }
 #elif defined(SG_ISA_AVX2)
   for (int e = 0; e < BLOCK; e += 8) {
     const __m256 xv = _mm256_load_ps(x + e);
