@@ -139,15 +139,49 @@ void stage_masked(const Job& job, const Segment& s, int64_t at, int64_t n, float
 #undef SG_GATHER16
   }
 #elif defined(SG_ISA_AVX2)
+  // 8 lanes: tables of up to 16 entries in two registers (permutes, blended by index bit 3);
+  // larger ones look the levels of step >= size / 8 up in 8 pivots (breakpoints size/8 - 1,
+  // 2 size/8 - 1, ...) held in a register, and the rest by hardware gathers.
+  const int32_t stride = size <= 16 ? 16 : size / 8;
+  __m256 lo[3], hi[3];  // breakpoints, slopes, intercepts: entries 0-7 and 8-15
+  const float* arrays[3] = {bp, slope, icpt};
+  for (int a = 0; a < 3; ++a) {
+    alignas(32) float buf[16] = {};
+    for (int32_t i = 0; i < size && i < 16; ++i) buf[i] = arrays[a][i];
+    lo[a] = _mm256_load_ps(buf);
+    hi[a] = _mm256_load_ps(buf + 8);
+  }
+  alignas(32) float piv[8] = {};
+  for (int32_t k = 0; k < 8 && stride * k + stride - 1 < size; ++k) piv[k] = bp[stride * k + stride - 1];
+  const __m256 pivv = _mm256_load_ps(piv);
+  int shift = 0;
+  while ((1 << shift) < stride) ++shift;
   for (int e = 0; e < BLOCK; e += 8) {
     const __m256 xv = _mm256_load_ps(x + e);
     __m256i idx = _mm256_setzero_si256();
     for (int32_t step = size >> 1; step > 0; step >>= 1) {
-      const __m256 b = _mm256_i32gather_ps(bp, _mm256_add_epi32(idx, _mm256_set1_epi32(step - 1)), 4);
+      const __m256i probe = _mm256_add_epi32(idx, _mm256_set1_epi32(step - 1));
+      __m256 b;
+      if (size <= 16) {
+        const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(probe, 3), 31));
+        b = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo[0], probe), _mm256_permutevar8x32_ps(hi[0], probe), bit3);
+      } else if (step >= stride) {
+        b = _mm256_permutevar8x32_ps(pivv, _mm256_srli_epi32(probe, shift));
+      } else {
+        b = _mm256_i32gather_ps(bp, probe, 4);
+      }
       const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(xv, b, _CMP_GE_OQ));
       idx = _mm256_add_epi32(idx, _mm256_and_si256(ge, _mm256_set1_epi32(step)));
     }
-    const __m256 sl = _mm256_i32gather_ps(slope, idx, 4), ic = _mm256_i32gather_ps(icpt, idx, 4);
+    __m256 sl, ic;
+    if (size <= 16) {
+      const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(idx, 3), 31));
+      sl = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo[1], idx), _mm256_permutevar8x32_ps(hi[1], idx), bit3);
+      ic = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo[2], idx), _mm256_permutevar8x32_ps(hi[2], idx), bit3);
+    } else {
+      sl = _mm256_i32gather_ps(slope, idx, 4);
+      ic = _mm256_i32gather_ps(icpt, idx, 4);
+    }
     _mm256_store_ps(h + e, _mm256_add_ps(_mm256_mul_ps(sl, xv), ic));
   }
 #else

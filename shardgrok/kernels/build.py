@@ -13,7 +13,8 @@ setup.py) compiles ``shardgrok._C_cpu`` into the package; it is used when presen
 
 Compiler flags (the same for both): ``-O3``; ``-ffp-contract=off`` so no compiler fuses a
 multiply-add the reference does not, and every instruction-set path gives the same bits;
-``-fno-math-errno`` so sqrt vectorises; ``-fopenmp`` for ``at::parallel_for`` (the library
+``-fno-math-errno`` so sqrt vectorises; ``-fno-trapping-math`` so
+the clamp's selects vectorise for AVX2 and SSE2 (no value changes: nothing here traps); ``-fopenmp`` for ``at::parallel_for`` (the library
 then binds to the OpenMP runtime torch has loaded). Never ``-march=native``: the AVX2 and
 AVX-512 paths are compiled by ``#pragma GCC target`` in their own files and chosen at run time.
 """
@@ -30,7 +31,7 @@ CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("bindings.cpp", "cpu/dispatch.cpp", "cpu/isa_avx512.cpp", "cpu/isa_avx2.cpp",
                "cpu/isa_generic.cpp")
 HEADERS = ("grok_math.h", "cpu/kernel.h", "cpu/loops.h", "cpu/dispatch.h")
-CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp")
+CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp")
 LDFLAGS = ("-fopenmp",)  # tuples: cpp_extension appends to the lists it is given
 
 

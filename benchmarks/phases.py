@@ -1,0 +1,85 @@
+"""Where a kernel step's time goes: phase 1 alone, phase 1 + phase 2 (the two kernel calls,
+with a fixed scalar table), and the whole ``step()``, against torch AdamW(fused=True) in the
+same run. The rest of a step (the table of decisions, the step counters, the reduction buffer)
+is the whole step minus the two calls.
+
+    python benchmarks/phases.py [--size 10M/100] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import shardgrok
+import shardgrok.reference as R
+
+
+def median_ms(fn, n=15):
+    fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def scalar_table(n):
+    """An ordinary row (lr 1e-3, betas (0.9, 0.999), step 1) for every tensor."""
+    t = torch.zeros(n, len(R.COLUMNS), dtype=torch.float64)
+    for name, v in dict(grad_scale=1.0, alpha=0.98, one_minus_alpha=0.02, amp=2.0, smart_scale=1.0,
+                        beta1=0.9, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=1e-3,
+                        sqrt_bc2=0.0316, eps=1e-8, decay=1 - 1e-5, step_size=-1e-2).items():
+        t[:, R.COL[name]] = v
+    return t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="10M/100", help="params/tensors, e.g. 10M/100 or 1M/300")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args(argv)
+    total, n = args.size.split("/")
+    total = int(float(total.rstrip("Mk")) * (1e6 if total.endswith("M") else 1e3 if total.endswith("k") else 1))
+    n = int(n)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(total // n) * 1e-2) for _ in range(n)]
+    for p in ps:
+        p.grad = torch.randn_like(p) * 1e-2
+    print(f"{args.size} fp32, {args.threads} threads, kernel {shardgrok.kernels.status()['cpu']['isa']}")
+    f = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in ps], fused=True)
+    for q, p in zip(f.param_groups[0]["params"], ps):
+        q.grad = p.grad.clone()
+    fused = median_ms(f.step)
+    print(f"  torch AdamW fused step                  {fused:7.2f} ms")
+    table = scalar_table(n)
+    cases = [("GrokAdamW", shardgrok.GrokAdamW(ps, backend="kernel"), None)]
+    for label, trained in (("SuperGrok, default init", False), ("SuperGrok, trained-like", True)):
+        opt = shardgrok.SuperGrok(ps, backend="kernel", warmup_steps=0)
+        if trained:  # weights N(0, 1): ~60-70 breakpoints, a 128-entry table
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for w in opt.meta_net.net.parameters():
+                    w.copy_(torch.randn(w.shape, generator=gen))
+        cases.append((label, opt, dict(train_loss=1.0, val_loss=1.5)))
+    for label, opt, losses in cases:
+        step = (lambda o=opt, kw=losses: o.step(**(kw or {})))
+        step()
+        plan = opt._fused_plan()
+        aux = opt._kernel_inputs(plan) if losses else {}
+        kind = opt.KERNEL_KIND
+        p1 = median_ms(lambda: (plan.resolve(), plan.plan.phase1(kind, **aux)))
+        p12 = median_ms(lambda: (plan.resolve(), plan.plan.phase1(kind, **aux),
+                                 plan.plan.phase2(kind, table, **aux)))
+        whole = median_ms(step)
+        size = f" (table of {aux['table_size']})" if "table_size" in aux else ""
+        print(f"  {label + size:40s} phase 1 {p1:6.2f} ms  phase 2 {p12 - p1:6.2f} ms  "
+              f"rest {whole - p12:5.2f} ms  step {whole:6.2f} ms  = {whole / fused:4.2f}x fused")
+
+
+if __name__ == "__main__":
+    main()
