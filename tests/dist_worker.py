@@ -47,6 +47,18 @@ def exact_supergrok_nometa(args):
 
 
 @scenario
+def reference_grokadamw(args):
+    """The reference backend sharded: the oracle path's own segments (pieces with gradients)
+    under ZeRO-1, which the kernel runs (a cached plan) do not go through."""
+    return S.run("grokadamw", RANK, WORLD, shard=True, backend="reference")
+
+
+@scenario
+def reference_supergrok(args):
+    return S.run("supergrok", RANK, WORLD, shard=True, meta=False, backend="reference")
+
+
+@scenario
 def collectives(args):
     counts = {}
     for kind in S.KINDS:

@@ -73,21 +73,23 @@ def assert_same_run(got: dict, want: dict, tol: float = 1e-6, coef_rel: float = 
             assert g[key] is None or g[key] == pytest.approx(w[key], rel=1e-12), (t, key)
 
 
-def assert_backend(record: list[dict]) -> None:
+def assert_backend(record: list[dict], want: str | None = None) -> None:
     """Every step of an fp32 run took the compiled kernel when this machine has it built (the
-    default backend; a silent fallback would leave the kernel untested under the engines)."""
+    default backend; a silent fallback would leave the kernel untested under the engines), or
+    the backend ``want`` it asked for."""
     import shardgrok.kernels
-    want = "kernel" if shardgrok.kernels.cpu_extension() is not None else "reference"
+    if want is None:
+        want = "kernel" if shardgrok.kernels.cpu_extension() is not None else "reference"
     assert [r["backend"] for r in record] == [want] * len(record)
 
 
-def assert_matches_oracle(got: dict, want: dict, tol: float) -> None:
+def assert_matches_oracle(got: dict, want: dict, tol: float, backend: str | None = None) -> None:
     """A run (scenarios.run) against the independent oracle's (scenarios.naive_run): parameters
     within ``tol`` max abs; for SuperGrok also every step's gate decisions and clip coefficients
     (measured within 2e-7 relative of the float64 oracle in float32)."""
     d = max_diff(got["params"], want["params"])
     assert d < tol, d
-    assert_backend(got["record"])
+    assert_backend(got["record"], backend)
     if want["gates"]:
         assert [r["gate_engaged"] for r in got["record"]] == want["gates"]
         for t, (g, w) in enumerate(zip(got["record"], want["clips"], strict=True)):

@@ -17,7 +17,8 @@ from helpers import toy
 from multirank import (assert_matches_oracle, assert_same_run, launch, max_diff,
                        meta_gradient_error, ok)
 
-MAIN = ("exact_grokadamw", "exact_supergrok", "exact_supergrok_nometa", "collectives", "memory",
+MAIN = ("exact_grokadamw", "exact_supergrok", "exact_supergrok_nometa", "reference_grokadamw",
+        "reference_supergrok", "collectives", "memory",
         "meta", "checkpoint_save", "resume", "load_wrong_shard", "fault_in_step", "nonfinite",
         "mismatch", "unsharded")
 TOL = 1e-6
@@ -87,6 +88,15 @@ def test_sharded_run_matches_the_independent_oracle(jobs, world, kind):
     want = S.naive_run(kind)
     for res in ok(jobs[world], name):
         assert_matches_oracle(res, want, ORACLE_TOL)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kind", S.KINDS)
+def test_sharded_reference_backend_matches_the_independent_oracle(jobs, world, kind):
+    """The reference path stays the kernel's oracle under sharding too."""
+    want = S.naive_run(kind)
+    for res in ok(jobs[world], f"reference_{kind}"):
+        assert_matches_oracle(res, want, ORACLE_TOL, backend="reference")
 
 
 def test_process_group_selects_the_shard_group(jobs, oracle):
