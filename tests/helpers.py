@@ -83,5 +83,30 @@ def max_abs_diff(m1, m2) -> float:
     return max_diff(n1.values(), n2.values())
 
 
+def meta_net(kind: str = "random", seed: int = 0, hidden: int = 32):
+    """SimpleMetaNets whose tables differ in kind. ``random``: nn.Linear's default init (~60
+    breakpoints within a few units of 0, where N(0, 1) gradients are); ``trained``: weights and
+    biases N(0, 1); ``dead``: no layer-1 unit ever active (f constant, a one-piece table);
+    ``far``: layer-1 biases -1e3 (kinks far out, f constant on every gradient here); ``init``:
+    as SimpleMetaNet constructs it (zero biases: one kink, at 0)."""
+    from shardgrok import SimpleMetaNet
+    torch.manual_seed(seed)
+    net = SimpleMetaNet(hidden)
+    l1, l2, l3 = net.net[0], net.net[2], net.net[4]
+    with torch.no_grad():
+        for lin in (l1, l2, l3):
+            if kind in ("random", "dead", "far"):
+                lin.reset_parameters()
+            elif kind == "trained":
+                lin.weight.normal_()
+                lin.bias.normal_()
+        if kind == "dead":
+            l1.weight.zero_()
+            l1.bias.fill_(-1.0)
+        elif kind == "far":
+            l1.bias.fill_(-1e3)
+    return net
+
+
 def clone(model):
     return copy.deepcopy(model)

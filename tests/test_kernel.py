@@ -43,6 +43,8 @@ import shardgrok.kernels as K
 from shardgrok import GrokAdamW, SimpleMetaNet, SuperGrok
 from shardgrok.metanet_table import build_table, is_tabulable, kernel_arrays
 
+from helpers import meta_net
+
 F32 = torch.float32
 OPTIMIZERS = ("grokadamw", "supergrok")
 FP32_RTOL = 1e-6          # measured up to 3.4e-7 (module docstring)
@@ -82,29 +84,6 @@ def test_kernel_is_available_when_required():
 
 
 # ---------------------------------------------------------------- helpers
-def meta_net(kind: str = "random", seed: int = 0) -> SimpleMetaNet:
-    """``random``: nn.Linear's default init (~60 breakpoints within a few units of 0, where
-    N(0, 1) gradients are); ``trained``: weights and biases N(0, 1); ``dead``: no layer-1 unit
-    ever active (f constant, a one-piece table); ``far``: layer-1 biases -1e3 (kinks far out,
-    f constant on every gradient here); ``init``: as SimpleMetaNet constructs it."""
-    torch.manual_seed(seed)
-    net = SimpleMetaNet(32)
-    l1, l2, l3 = net.net[0], net.net[2], net.net[4]
-    with torch.no_grad():
-        for lin in (l1, l2, l3):
-            if kind in ("random", "dead", "far"):
-                lin.reset_parameters()
-            elif kind == "trained":
-                lin.weight.normal_()
-                lin.bias.normal_()
-        if kind == "dead":
-            l1.weight.zero_()
-            l1.bias.fill_(-1.0)
-        elif kind == "far":
-            l1.bias.fill_(-1e3)
-    return net
-
-
 def make_params(sizes, dtype=F32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [nn.Parameter(torch.randn(n, generator=g).to(dtype)) for n in sizes]

@@ -25,6 +25,8 @@ import torch
 import shardgrok.kernels as K
 from shardgrok import reference as R
 from shardgrok.metanet import SimpleMetaNet
+
+from helpers import meta_net
 from shardgrok.metanet_table import build_table, evaluate, kernel_arrays
 
 F32 = torch.float32
@@ -131,25 +133,7 @@ def test_header_exp_clamps_outside_the_log_mask_range(ext):
 
 # ---------------------------------------------------------------- the meta-net's table
 def _net(kind: str, seed: int = 0, hidden: int = 32) -> SimpleMetaNet:
-    """``init``: as constructed (zero biases); ``random``: nn.Linear's default init;
-    ``trained``: weights and biases N(0, 1); ``dead``: no layer-1 unit ever active (f constant);
-    ``far``: layer-1 biases very negative, kinks far out."""
-    torch.manual_seed(seed)
-    net = SimpleMetaNet(hidden)
-    l1, l2, l3 = net.net[0], net.net[2], net.net[4]
-    with torch.no_grad():
-        for lin in (l1, l2, l3):
-            if kind in ("random", "dead", "far"):
-                lin.reset_parameters()
-            elif kind == "trained":
-                lin.weight.normal_()
-                lin.bias.normal_()
-        if kind == "dead":
-            l1.weight.zero_()
-            l1.bias.fill_(-1.0)
-        elif kind == "far":
-            l1.bias.fill_(-1e3)
-    return net
+    return meta_net(kind, seed, hidden)
 
 
 def _table_probe(arrays) -> torch.Tensor:
