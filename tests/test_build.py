@@ -78,3 +78,36 @@ def test_ranks_starting_together_build_once_and_both_use_the_kernel(tmp_path):
         assert r["diff"] < 1e-6  # the kernel against the reference on the same steps
     built = list((tmp_path / "ext").glob("shardgrok_cpu_*/*.so"))
     assert len(built) == 1, built
+
+
+@pytest.mark.skipif(not os.environ.get("SHARDGROK_REQUIRE_KERNEL"),
+                    reason="compiles the extension ahead of time (about a minute); CI runs it")
+def test_ahead_of_time_build_is_used_without_compiling_at_run_time(tmp_path):
+    import pathlib
+    import shutil
+    root = pathlib.Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True,
+                           check=True).stdout.split()
+    src = tmp_path / "src"
+    for f in files:
+        if f.startswith(("shardgrok/", "csrc/")) or f in ("setup.py", "pyproject.toml", "README.md"):
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / f, src / f)
+    env = _env(tmp_path, SHARDGROK_BUILD_KERNELS="1")
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src,
+                           capture_output=True, text=True, env=env, timeout=900)
+    assert build.returncode == 0, build.stderr[-4000:]
+    assert list((src / "shardgrok").glob("_C_cpu*.so"))
+    check = textwrap.dedent("""
+        import json, shardgrok, shardgrok.kernels as K, torch
+        p = torch.nn.Parameter(torch.randn(5)); p.grad = torch.randn(5)
+        opt = shardgrok.GrokAdamW([p], backend="kernel"); opt.step()
+        print(json.dumps({"file": shardgrok.__file__, "origin": K.status()["cpu"]["origin"],
+                          "backend": opt.get_state_summary()["backend"]}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", check], cwd=src, capture_output=True, text=True,
+                          env=env, timeout=300)
+    r = _result(proc)
+    assert r["file"].startswith(str(src)) and r["backend"] == "kernel"
+    assert r["origin"].startswith("ahead-of-time")
+    assert not (tmp_path / "ext").exists()  # nothing was compiled just in time
