@@ -788,3 +788,52 @@ def test_every_instruction_set_bitwise_for_every_table_size(isa_restored):
             for i, (a, b) in enumerate(zip(out["generic"], got, strict=True)):
                 assert torch.equal(a, b), f"H={hidden}, tensor {i}: {isa} differs from generic"
     assert min(sizes_seen) <= 16 and {32, 64, 128} & sizes_seen and max(sizes_seen) > 128, sizes_seen
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_deepcopy_and_pickle_after_kernel_steps(ext, name):
+    """A copy gets no plan of the original's tensors: it builds its own and steps independently,
+    exactly as the original does."""
+    import io
+    params, opt = run(name, "kernel", [17, 3], 2)
+    twin_params, twin = copy.deepcopy((params, opt))
+    buf = io.BytesIO()
+    torch.save((params, opt), buf)
+    buf.seek(0)
+    loaded_params, loaded = torch.load(buf, weights_only=False)
+    for ps, o in ((params, opt), (twin_params, twin), (loaded_params, loaded)):
+        for p, g in zip(ps, normal_grads(ps, 7)):
+            p.grad = g
+        o.step(**({"train_loss": 1.0, "val_loss": 1.5} if name == "supergrok" else {}))
+        assert o.get_state_summary()["backend"] == "kernel"
+    for ps in (twin_params, loaded_params):
+        for a, b in zip(params, ps, strict=True):
+            assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+
+
+def test_changing_a_groups_layer_index_rebuilds_the_plan(ext):
+    def steps(change):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(9)) for _ in range(3)]
+        opt = GrokAdamW([{"params": ps[:2]}, {"params": ps[2:]}], backend="kernel", gamma=0.5)
+        for t in range(3):
+            if t == 1 and change:
+                opt.param_groups[1]["layer_index"] = 0
+            for p in ps:
+                p.grad = torch.sin(torch.arange(9.0) + t)
+            opt.step()
+        return ps, opt
+    ps, _ = steps(change=True)
+    ref_ps, ref = steps(change=False)
+    assert not torch.equal(ps[2], ref_ps[2])  # the layer-wise beta1 changed for tensor 2
+    torch.manual_seed(0)
+    want = [nn.Parameter(torch.randn(9)) for _ in range(3)]
+    wopt = GrokAdamW([{"params": want[:2]}, {"params": want[2:]}], backend="reference", gamma=0.5)
+    for t in range(3):
+        if t == 1:
+            wopt.param_groups[1]["layer_index"] = 0
+        for p in want:
+            p.grad = torch.sin(torch.arange(9.0) + t)
+        wopt.step()
+    for a, b in zip(ps, want, strict=True):
+        assert rel_diff(a, b) <= FP32_RTOL

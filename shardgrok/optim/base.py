@@ -185,7 +185,8 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         if self.backend == "reference":
             return None
         key = (self._layout.plan_key(self),
-               tuple((id(g["params"]), len(g["params"])) for g in self.param_groups))
+               tuple((id(g["params"]), len(g["params"]), g.get("layer_index"))
+                     for g in self.param_groups))
         plan = self._plans.get(key)
         if plan is None:
             ext = K.cpu_extension()
@@ -427,5 +428,13 @@ class GrokOptimizerBase(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults/state/param_groups; ours has more (global step,
-        # layout, meta-net), so copy and pickle keep the whole object.
-        return self.__dict__.copy()
+        # layout, meta-net), so copy and pickle keep the whole object, except the kernel plans:
+        # they hold this object's tensors (a copy builds its own at its next step).
+        state = self.__dict__.copy()
+        state["_plans"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # a copy's parameters are new objects: what it recognises as its own must follow
+        self._own_ids = {id(p) for ps in self._group_params for p in ps}
