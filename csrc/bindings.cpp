@@ -160,18 +160,27 @@ class Plan {
   }
 
   // Phase 1: per-tensor partial sums of this rank's pieces and which tensors have a gradient.
+  // With ``out`` (the step's reduction buffer) they are written straight into its first
+  // n * K + n entries: stats [n, K] then present [n]; the views are returned either way.
   std::tuple<at::Tensor, at::Tensor> phase1(int64_t kind, const c10::optional<std::vector<c10::optional<at::Tensor>>>& hs,
                                             const c10::optional<at::Tensor>& bp,
                                             const c10::optional<at::Tensor>& slopes,
                                             const c10::optional<at::Tensor>& intercepts,
-                                            int64_t table_size) {
+                                            int64_t table_size, const c10::optional<at::Tensor>& out) {
     Job job = prepare(kind, hs, bp, slopes, intercepts, table_size);
     const int64_t k = kind == sg::cpu::GROKADAMW ? 1 : sg::N_STATS;
+    at::Tensor buf = out.has_value() ? *out : at::empty({n_tensors_ * (k + 1)}, at::kDouble);
+    TORCH_CHECK(buf.scalar_type() == at::kDouble && buf.dim() == 1 && buf.is_contiguous() &&
+                    buf.device().is_cpu() && buf.numel() >= n_tensors_ * (k + 1),
+                "out must be a contiguous float64 CPU vector of at least ", n_tensors_ * (k + 1),
+                " entries");
     std::vector<double> partials((size_t)active_.size() * sg::N_STATS);
     job.partials = partials.data();
     run(g_kernels.phase1, job);
-    auto stats = at::zeros({n_tensors_, k}, at::kDouble);
-    auto present = at::zeros({n_tensors_}, at::kDouble);
+    auto stats = buf.narrow(0, 0, n_tensors_ * k).view({n_tensors_, k});
+    auto present = buf.narrow(0, n_tensors_ * k, n_tensors_);
+    stats.zero_();
+    present.zero_();
     double* st = stats.data_ptr<double>();
     double* pr = present.data_ptr<double>();
     for (size_t i = 0; i < segs_.size(); ++i)
@@ -380,7 +389,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("grad_views", &Plan::grad_views)
       .def("phase1", &Plan::phase1, py::arg("kind"), py::arg("hs") = py::none(),
            py::arg("breakpoints") = py::none(), py::arg("slopes") = py::none(),
-           py::arg("intercepts") = py::none(), py::arg("table_size") = 0)
+           py::arg("intercepts") = py::none(), py::arg("table_size") = 0,
+           py::arg("out") = py::none())
       .def("bump_steps", &Plan::bump_steps)
       .def("phase2", &Plan::phase2, py::arg("kind"), py::arg("scalars"),
            py::arg("hs") = py::none(), py::arg("breakpoints") = py::none(),

@@ -233,15 +233,19 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             if plan is not None:
                 info = plan.info
                 local_in = inputs()
-                stats, present, aux = self._kernel_phase1(plan)
+                # phase 1 writes its sums and the present flags straight into the buffer
+                buf = self._reduction_buffer(info.n, k, None, local_in)
+                aux = self._kernel_phase1(plan, buf)
             else:
                 refs = self._tensors()
                 info = TensorInfo(refs)
                 segs = self._layout.pieces(self)
                 local_in = inputs()
                 stats, aux = self._phase1(segs, info.n)
-                present = torch.zeros(info.n, dtype=ACC)
-                present[[s.index for s in segs]] = 1.0
+                buf = self._reduction_buffer(info.n, k, None, local_in)
+                buf[: info.n * k] = stats.reshape(-1)
+                buf[info.n * k: info.n * (k + 1)] = 0.0
+                buf[[info.n * k + s.index for s in segs]] = 1.0
         except Exception as e:
             if red.world_size == 1:
                 raise
@@ -249,14 +253,11 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             # instead of waiting in the next collective.
             failure, segs, aux, plan = e, [], None, None
             info = TensorInfo(self._tensors())
-            stats = torch.zeros(info.n, k, dtype=ACC)
-            present = torch.zeros(info.n, dtype=ACC)
             local_in = StepInputs([0.0] * self.N_VALUES)
+            buf = self._reduction_buffer(info.n, k, failure, local_in)
+            buf[: info.n * (k + 1)] = 0.0
         n = info.n
-        tail = [1.0 if failure is not None else 0.0, 1.0 if local_in.bad else 0.0,
-                *local_in.values]
-        buf = torch.cat([stats.reshape(-1), present, torch.tensor(tail, dtype=ACC)])
-        red.all_reduce_(buf, scalars=len(tail))
+        red.all_reduce_(buf, scalars=2 + self.N_VALUES)
         stats = buf[: n * k].view(n, k)
         present = buf[n * k: n * k + n] > 0
         n_failed, n_bad = buf[n * k + n].item(), buf[n * k + n + 1].item()
@@ -287,6 +288,15 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         self._layout.post_step(self)
         return loss
 
+    def _reduction_buffer(self, n: int, k: int, failure, local_in: StepInputs) -> torch.Tensor:
+        """The step's one reduction buffer, ``[stats n*k | present n | failed, bad, values]``,
+        with the tail filled (phase 1 fills the rest)."""
+        tail = [1.0 if failure is not None else 0.0, 1.0 if local_in.bad else 0.0,
+                *local_in.values]
+        buf = torch.empty(n * (k + 1) + len(tail), dtype=ACC)
+        buf[n * (k + 1):] = torch.tensor(tail, dtype=ACC)
+        return buf
+
     def _bump_steps(self, refs: list[TensorRef], present: torch.Tensor) -> torch.Tensor:
         """Count this step for each optimizer parameter with a gradient somewhere (an FSDP1
         FlatParameter holds several tensors, one counter); every tensor's count after it."""
@@ -302,8 +312,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         """Reference phase 1: per-tensor partial sums [n, len(STATS)] and what phase 2 reuses."""
         raise NotImplementedError
 
-    def _kernel_phase1(self, plan: FusedPlan) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Kernel phase 1: partial sums, the tensors present, and what phase 2 reuses."""
+    def _kernel_phase1(self, plan: FusedPlan, buf: torch.Tensor) -> Any:
+        """Kernel phase 1: the partial sums and the tensors present, written into the reduction
+        buffer ``buf``; returns what phase 2 reuses."""
         raise NotImplementedError
 
     def _decide(self, info: TensorInfo, stats: torch.Tensor, present: torch.Tensor,

@@ -122,9 +122,8 @@ class GrokAdamW(GrokOptimizerBase):
     def _phase1(self, segs, n):
         return self._scatter_stats(segs, [R.grokadamw_partial_stats(s.grad) for s in segs], n, 1), None
 
-    def _kernel_phase1(self, plan):
-        stats, present = plan.plan.phase1(self.KERNEL_KIND)
-        return stats, present, None
+    def _kernel_phase1(self, plan, buf):
+        plan.plan.phase1(self.KERNEL_KIND, out=buf)
 
     def _decide(self, info, stats, present, values, steps):
         signal_sum, signal_ranks = values

@@ -183,10 +183,10 @@ class SuperGrok(GrokOptimizerBase):
               for g in plan.plan.grad_views()]
         return dict(hs=hs)
 
-    def _kernel_phase1(self, plan):
+    def _kernel_phase1(self, plan, buf):
         aux = self._kernel_inputs(plan)
-        stats, present = plan.plan.phase1(self.KERNEL_KIND, **aux)
-        return stats, present, aux
+        plan.plan.phase1(self.KERNEL_KIND, out=buf, **aux)
+        return aux
 
     def _decide(self, info, stats, present, values, steps):
         train_sum, train_n, val_sum, val_n = values
