@@ -76,6 +76,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         # swap the parameters (DeepSpeed's flat partitions) and narrow the list per call
         self._group_params: list[list[torch.Tensor]] = []
         self._own_ids: set[int] = set()
+        self._own_groups_key: tuple | None = None  # _groups_key() when _own_ids last matched
         self._param_groups_full: list[dict] = []
         self._step_number = 0  # the optimizer step the current step() call belongs to
         self._engine_checked = False
@@ -139,13 +140,18 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         calls; the search for a driving engine is settled by the first step."""
         if self._layout.engine is not None:
             return
-        current = [p for g in self.param_groups for p in g["params"]]
-        # ZeRO 1/2 put flat partitions in; ZeRO 3 empties the groups between its steps
-        if len(current) != len(self._own_ids) or not all(id(p) in self._own_ids for p in current):
-            from ..integrations.deepspeed import attach
-            attach(self)
-            self._plans.clear()
-            return
+        # The full check is per tensor: run it only when a group's list looks different from
+        # the last one that passed (an engine puts new lists in; ZeRO 3 empties them).
+        groups_seen = self._groups_key()
+        if groups_seen != self._own_groups_key:
+            current = [p for g in self.param_groups for p in g["params"]]
+            # ZeRO 1/2 put flat partitions in; ZeRO 3 empties the groups between its steps
+            if len(current) != len(self._own_ids) or not all(id(p) in self._own_ids for p in current):
+                from ..integrations.deepspeed import attach
+                attach(self)
+                self._plans.clear()
+                return
+            self._own_groups_key = groups_seen
         if self._engine_checked or "deepspeed" not in sys.modules or not self.is_sharded:
             return
         from ..integrations.deepspeed import engine_driving
@@ -154,6 +160,12 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             self._engine_checked = True
         elif stepping:
             self._engine_checked = True
+
+    def _groups_key(self) -> tuple:
+        """What identifies the param groups' lists, cheaply: per group the list object, its
+        length and its first and last tensor (a list edited in place elsewhere goes unseen)."""
+        return tuple((id(ps), len(ps), id(ps[0]) if ps else 0, id(ps[-1]) if ps else 0)
+                     for ps in (g["params"] for g in self.param_groups))
 
     def _unshard(self) -> None:
         """Keep the whole state on every rank (before any step); the ranks' losses and signals
@@ -184,9 +196,8 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         :mod:`shardgrok.kernels`). Plans are cached by what they depend on."""
         if self.backend == "reference":
             return None
-        key = (self._layout.plan_key(self),
-               tuple((id(g["params"]), len(g["params"]), g.get("layer_index"))
-                     for g in self.param_groups))
+        key = (self._layout.plan_key(self), self._groups_key(),
+               tuple(g.get("layer_index") for g in self.param_groups))
         plan = self._plans.get(key)
         if plan is None:
             ext = K.cpu_extension()
@@ -449,3 +460,4 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         super().__setstate__(state)
         # a copy's parameters are new objects: what it recognises as its own must follow
         self._own_ids = {id(p) for ps in self._group_params for p in ps}
+        self._own_groups_key = None
