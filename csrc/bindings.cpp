@@ -236,6 +236,13 @@ class Plan {
     Job job = prepare(kind, hs, bp, slopes, intercepts, table_size);
     job.scalars = scalars.data_ptr<double>();
     run(g_kernels.phase2, job);
+    release();
+  }
+
+  // Drop this step's gradients: held past the step they would keep every old gradient alive
+  // while backward allocates the next ones (zero_grad(set_to_none=True)).
+  void release() {
+    for (at::Tensor& g : grads_) g.reset();
     resolved_ = false;  // the next step re-reads the gradients
   }
 
@@ -392,6 +399,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("intercepts") = py::none(), py::arg("table_size") = 0,
            py::arg("out") = py::none())
       .def("bump_steps", &Plan::bump_steps)
+      .def("release", &Plan::release)
       .def("phase2", &Plan::phase2, py::arg("kind"), py::arg("scalars"),
            py::arg("hs") = py::none(), py::arg("breakpoints") = py::none(),
            py::arg("slopes") = py::none(), py::arg("intercepts") = py::none(),

@@ -837,3 +837,27 @@ def test_changing_a_groups_layer_index_rebuilds_the_plan(ext):
         wopt.step()
     for a, b in zip(ps, want, strict=True):
         assert rel_diff(a, b) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("bad", [False, True])
+def test_the_plan_holds_no_gradient_after_a_step(ext, name, bad):
+    """zero_grad(set_to_none=True) must free the old gradients before backward makes new ones,
+    after a step taken or skipped."""
+    import gc
+    import weakref
+    p = nn.Parameter(torch.randn(100))
+    opt = make_opt(name, [p], "kernel")
+    g = torch.randn(100)
+    if bad:
+        g[3] = float("nan")
+    p.grad = g
+    ref = weakref.ref(g)
+    del g
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        opt.step(**({"train_loss": 1.0, "val_loss": 1.5} if name == "supergrok" else {}))
+    assert opt.get_global_step() == (0 if bad else 1)
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert ref() is None

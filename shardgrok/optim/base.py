@@ -60,6 +60,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         V.validate(self.SPECS, defaults)
         self.backend = K.choose_backend(backend)
         self._plans: dict[tuple, Any] = {}   # plan key -> FusedPlan, or the reason for none
+        self._stepping_plan = None            # the plan of the step under way
         self._warned_fallback = False
         if "deepspeed" in sys.modules:  # let ZeRO accept us, however DeepSpeed got us
             from ..integrations.deepspeed import register
@@ -223,6 +224,14 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         """Raise KernelUnsupported for what the kernel cannot take beyond the tensors."""
 
     def _step(self, closure: Callable[[], Any] | None, inputs: Callable[[], StepInputs]):
+        try:
+            return self._step_once(closure, inputs)
+        finally:
+            plan, self._stepping_plan = self._stepping_plan, None
+            if plan is not None:  # however the step ended: the plan lets go of the gradients
+                plan.plan.release()
+
+    def _step_once(self, closure, inputs):
         self._follow_engine(stepping=True)
         new_round = self._layout.new_round(self)
         self._step_number = self._global_step + 1 if new_round else self._global_step
@@ -241,6 +250,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 plan = self._fused_plan()
                 if plan is not None and not plan.resolve():
                     raise RuntimeError("a parameter's storage moved while building the plan")
+            self._stepping_plan = plan
             if plan is not None:
                 info = plan.info
                 local_in = inputs()
