@@ -53,21 +53,6 @@ MIX = [0, 1, 3, 17, 65537, 0]  # one model: every size of the issue, empty tenso
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def ext():
-    e = K.cpu_extension()
-    if e is None:
-        pytest.skip(f"the CPU kernel is unavailable: {K.unavailable_reason()}")
-    return e
-
-
-@pytest.fixture
-def isa_restored(ext):
-    before = ext.isa()
-    yield ext
-    ext.set_isa(before)
-
-
 @pytest.fixture
 def threads_restored():
     before = torch.get_num_threads()

@@ -22,7 +22,6 @@ import math
 import pytest
 import torch
 
-import shardgrok.kernels as K
 from shardgrok import reference as R
 from shardgrok.metanet import SimpleMetaNet
 
@@ -32,21 +31,6 @@ from shardgrok.metanet_table import build_table, evaluate, kernel_arrays
 F32 = torch.float32
 F64 = torch.float64
 LOG_MASK_LIMIT = 20.0
-
-
-@pytest.fixture(scope="module")
-def ext():
-    e = K.cpu_extension()
-    if e is None:
-        pytest.skip(f"the CPU kernel is unavailable: {K.unavailable_reason()}")
-    return e
-
-
-@pytest.fixture
-def isa_restored(ext):
-    before = ext.isa()
-    yield ext
-    ext.set_isa(before)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
