@@ -205,7 +205,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             try:
                 if ext is None:
                     raise KernelUnsupported(f"the CPU kernel is unavailable: {K.unavailable_reason()}")
-                plan = self._check_kernel_inputs() or FusedPlan(ext, self, self._layout)
+                plan = FusedPlan(ext, self, self._layout)
             except KernelUnsupported as e:
                 plan = str(e)
             if len(self._plans) > 16:  # DeepSpeed alternates a few keys; anything else is churn
@@ -219,9 +219,6 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 K.warn_fallback(type(self).__name__, plan, stacklevel=5)
             return None
         return plan
-
-    def _check_kernel_inputs(self) -> None:
-        """Raise KernelUnsupported for what the kernel cannot take beyond the tensors."""
 
     def _step(self, closure: Callable[[], Any] | None, inputs: Callable[[], StepInputs]):
         try:
