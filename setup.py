@@ -1,5 +1,6 @@
 """Packaging: pyproject.toml holds the metadata. This file only adds the opt-in ahead-of-time
-build of the compiled CPU step:
+build of the compiled step (the CPU kernel, and the CUDA kernel when torch has CUDA and nvcc is
+found; TORCH_CUDA_ARCH_LIST picks the architectures, as for any torch extension):
 
     SHARDGROK_BUILD_KERNELS=1 pip install --no-build-isolation .
 
@@ -28,6 +29,16 @@ if os.environ.get("SHARDGROK_BUILD_KERNELS") == "1":
         extra_compile_args=[*build.CFLAGS, build.digest_flag(build.digest())],
         extra_link_args=list(build.LDFLAGS),
     )]
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+    if torch.version.cuda is not None and CUDA_HOME is not None:
+        ext_modules.append(CUDAExtension(
+            "shardgrok._C_cuda",
+            sources=[f"csrc/{f}" for f in build.CUDA_SOURCES],
+            include_dirs=[str(here / "csrc")],
+            extra_compile_args={"cxx": ["-O3", build.digest_flag(build.cuda_digest())],
+                                "nvcc": [*build.CUDA_FLAGS, build.digest_flag(build.cuda_digest())]},
+        ))
     cmdclass = {"build_ext": BuildExtension}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -4,24 +4,30 @@
 // parameter and state views; every step it re-reads the gradients (a new tensor after
 // zero_grad(set_to_none=True)), so the per-step work outside the kernels is a pass over the
 // sources in C++, not Python.
+//
+// A plan of CUDA tensors is built and resolved here too (this file needs no CUDA); it does not
+// run the CPU kernel but hands out the tables the CUDA kernel reads (segment_table,
+// chunk_table, chunks_by_tensor), which shardgrok/kernels/cuda.py copies to the GPU.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "cpu/dispatch.h"
 #include "cpu/kernel.h"
+#include "cuda/order.h"
 
 namespace {
 
-using sg::cpu::Chunk;
+using sg::Chunk;
 using sg::cpu::Isa;
 using sg::cpu::Job;
 using sg::cpu::Kernels;
-using sg::cpu::Segment;
+using sg::Segment;
 
 Isa g_isa = sg::cpu::best_isa();
 Kernels g_kernels = sg::cpu::kernels_for(g_isa);
@@ -55,7 +61,9 @@ class Plan {
        std::vector<at::Tensor> params, std::vector<at::Tensor> exp_avgs,
        std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> mus,
        std::vector<at::Tensor> steps, at::Tensor slot_of_tensor)
-      : n_tensors_(n_tensors), sources_(std::move(sources)), steps_(std::move(steps)) {
+      : n_tensors_(n_tensors), sources_(std::move(sources)),
+        device_(sources_.empty() ? at::Device(at::kCPU) : sources_[0].device()),
+        steps_(std::move(steps)) {
     TORCH_CHECK(segments.dim() == 2 && segments.size(1) == 4 &&
                     segments.scalar_type() == at::kLong,
                 "segments must be an int64 [S, 4] table (tensor, source, offset, numel)");
@@ -82,8 +90,9 @@ class Plan {
       const char* names[4] = {"parameter", "exp_avg", "exp_avg_sq", "mu"};
       for (int k = 0; k < 4; ++k) {
         const at::Tensor& t = *views[k];
-        TORCH_CHECK(t.device().is_cpu(), "segment ", i, ": the CPU kernel got a ", names[k],
-                    " on ", t.device().str());
+        TORCH_CHECK(t.device() == device_, "segment ", i, ": the ", names[k], " is on ",
+                    t.device().str(), " and the parameters on ", device_.str(),
+                    " (one plan, one device)");
         TORCH_CHECK(t.is_contiguous() && t.numel() == s.numel, "segment ", i, ": the ", names[k],
                     " view must be contiguous with ", s.numel, " elements, got ", describe(t));
         TORCH_CHECK(dtype_code(t) >= 0, "segment ", i, ": the kernel takes fp32, bf16 and fp16 ",
@@ -94,10 +103,14 @@ class Plan {
                   "segment ", i, ": exp_avg, exp_avg_sq and mu must share a dtype");
       TORCH_CHECK(s.offset >= 0 && s.offset + s.numel <= sources_[s.source].numel(), "segment ", i,
                   ": its range lies outside its source");
-      for (int64_t b = 0; b < s.numel; b += sg::cpu::CHUNK)
-        chunks_.push_back({(int32_t)i, b, std::min(sg::cpu::CHUNK, s.numel - b)});
       segs_.push_back(std::move(s));
     }
+    std::vector<int64_t> numels;
+    for (const PlanSegment& s : segs_) numels.push_back(s.numel);
+    chunks_ = sg::cut_chunks(numels);
+    for (const at::Tensor& t : sources_)
+      TORCH_CHECK(t.device() == device_, "every source must be on ", device_.str(), ", got ",
+                  describe(t));
     grads_.resize(sources_.size());
     for (const at::Tensor& t : sources_) source_ptrs_.push_back(t.data_ptr());
     for (const PlanSegment& s : segs_) {
@@ -109,7 +122,37 @@ class Plan {
   }
 
   int64_t n_segments() const { return (int64_t)segs_.size(); }
+  std::string device() const { return device_.str(); }
   int64_t n_chunks() const { return (int64_t)chunks_.size(); }
+
+  // ---------------------------------------------------------------- tables for the GPU
+  // The chunk table (sg::Chunk records, as bytes): fixed for the plan's life.
+  at::Tensor chunk_table() const { return bytes_of(chunks_.data(), chunks_.size() * sizeof(Chunk), false); }
+
+  // Every tensor's chunks in chunk order (job.h's chunks_by_tensor): int64 offsets [n + 1] and
+  // int32 chunk indices [n_chunks].
+  std::tuple<at::Tensor, at::Tensor> chunks_by_tensor() const {
+    std::vector<int32_t> tensor_of;
+    for (const PlanSegment& s : segs_) tensor_of.push_back(s.tensor);
+    const sg::ChunksByTensor c = sg::chunks_by_tensor(chunks_, tensor_of, n_tensors_);
+    auto offsets = at::empty({(int64_t)c.offsets.size()}, at::kLong);
+    auto index = at::empty({(int64_t)c.index.size()}, at::kInt);
+    std::copy(c.offsets.begin(), c.offsets.end(), offsets.data_ptr<int64_t>());
+    std::copy(c.index.begin(), c.index.end(), index.data_ptr<int32_t>());
+    return {offsets, index};
+  }
+
+  // This step's segment records (sg::Segment, as bytes; pinned when ``pinned`` so the copy to
+  // the GPU is asynchronous) and present flags [n_tensors] (1.0: the tensor has a gradient).
+  std::tuple<at::Tensor, at::Tensor> segment_table(
+      const c10::optional<std::vector<c10::optional<at::Tensor>>>& hs, bool pinned) {
+    fill_segments(hs.has_value(), hs);
+    auto present = at::zeros({n_tensors_}, at::TensorOptions(at::kDouble).pinned_memory(pinned));
+    double* pr = present.data_ptr<double>();
+    for (const PlanSegment& s : segs_)
+      if (grads_[s.source].defined()) pr[s.tensor] = 1.0;
+    return {bytes_of(job_segs_.data(), job_segs_.size() * sizeof(Segment), pinned), present};
+  }
 
   // Re-read every source's gradient (``grads`` given: the local gradients, in source order,
   // for engines whose parameters are wrappers, FSDP2's DTensors) and check it.
@@ -136,7 +179,8 @@ class Plan {
         TORCH_CHECK(g.numel() == sources_[i].numel() &&
                         (grads.has_value() || g.sizes() == sources_[i].sizes()),
                     "gradient ", describe(g), " does not match parameter ", describe(sources_[i]));
-        TORCH_CHECK(g.device().is_cpu(), "the CPU kernel got a gradient on ", g.device().str());
+        TORCH_CHECK(g.device() == device_, "a gradient is on ", g.device().str(),
+                    " and its parameter on ", device_.str());
         TORCH_CHECK(dtype_code(g) >= 0, "the kernel takes fp32, bf16 and fp16 gradients, got ",
                     describe(g));
         if (!g.is_contiguous()) g = g.contiguous();
@@ -168,7 +212,7 @@ class Plan {
                                             const c10::optional<at::Tensor>& intercepts,
                                             int64_t table_size, const c10::optional<at::Tensor>& out) {
     Job job = prepare(kind, hs, bp, slopes, intercepts, table_size);
-    const int64_t k = kind == sg::cpu::GROKADAMW ? 1 : sg::N_STATS;
+    const int64_t k = kind == sg::GROKADAMW ? 1 : sg::N_STATS;
     at::Tensor buf = out.has_value() ? *out : at::empty({n_tensors_ * (k + 1)}, at::kDouble);
     TORCH_CHECK(buf.scalar_type() == at::kDouble && buf.dim() == 1 && buf.is_contiguous() &&
                     buf.device().is_cpu() && buf.numel() >= n_tensors_ * (k + 1),
@@ -250,11 +294,12 @@ class Plan {
   Job prepare(int64_t kind, const c10::optional<std::vector<c10::optional<at::Tensor>>>& hs,
               const c10::optional<at::Tensor>& bp, const c10::optional<at::Tensor>& slopes,
               const c10::optional<at::Tensor>& intercepts, int64_t table_size) {
-    TORCH_CHECK(resolved_, "resolve() the gradients before a phase");
-    TORCH_CHECK(kind == sg::cpu::GROKADAMW || kind == sg::cpu::SUPERGROK, "unknown kind ", kind);
+    TORCH_CHECK(device_.is_cpu(), "this plan's tensors are on ", device_.str(),
+                ": the CPU kernel cannot run it (the CUDA backend reads its segment_table)");
+    TORCH_CHECK(kind == sg::GROKADAMW || kind == sg::SUPERGROK, "unknown kind ", kind);
     Job job{};
     job.kind = (int32_t)kind;
-    const bool super = kind == sg::cpu::SUPERGROK;
+    const bool super = kind == sg::SUPERGROK;
     if (super) {
       job.has_table = bp.has_value();
       TORCH_CHECK(job.has_table != hs.has_value(), "SuperGrok needs either the meta-net's table "
@@ -271,10 +316,22 @@ class Plan {
                     "table arrays shorter than its size ", table_size);
         job.table = {bp->data_ptr<float>(), slopes->data_ptr<float>(),
                      intercepts->data_ptr<float>(), (int32_t)table_size};
-      } else {
-        TORCH_CHECK(hs->size() == segs_.size(), "one h per segment");
       }
     }
+    fill_segments(super && !job.has_table, hs);
+    active_.clear();
+    for (const Chunk& c : chunks_)
+      if (grads_[segs_[c.segment].source].defined()) active_.push_back(c);
+    job.segments = job_segs_.data();
+    job.chunks = active_.data();
+    return job;
+  }
+
+  // job_segs_ from this step's gradients (null pointers where a source has none) and, with
+  // ``with_h``, the masked gradients of a user's meta-net.
+  void fill_segments(bool with_h, const c10::optional<std::vector<c10::optional<at::Tensor>>>& hs) {
+    TORCH_CHECK(resolved_, "resolve() the gradients before a phase");
+    if (with_h) TORCH_CHECK(hs.has_value() && hs->size() == segs_.size(), "one h per segment");
     job_segs_.resize(segs_.size());
     for (size_t i = 0; i < segs_.size(); ++i) {
       const PlanSegment& s = segs_[i];
@@ -292,20 +349,21 @@ class Plan {
       out.param_dtype = dtype_code(s.param);
       out.grad_dtype = dtype_code(g);
       out.state_dtype = dtype_code(s.mu);
-      if (super && !job.has_table) {
+      if (with_h) {
         const auto& h = (*hs)[i];
         TORCH_CHECK(h.has_value() && h->scalar_type() == at::kFloat && h->is_contiguous() &&
-                        h->numel() == s.numel,
-                    "segment ", i, ": h must be a contiguous fp32 tensor of ", s.numel, " elements");
+                        h->numel() == s.numel && h->device() == device_,
+                    "segment ", i, ": h must be a contiguous fp32 tensor of ", s.numel,
+                    " elements on ", device_.str());
         out.h = h->data_ptr<float>();
       }
     }
-    active_.clear();
-    for (const Chunk& c : chunks_)
-      if (grads_[segs_[c.segment].source].defined()) active_.push_back(c);
-    job.segments = job_segs_.data();
-    job.chunks = active_.data();
-    return job;
+  }
+
+  static at::Tensor bytes_of(const void* data, size_t n, bool pinned) {
+    auto out = at::empty({(int64_t)n}, at::TensorOptions(at::kByte).pinned_memory(pinned));
+    if (n) std::memcpy(out.data_ptr(), data, n);
+    return out;
   }
 
   void run(sg::cpu::ChunkFn fn, const Job& job) {
@@ -315,6 +373,7 @@ class Plan {
 
   int64_t n_tensors_;
   std::vector<at::Tensor> sources_;
+  at::Device device_;
   std::vector<void*> source_ptrs_;
   std::vector<at::Tensor> steps_;
   at::Tensor slot_of_tensor_;
@@ -361,6 +420,13 @@ at::Tensor header_table(const at::Tensor& x, const at::Tensor& bp, const at::Ten
   return out;
 }
 
+// The CUDA kernel's summation order (cuda/order.h) on the host: what the GPU's sums must equal.
+double cuda_order_sum(const at::Tensor& terms, int64_t group) {
+  TORCH_CHECK(group >= 1, "group must be >= 1");
+  auto t = terms.to(at::kDouble).contiguous();
+  return sg::cuda::strided_tree_sum(t.data_ptr<double>(), t.numel(), (int)group);
+}
+
 std::string current_isa() { return sg::cpu::isa_name(g_isa); }
 
 std::vector<std::string> supported_isas() {
@@ -392,6 +458,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<at::Tensor>, at::Tensor>())
       .def_property_readonly("n_segments", &Plan::n_segments)
       .def_property_readonly("n_chunks", &Plan::n_chunks)
+      .def_property_readonly("device", &Plan::device)
+      .def("chunk_table", &Plan::chunk_table)
+      .def("chunks_by_tensor", &Plan::chunks_by_tensor)
+      .def("segment_table", &Plan::segment_table, py::arg("hs") = py::none(),
+           py::arg("pinned") = false)
       .def("resolve", &Plan::resolve, py::arg("grads") = py::none())
       .def("grad_views", &Plan::grad_views)
       .def("phase1", &Plan::phase1, py::arg("kind"), py::arg("hs") = py::none(),
@@ -413,13 +484,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.attr("N_COLUMNS") = (int)sg::N_COLUMNS;
   m.attr("N_STATS") = (int)sg::N_STATS;
-  m.attr("CHUNK") = sg::cpu::CHUNK;
-  m.attr("GROKADAMW") = (int)sg::cpu::GROKADAMW;
-  m.attr("SUPERGROK") = (int)sg::cpu::SUPERGROK;
+  m.attr("CHUNK") = sg::CHUNK;
+  m.attr("GROKADAMW") = (int)sg::GROKADAMW;
+  m.attr("SUPERGROK") = (int)sg::SUPERGROK;
   m.def("isa", &current_isa, "the instruction set the kernel runs with");
   m.def("supported_isas", &supported_isas, "instruction sets this CPU and build support");
   m.def("set_isa", &set_isa, "run with another supported instruction set (tests, benchmarks)");
   m.def("header_exp", &header_exp);
   m.def("header_round", &header_round);
   m.def("header_table", &header_table);
+  m.def("cuda_order_sum", &cuda_order_sum, py::arg("terms"), py::arg("group"));
+  m.attr("CUDA_THREADS") = sg::cuda::THREADS;
+  m.attr("CUDA_GROUP") = sg::cuda::GROUP;
+  m.attr("SEGMENT_BYTES") = (int)sizeof(Segment);
+  m.attr("CHUNK_BYTES") = (int)sizeof(Chunk);
 }

@@ -17,7 +17,8 @@
 #include <stdint.h>
 
 #if defined(__CUDACC__)
-#define SG_HD __host__ __device__ __forceinline__
+// static: the functions are called as Storage<D>::load(...) and keep internal linkage as under g++
+#define SG_HD static __host__ __device__ __forceinline__
 #else
 // internal linkage: each instruction-set translation unit keeps its own copy; always inlined so
 // the copy is compiled for the caller's target
@@ -205,11 +206,21 @@ SG_HD float table_log_mask(const Table& t, float x) {
 SG_HD float masked(float log_mask, float g) { return exp_clamped(log_mask) * g; }
 
 // ------------------------------------------------------------------ updates
+// IEEE square root, correctly rounded on both sides (CUDA's sqrtf is too only under
+// -prec-sqrt=true; the intrinsic says so whatever the flags).
+SG_HD float sqrt_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
+
 // The Adam part, as shardgrok/reference.py's adamw_ orders it.
 SG_HD void adamw(float& p, float& m, float& v, float u, const Scalars& k) {
   m = m * k.beta1 + u * k.one_minus_beta1;
   v = v * k.beta2 + (u * u) * k.one_minus_beta2;
-  const float denom = __builtin_sqrtf(v) / k.sqrt_bc2 + k.eps;
+  const float denom = sqrt_f32(v) / k.sqrt_bc2 + k.eps;
   p = p * k.decay;
   p = p + k.step_size * (m / denom);
 }

@@ -33,6 +33,34 @@ if TYPE_CHECKING:
     from .optim.supergrok import SuperGrok
 
 
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A new CPU copy of ``t``. From CUDA it is page-locked and queued on the current stream
+    without a host sync: device work queued after it (the look-ahead overwriting ``t``, the
+    copy back) is ordered after it, but the host must call :func:`host_ready` before reading
+    it."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.clone(memory_format=torch.contiguous_format)
+    cuda = t.device.type == "cuda"
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=cuda)
+    out.copy_(t, non_blocking=cuda)
+    return out
+
+
+def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` moved to the CPU as :func:`host_copy` does, or ``t`` itself if it is there already
+    (for a tensor just made, whose device memory goes when it does)."""
+    if t is None or t.device.type == "cpu":
+        return t
+    return host_copy(t)
+
+
+def host_ready() -> None:
+    """Wait for the copies :func:`host_copy` queued, before the host reads them."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.current_stream().synchronize()
+
+
 def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
                   lookahead_lr: float | None) -> float | None:
     net = opt.meta_net
@@ -62,7 +90,11 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
         groups = opt._groups()
         lrs = [float(groups[s.group]["lr"]) if lookahead_lr is None else lookahead_lr
                for s in segs]
-        saved = [local_tensor(p).clone() for p in params]
+        # What the look-ahead overwrites is put back from host copies, tensor by tensor (not
+        # undone by adding the step back: theta - d + d is not theta in floating point). A view
+        # that puts its own storage back (DeepSpeed ZeRO 3) keeps nothing here.
+        saved = [] if getattr(layout, "restores_itself", False) else \
+            [host_copy(local_tensor(p)) for p in params]
 
     failure, raw = None, None
     try:
@@ -70,7 +102,8 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
             for s, h, lr in zip(segs, hs, lrs):
                 if h_norm[s.index] > 0:
                     scale = rescale * float(g_norm[s.index] / h_norm[s.index])
-                    s.param.sub_(h.view_as(s.param).to(s.param.dtype), alpha=lr * scale)
+                    step = h.view_as(s.param).to(device=s.param.device, dtype=s.param.dtype)
+                    s.param.sub_(step, alpha=lr * scale)
             layout.post_step(opt)  # ZeRO: every rank evaluates the whole look-ahead model
         try:
             val_loss, raw = layout.validation_grads(opt, val_closure)
@@ -81,7 +114,7 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
     finally:
         with torch.no_grad():
             for p, p0 in zip(params, saved):
-                local_tensor(p).copy_(p0)
+                local_tensor(p).copy_(p0, non_blocking=p0.is_pinned())
             restored = getattr(layout, "restore", None)  # storage the look-ahead wrote elsewhere
             if restored is not None:
                 restored(opt)
@@ -99,7 +132,8 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
         vs = layout.finish_validation_grads(opt, raw, segs)
         buf = torch.zeros(n + 1, dtype=ACC)
         for s, v, h in zip(segs, vs, hs):
-            buf[s.index] += torch.dot(v.reshape(-1).to(ACC), h.to(ACC)).cpu()
+            # h may sit on the host (DeepSpeed's views keep the gathered gradients there)
+            buf[s.index] += torch.dot(v.reshape(-1).to(ACC), h.to(device=v.device, dtype=ACC)).cpu()
         buf[n] = float(val_loss.detach())
         red.all_reduce_(buf, scalars=1)
         loss_value = float(buf[n]) / red.dp_world_size

@@ -4,14 +4,94 @@ A step's only collective before the update is ``all_reduce_`` of one buffer: the
 partial sums plus the scalar inputs (losses, signals, failure and bad-input flags). On a single
 process it is the identity. Everything else here (parameter all-gather, meta-gradient sum,
 checkpoint gathers) runs outside that critical path.
+
+Where a buffer travels is decided per call by :func:`collective_device` from the group's
+backend and the buffer's own device, so a job may mix CPU and CUDA buffers on a combined
+backend ("cpu:gloo,cuda:nccl") and may call ``torch.cuda.set_device`` after building the
+optimizer.
 """
 from __future__ import annotations
 
+import os
 import pickle
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+#: Default size of one collective's buffer in the streamed collectives (the ZeRO-1 parameter
+#: all-gather, ``full_state_dict``'s gathers, the meta-step's averaging of validation
+#: gradients): their extra device memory is bounded by this, not by the model's size.
+#: ``SHARDGROK_GATHER_BUCKET_MB`` (a float, read at each call) overrides it.
+BUCKET_BYTES = 256 << 20
+BUCKET_ENV = "SHARDGROK_GATHER_BUCKET_MB"
+
+# Device types each single-name backend takes buffers on. gloo and mpi count as CPU-only:
+# gloo's CUDA path stages through host memory anyway (so copying ourselves costs the same and
+# stays explicit), and a CUDA-aware MPI build cannot be told from the name.
+_NAMED = {"nccl": ("cuda",), "gloo": ("cpu",), "mpi": ("cpu",), "ucc": ("cpu", "cuda"),
+          "xccl": ("xpu",)}
+
+
+def bucket_bytes() -> int:
+    """The streamed collectives' buffer size in bytes (``BUCKET_BYTES`` unless the
+    ``SHARDGROK_GATHER_BUCKET_MB`` environment variable says otherwise)."""
+    env = os.environ.get(BUCKET_ENV)
+    if env:
+        try:
+            mb = float(env)
+        except ValueError:
+            raise ValueError(f"{BUCKET_ENV}={env!r} must be a positive number of MiB") from None
+        if not mb > 0:
+            raise ValueError(f"{BUCKET_ENV}={env!r} must be a positive number of MiB")
+        return max(1, int(mb * (1 << 20)))
+    return BUCKET_BYTES
+
+
+def backend_device_types(backend: str) -> tuple[str, ...] | None:
+    """The device types a process group's backend takes buffers on, from the string
+    ``torch.distributed`` reports for it: a single name ("nccl", "gloo", "mpi", ...) or a
+    combined "device:backend,..." string ("cpu:gloo,cuda:nccl"). None when the string does not
+    say ("undefined", an unknown plugin): torch then dispatches on the buffer's device."""
+    s = str(backend).strip().lower()
+    if ":" in s:
+        return tuple(pair.split(":", 1)[0].strip() for pair in s.split(",") if pair.strip())
+    return _NAMED.get(s)
+
+
+def collective_device(backend: str, device: torch.device | str) -> torch.device:
+    """The device a buffer that lives on ``device`` must travel on through a group whose
+    backend is ``backend``: its own device when the backend takes that device type (a CUDA
+    buffer on NCCL or on a "cuda:..." entry, a CPU buffer on gloo/mpi or a "cpu:..." entry, or
+    any buffer when the backend string does not say), otherwise the one device type the
+    backend takes, CUDA preferred, at the *current* CUDA device of this call (so a
+    ``torch.cuda.set_device`` after the optimizer was built is followed)."""
+    device = torch.device(device)
+    types = backend_device_types(backend)
+    if types is None or device.type in types:
+        return device
+    if "cuda" in types:
+        return torch.device("cuda", torch.cuda.current_device())
+    if "cpu" in types:
+        return torch.device("cpu")
+    return torch.device(types[0])
+
+
+def group_backend(group: dist.ProcessGroup | None) -> str:
+    """The backend string of ``group`` that :func:`collective_device` reads. A group made by
+    ``init_process_group()`` without a backend reports "undefined"; its real device map
+    ("cuda:nccl" on a CUDA machine, "cpu:gloo" without one) is in its backend config."""
+    backend = str(dist.get_backend(group))
+    if backend == "undefined" and hasattr(dist, "get_backend_config"):
+        backend = str(dist.get_backend_config(group))
+    return backend
+
+
+def _all_gather_single(out: torch.Tensor, send: torch.Tensor, group) -> None:
+    # torch 2.13 names it all_gather_single; earlier releases all_gather_into_tensor (looked up
+    # per call, so a wrapper installed on torch.distributed sees it)
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, send, group=group)
 
 
 class LocalReducer:
@@ -38,11 +118,16 @@ class LocalReducer:
         """Make a module's parameters and buffers equal to rank 0's."""
 
 
+_OWN = object()  # "this reducer's own group" (None already means the default group)
+
+
 class GroupReducer:
     """Collectives over a ``torch.distributed`` process group (None: the default group).
 
-    Buffers travel on the device the backend needs (CUDA for NCCL, CPU for gloo) and are copied
-    back in place, so callers never care which backend runs.
+    Each buffer travels on the device :func:`collective_device` picks for it, decided at each
+    call (CUDA buffers stay on CUDA under NCCL or a "cuda:..." backend, CPU buffers stay on the
+    CPU under gloo or a "cpu:..." one, anything else is copied to the device the backend
+    takes), and is copied back in place, so callers never care which backend runs.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None):
@@ -50,12 +135,22 @@ class GroupReducer:
         self.world_size = dist.get_world_size(group)
         self.dp_world_size = self.world_size  # ranks whose losses are averaged
         self.rank = dist.get_rank(group)
-        backend = dist.get_backend(group)
-        self.device = (torch.device("cuda", torch.cuda.current_device())
-                       if backend == "nccl" else torch.device("cpu"))
+        # the backend never changes for a group; the device it implies may (set_device)
+        self._backends: dict[Any, str] = {}
 
-    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t if t.device == self.device else t.to(self.device)
+    def _backend(self, group=_OWN) -> str:
+        group = self.group if group is _OWN else group
+        if group not in self._backends:
+            self._backends[group] = group_backend(group)
+        return self._backends[group]
+
+    def device_for(self, device: torch.device | str, group=_OWN) -> torch.device:
+        """Where a buffer living on ``device`` travels through ``group`` (this reducer's)."""
+        return collective_device(self._backend(group), device)
+
+    def _on_device(self, t: torch.Tensor, group=_OWN) -> torch.Tensor:
+        dev = self.device_for(t.device, group)
+        return t if t.device == dev else t.to(dev)
 
     def all_reduce_(self, buf: torch.Tensor, scalars: int = 0) -> torch.Tensor:
         """Sum ``buf`` over the group. Its last ``scalars`` entries are per-rank inputs (losses,
@@ -70,24 +165,60 @@ class GroupReducer:
     def _sum_tail_(self, buf: torch.Tensor, scalars: int, group) -> torch.Tensor:
         """Sum only the last ``scalars`` entries of ``buf`` over ``group``."""
         if scalars:
-            tail = self._on_device(buf[buf.numel() - scalars:].clone())
+            tail = self._on_device(buf[buf.numel() - scalars:].clone(), group)
             dist.all_reduce(tail, group=group)
             buf[buf.numel() - scalars:] = tail.to(buf.device)
         return buf
 
     def _flat_all_reduce_(self, tensors: list[torch.Tensor], scale: float) -> None:
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        """Sum (times ``scale``) tensors in place, packed piece by piece into one buffer of at
+        most :func:`bucket_bytes` per (dtype, device): validation gradients are model-sized,
+        and one flat copy of all of them would be a second model on the device."""
+        by_kind: dict[tuple, list[torch.Tensor]] = {}
         for t in tensors:
-            by_dtype.setdefault(t.dtype, []).append(t)
-        for ts in by_dtype.values():
-            flat = self._on_device(torch.cat([t.reshape(-1) for t in ts]))
-            dist.all_reduce(flat, group=self.group)
-            if scale != 1.0:
-                flat.mul_(scale)
-            offset = 0
+            by_kind.setdefault((t.dtype, t.device), []).append(t)
+        limit = bucket_bytes()
+        for (dtype, device), ts in by_kind.items():
+            width = min(max(1, limit // dtype.itemsize), sum(t.numel() for t in ts))
+            if not width:
+                continue
+            # one buffer for all of this kind's collectives: a backend may hold a finished
+            # collective's buffer a while, and fresh ones would pile up
+            buf = torch.empty(width, dtype=dtype, device=self.device_for(device))
+            pending: list[tuple[torch.Tensor, int, int]] = []  # (flat tensor, start, stop)
+            used = 0
             for t in ts:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
+                # a non-contiguous tensor goes through a contiguous copy of itself
+                flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
+                a, n = 0, flat.numel()
+                while a < n:
+                    e = min(n, a + width - used)
+                    pending.append((flat, a, e))
+                    used, a = used + e - a, e
+                    if used == width:
+                        self._reduce_pieces_(pending, buf[:used], scale)
+                        pending, used = [], 0
+                if not t.is_contiguous():
+                    self._reduce_pieces_(pending, buf[:used], scale)
+                    pending, used = [], 0
+                    t.copy_(flat.view_as(t))
+            self._reduce_pieces_(pending, buf[:used], scale)
+
+    def _reduce_pieces_(self, pieces, buf: torch.Tensor, scale: float) -> None:
+        """All-reduce the ``(flat, start, stop)`` pieces through ``buf`` (their total size)."""
+        if not pieces:
+            return
+        at = 0
+        for flat, a, e in pieces:
+            buf[at:at + e - a].copy_(flat[a:e])
+            at += e - a
+        dist.all_reduce(buf, group=self.group)
+        if scale != 1.0:
+            buf.mul_(scale)
+        at = 0
+        for flat, a, e in pieces:
+            flat[a:e].copy_(buf[at:at + e - a])
+            at += e - a
 
     def all_reduce_grads_(self, module: torch.nn.Module) -> None:
         grads = [p.grad for p in module.parameters() if p.grad is not None]
@@ -101,19 +232,22 @@ class GroupReducer:
     def all_gather_into_(self, out: torch.Tensor, send: torch.Tensor) -> None:
         """``out`` (world_size * len(send), rank-major) receives every rank's ``send``."""
         o, s = self._on_device(out), self._on_device(send)
-        dist.all_gather(list(o.chunk(self.world_size)), s, group=self.group)
+        # the single-tensor form: NCCL's list form stages through a flat buffer of its own (an
+        # extra bucket and a device copy per call)
+        _all_gather_single(o, s, group=self.group)
         if o is not out:
             out.copy_(o)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's (small, picklable) ``obj``. Pickled bytes travel as a uint8 tensor:
         torch's own ``all_gather_object`` needs NumPy, which torch does not require."""
+        device = self.device_for("cpu")
         data = list(pickle.dumps(obj))
-        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        size = torch.tensor([len(data)], dtype=torch.int64, device=device)
         sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
         dist.all_gather(sizes, size, group=self.group)
         width = int(max(sizes))
-        buf = torch.zeros(width, dtype=torch.uint8, device=self.device)
+        buf = torch.zeros(width, dtype=torch.uint8, device=device)
         buf[:len(data)] = torch.tensor(data, dtype=torch.uint8)
         bufs = [torch.empty_like(buf) for _ in range(self.world_size)]
         dist.all_gather(bufs, buf, group=self.group)

@@ -23,6 +23,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .comm import backend_device_types
+
 _MPI_VARS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 
 
@@ -77,11 +79,22 @@ def discover() -> DistInfo:
     return DistInfo(0, 1, 0, "single")
 
 
+def default_backend(cuda_available: bool | None = None) -> str:
+    """``"cpu:gloo,cuda:nccl"`` when CUDA is available (CUDA tensors through NCCL, CPU tensors
+    through gloo: torch.distributed.checkpoint, object gathers and a user's CPU tensors keep
+    working next to the GPU collectives), else ``"gloo"``."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    return "cpu:gloo,cuda:nccl" if cuda_available else "gloo"
+
+
 def init_distributed(backend: str | None = None,
                      timeout: timedelta = timedelta(minutes=10)) -> DistInfo:
     """Initialise the default process group from the launcher's environment and return this
-    process's place in it. ``backend`` defaults to NCCL when CUDA is available, else gloo (the
-    CUDA device is set to the local rank). ``timeout`` bounds how long a collective waits for a
+    process's place in it. ``backend`` defaults to :func:`default_backend`: gloo for CPU
+    tensors plus NCCL for CUDA ones when CUDA is available, else gloo. With NCCL the CUDA device
+    is set to the local rank before the group is made and bound to it (``device_id``), so NCCL
+    connects eagerly on the right GPU. ``timeout`` bounds how long a collective waits for a
     rank that stopped: after it, the waiting ranks raise instead of hanging.
 
     Idempotent: if the default group already exists, it only reports it.
@@ -94,11 +107,18 @@ def init_distributed(backend: str | None = None,
         return info
     os.environ.setdefault("MASTER_PORT", "29500")
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+        backend = default_backend()
+    kwargs = {}
+    if "cuda" in (backend_device_types(backend) or ()):
+        n_gpus = torch.cuda.device_count()
+        if info.local_rank >= n_gpus:
+            raise RuntimeError(f"local rank {info.local_rank} has no GPU of its own (this node "
+                               f"has {n_gpus}): start at most one process per GPU per node, or "
+                               "pass backend='gloo'")
         torch.cuda.set_device(info.local_rank)
+        kwargs["device_id"] = torch.device("cuda", info.local_rank)
     dist.init_process_group(backend, init_method="env://", rank=info.rank,
-                            world_size=info.world_size, timeout=timeout)
+                            world_size=info.world_size, timeout=timeout, **kwargs)
     return info
 
 

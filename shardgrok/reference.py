@@ -101,6 +101,13 @@ def clip_coefficient(max_norm: float, norm_sq: float) -> float:
     return min(1.0, max_norm / (math.sqrt(max(norm_sq, 0.0)) + 1e-6))
 
 
+def clip_coefficients(max_norm: torch.Tensor, norm_sq: torch.Tensor) -> torch.Tensor:
+    """:func:`clip_coefficient` elementwise on float64 tensors (per group), on their device: the
+    same IEEE operations, so the same values, without reading the norm back to the host."""
+    coef = (max_norm / (norm_sq.clamp_min(0).sqrt() + 1e-6)).clamp(max=1.0)
+    return torch.where(max_norm > 0, coef, torch.ones_like(coef))
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a.reshape(-1).to(ACC), b.reshape(-1).to(ACC))
 
@@ -113,10 +120,35 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in _WIDE else t.float()
 
 
+def _math_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype an update of these tensors computes in: fp32 for bf16/fp16/fp32 storage, fp64
+    as soon as one of them is fp64 (parameter and state may differ in dtype)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _in_math_dtype(tensors: tuple[torch.Tensor, ...], run) -> None:
+    """``run(*work)`` on copies of ``tensors`` in their math dtype (those already in it are used
+    in place), then each copy written back once, rounded to its tensor's own dtype."""
+    dtype = _math_dtype(*tensors)
+    work = [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+    run(*work)
+    for dst, src in zip(tensors, work):
+        if dst is not src:
+            dst.copy_(src)
+
+
 def adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
            update: torch.Tensor, k: StepScalars) -> None:
     """m, v update with ``update`` as the gradient, then
-    ``theta -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * theta)``."""
+    ``theta -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * theta)``. Computed in the
+    math dtype of param, m and v (:func:`_math_dtype`), each written back in its own dtype."""
+    tensors = (param, exp_avg, exp_avg_sq)
+    dtype = _math_dtype(*tensors)
+    if any(t.dtype != dtype for t in tensors):
+        return _in_math_dtype(tensors, lambda p, m, v: adamw_(p, m, v, update, k))
     exp_avg.mul_(k.beta1).add_(update, alpha=k.one_minus_beta1)
     exp_avg_sq.mul_(k.beta2).addcmul_(update, update, value=k.one_minus_beta2)
     denom = (exp_avg_sq.sqrt() / k.sqrt_bc2).add_(k.eps)
@@ -124,17 +156,18 @@ def adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
     param.addcdiv_(exp_avg, denom, value=k.step_size)
 
 
-def _in_fp32(fn):
-    """Run an in-place update in fp32 on low-precision storage and write the result back."""
+def _in_math_dtype_update(fn):
+    """Run an in-place update (param, grad, [h,] exp_avg, exp_avg_sq, mu) in the math dtype of
+    the parameter and its state (fp32 for bf16/fp16 storage, fp64 once any of them is fp64),
+    writing the parameter and m, v, mu back once, each rounded to its own dtype: low-precision
+    parameters with fp32 state (the default) are rounded once, at the end of the update."""
     def wrapper(param, grad, *rest, k):
         tensors = (param, *rest[-3:])  # param, exp_avg, exp_avg_sq, mu
-        if all(t.dtype in _WIDE for t in tensors):
+        dtype = _math_dtype(*tensors)
+        if all(t.dtype == dtype for t in tensors):
             return fn(param, grad, *rest, k=k)
-        work = [_f32(t) for t in (param, *rest)]
-        fn(work[0], grad, *work[1:], k=k)
-        for dst, src in zip((param, *rest), work):
-            if dst is not src:
-                dst.copy_(src)
+        extra = [_f32(t) for t in rest[:-3]]  # SuperGrok's h
+        _in_math_dtype(tensors, lambda p, m, v, mu: fn(p, grad, *extra, m, v, mu, k=k))
     return wrapper
 
 
@@ -146,7 +179,7 @@ def grokadamw_partial_stats(grad: torch.Tensor) -> torch.Tensor:
     return _dot(grad, grad).reshape(1)
 
 
-@_in_fp32
+@_in_math_dtype_update
 def grokadamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                       exp_avg_sq: torch.Tensor, mu: torch.Tensor, *, k: StepScalars) -> None:
     g = _f32(grad)
@@ -199,7 +232,7 @@ def supergrok_decide(stats: torch.Tensor, mu_alpha: torch.Tensor, lamb: torch.Te
     return SuperGrokDecision(scale, amp, final_sq, engaged)
 
 
-@_in_fp32
+@_in_math_dtype_update
 def supergrok_update_(param: torch.Tensor, grad: torch.Tensor, h: torch.Tensor,
                       exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, mu: torch.Tensor, *,
                       k: StepScalars) -> None:

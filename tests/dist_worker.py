@@ -14,10 +14,13 @@ import sys
 import time
 import traceback
 import warnings
+import weakref
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import scenarios as S  # noqa: E402
@@ -56,6 +59,12 @@ def reference_grokadamw(args):
 @scenario
 def reference_supergrok(args):
     return S.run("supergrok", RANK, WORLD, shard=True, meta=False, backend="reference")
+
+
+@scenario
+def bf16_default_state(args):
+    """bf16 parameters, default state dtype (fp32 m, v, mu) under ZeRO-1 (tests/test_state_dtype.py)."""
+    return {kind: S.bf16_run(kind, RANK, WORLD, shard=True) for kind in S.KINDS}
 
 
 @scenario
@@ -117,6 +126,116 @@ def memory(args):
                      "spans": [opt._layout.span(p) if opt._layout.owns(p) else None
                                for g in opt.param_groups for p in g["params"]],
                      "numels": [p.numel() for g in opt.param_groups for p in g["params"]]}
+    return out
+
+
+# ---------------------------------------------------------------- memory bounds (docs/distributed.md)
+class AllocationTracker(TorchDispatchMode):
+    """Every tensor storage allocated inside the block (an op's output that shares no storage
+    with its inputs) and when it was freed, so the temporaries of a call can be measured
+    whatever code allocates them."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[tuple] = []  # ("+", key, nbytes, data_ptr) and ("-", key)
+        self._count = 0
+        self._final: list[tuple] | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        given = {t.untyped_storage().data_ptr()
+                 for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if storage.nbytes() and ptr not in given:
+                given.add(ptr)
+                key, self._count = self._count, self._count + 1
+                self.events.append(("+", key, storage.nbytes(), ptr))
+                weakref.finalize(storage, self.events.append, ("-", key))
+        return out
+
+    def __exit__(self, *exc):
+        self._final = list(self.events)
+        return super().__exit__(*exc)
+
+    def measure(self, keep=()) -> dict:
+        """``peak``: most bytes alive at once inside the block, and ``largest``: the largest
+        single allocation, leaving out what is still alive at its end in a storage of ``keep``
+        (tensors the call returns)."""
+        events = self._final if self._final is not None else list(self.events)
+        freed = {e[1] for e in events if e[0] == "-"}
+        kept_ptrs = {t.untyped_storage().data_ptr() for t in keep}
+        skip = {e[1] for e in events if e[0] == "+" and e[1] not in freed and e[3] in kept_ptrs}
+        live, peak, largest, sizes = 0, 0, 0, {}
+        for e in events:
+            if e[1] in skip:
+                continue
+            if e[0] == "+":
+                sizes[e[1]] = e[2]
+                live += e[2]
+                largest = max(largest, e[2])
+                peak = max(peak, live)
+            else:
+                live -= sizes.pop(e[1], 0)
+        return {"peak": peak, "largest": largest}
+
+
+def _state_tensors(sd) -> list[torch.Tensor]:
+    return [] if sd is None else [v for st in sd["state"].values() for v in st.values()
+                                  if isinstance(v, torch.Tensor)]
+
+
+@scenario
+def small_buckets(args):
+    """ZeRO-1 with a gather bucket a fifth of the model's bytes: several all-gathers per
+    gather, tensors straddling them. The 20-step runs (for parity with one process; the
+    meta-steps' averages of validation gradients go through buckets that small too), one
+    post-step gather and one full state measured, the full state at both bucket sizes."""
+    import shardgrok.comm as C
+    from shardgrok.layouts.zero import ZeroLayout
+    model_bytes = sum(p.numel() * p.element_size() for p in toy(S.DTYPE).parameters())
+    bucket = model_bytes // 5
+    out = {"bucket": bucket, "model_bytes": model_bytes}
+    ZeroLayout.gather_bucket_bytes = bucket
+    os.environ[C.BUCKET_ENV] = str(bucket / (1 << 20))
+    try:
+        for kind in S.KINDS:
+            out[kind] = S.run(kind, RANK, WORLD, shard=True)
+        model = toy(S.DTYPE)
+        opt = S.make("supergrok", model, RANK, WORLD, shard=True)
+        S.train("supergrok", model, opt, range(4), RANK, WORLD)
+        layout = opt._layout
+        keys: dict = {}
+        for b in layout._buckets:
+            keys[b.key] = keys.get(b.key, 0) + b.share
+        before = S.params(model)
+        with collective_calls() as calls:
+            layout.post_step(opt)
+        # measured apart: under collective_calls' wrappers gloo's buffers are freed late
+        with AllocationTracker() as track:
+            layout.post_step(opt)
+        out["post_step"] = {**track.measure(), "widths": list(keys.values()),
+                            "itemsize": S.DTYPE.itemsize,
+                            "gathers": sum(name == "all_gather_single" for name, _ in calls),
+                            "unchanged": all(torch.equal(a, b) for a, b in
+                                             zip(before, S.params(model), strict=True))}
+        sd = opt.state_dict()
+        with AllocationTracker() as track:
+            full = layout.full_state(opt, sd, 0)
+        out["full_state"] = {**track.measure(keep=_state_tensors(full)),
+                             "returned": full is not None,
+                             "on_cpu": all(t.device.type == "cpu" for t in _state_tensors(full))}
+        out["full_small"] = opt.full_state_dict(to=None)
+        ZeroLayout.gather_bucket_bytes = None
+        os.environ.pop(C.BUCKET_ENV, None)
+        out["full_default"] = opt.full_state_dict(to=None)
+    finally:
+        ZeroLayout.gather_bucket_bytes = None
+        os.environ.pop(C.BUCKET_ENV, None)
     return out
 
 

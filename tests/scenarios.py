@@ -8,6 +8,7 @@ single-process values, so the tests also see that ranks' inputs are averaged.
 """
 from __future__ import annotations
 
+import copy
 import glob
 import os
 import re
@@ -102,6 +103,29 @@ def run(kind: str, rank: int = 0, world: int = 1, shard: bool = False, *, wrap=N
     opt = make(kind, module, rank, world, shard, **kw)
     record = train(kind, module, opt, range(STEPS), rank, world, meta, backward_fn)
     return {"params": read(module), "record": record}
+
+
+def bf16_backward(model, step):
+    """The gradient of a bfloat16 model, computed in float64 from its exact values and rounded
+    to bfloat16: the same bits in every process, whatever its thread count."""
+    wide = copy.deepcopy(model).double()
+    x, y = (v.double() for v in batch(step, DTYPE))
+    loss = ((wide(x) - y) ** 2).mean() * 20
+    loss.backward()
+    for p, q in zip(model.parameters(), wide.parameters(), strict=True):
+        p.grad = None if q.grad is None else q.grad.to(p.dtype)
+    return loss.item()
+
+
+def bf16_run(kind: str, rank: int = 0, world: int = 1, shard: bool = False, **kw) -> dict:
+    """``run(kind, meta=False)`` with bfloat16 parameters (no fp32 master weights) and the default
+    state dtype: the parameters, each step's record and the full state (gathered under ZeRO)."""
+    model = toy(DTYPE).to(torch.bfloat16)
+    opt = make(kind, model, rank, world, shard, **kw)
+    record = train(kind, model, opt, range(STEPS), rank, world, False, bf16_backward)
+    full = opt.full_state_dict(to=None)
+    state = {i: {k: v for k, v in st.items() if k != "step"} for i, st in full["state"].items()}
+    return {"params": params(model), "record": record, "state": state}
 
 
 def naive_run(kind: str, *, dead: bool = True, groups=default_groups, signal: bool = True,

@@ -130,7 +130,7 @@ def test_one_all_reduce_and_one_all_gather_per_step(jobs, world):
     runs = ok(jobs[world], "collectives")
     for res in runs:
         for kind in S.KINDS:
-            assert res[kind] == {"all_reduce": 1, "all_gather": 1}, kind
+            assert res[kind] == {"all_reduce": 1, "all_gather_single": 1}, kind
     # losses given per rank (train_loss + rank) are averaged: alpha is the same everywhere
     assert len({res["supergrok_cached_alpha"] for res in runs}) == 1
 

@@ -8,7 +8,8 @@ import torch.distributed as dist
 
 SCENARIOS = {}
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor",
+               "all_gather_object",
                "broadcast", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "barrier",
                "gather_object", "send", "recv", "reduce")
 

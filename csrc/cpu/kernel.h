@@ -1,5 +1,6 @@
 // The CPU kernel's work description: plain C++ (no torch), so the instruction-set translation
-// units build without torch's headers under their own target options.
+// units build without torch's headers under their own target options. The segments and chunks
+// are the backends' shared ones (../job.h).
 #ifndef SHARDGROK_CPU_KERNEL_H
 #define SHARDGROK_CPU_KERNEL_H
 
@@ -9,32 +10,10 @@
 #endif
 
 #include "../grok_math.h"
+#include "../job.h"
 
 namespace sg {
 namespace cpu {
-
-// One local piece of one original tensor: where its parameter, gradient and state live.
-struct Segment {
-  void* param;
-  const void* grad;
-  void* exp_avg;
-  void* exp_avg_sq;
-  void* mu;
-  const float* h;       // SuperGrok with a user's meta-net: h = exp(f(g)) g, computed by PyTorch
-  int64_t numel;
-  int32_t tensor;       // global tensor index: the row of the stats / scalar tables
-  int32_t param_dtype, grad_dtype, state_dtype;
-};
-
-// A fixed slice of a segment. Chunks are cut independently of the thread count, and phase 1
-// writes one partial sum per chunk, reduced afterwards in chunk order: the same bits with any
-// number of threads.
-struct Chunk {
-  int32_t segment;
-  int64_t begin, size;
-};
-
-enum Kind : int32_t { GROKADAMW = 0, SUPERGROK = 1 };
 
 struct Job {
   int32_t kind;
@@ -45,10 +24,6 @@ struct Job {
   Table table;            // SuperGrok's default meta-net (unused when segments carry h)
   bool has_table;
 };
-
-// Chunk length: big enough that per-chunk overhead vanishes, small enough that 2-16 threads
-// balance on a 1M-element model. A multiple of the lane count (8).
-constexpr int64_t CHUNK = 16384;
 
 // Instruction sets, best first.
 enum Isa : int32_t { ISA_AVX512 = 0, ISA_AVX2 = 1, ISA_GENERIC = 2 };

@@ -33,6 +33,7 @@ import warnings
 
 import torch
 
+from ..bilevel import host_copy, host_ready, to_host
 from ..comm import GroupReducer, ReplicatedReducer
 from ..layouts.base import Segment, TensorRef
 from ..layouts.local import autograd_validation_grads, averaged_validation_grads, whole
@@ -261,12 +262,15 @@ class DeepSpeedLayout:
     def post_step(self, opt):
         pass  # DeepSpeed copies the fp32 partitions to the model and all-gathers them
 
-    def clip_coefficient(self) -> float:
-        """The coefficient DeepSpeed applied to the gradients this step (for the report)."""
+    def clip_coefficient(self):
+        """The coefficient DeepSpeed applied to the gradients this step (for the report): a
+        float, or a 0-dim tensor where DeepSpeed keeps its norm on the GPU (not read back)."""
         clip = float(getattr(self.engine, "clip_grad", 0.0) or 0.0)
         norm = getattr(self.engine, "_global_grad_norm", None)
         if clip <= 0 or norm is None:
             return 1.0
+        if isinstance(norm, torch.Tensor):
+            return (clip / (norm.detach().to(torch.float64) + 1e-6)).clamp(max=1.0)
         return min(1.0, clip / (float(norm) + 1e-6))
 
     def check_clipping(self, opt) -> None:
@@ -310,13 +314,23 @@ class _WholeModelView:
     one all-reduce per parameter) and computes the whole meta-gradient on the model's own
     parameters, as one process would; the validation gradients are averaged over the ranks,
     so every rank gets the same meta-gradient and the meta-nets stay equal with no further
-    reduction."""
+    reduction.
+
+    Memory: each whole fp32 gradient is moved to the host as soon as it is assembled, so the
+    device holds one of them at a time; the host holds them all (one fp32 model per rank) and
+    the meta-step's smart gradients next to them, and what the look-ahead needs on the device
+    goes there one tensor at a time."""
 
     def __init__(self, opt, ds: DeepSpeedLayout):
         from deepspeed.utils import safe_get_full_grad
         self.reducer = ReplicatedReducer(ds.reducer.group)
         self._params = [p for ps in opt._group_params for p in ps]
-        self._grads = [safe_get_full_grad(p) for p in self._params]
+        self._grads = []
+        for p in self._params:  # one all-reduce each, in the same order on every rank
+            g = safe_get_full_grad(p)
+            # a gradient the parameter already holds costs nothing more where it is
+            self._grads.append(g if g is None or g is p.grad else to_host(g))
+        host_ready()  # the meta-step reads them on the host
         self._refs = [TensorRef(r.index, r.layer, r.group, p)
                       for r, p in zip(ds.tensors(opt), self._params)]
 
@@ -346,7 +360,17 @@ class _Stage3View(_WholeModelView):
     (``ds_tensor``), gathered only around their use (except "persistent" small ones, which stay
     whole in ``.data`` too). The look-ahead moves whole fp32 copies, writes each rank's part of
     them into its partitions (and into the whole data of persistent parameters), and puts the
-    original storage back afterwards."""
+    original storage back afterwards.
+
+    Memory: the whole fp32 copies are gathered one parameter at a time and kept on the host, as
+    are the gradients (see :class:`_WholeModelView`) and the saved partitions and persistent
+    data, so the device holds one whole fp32 parameter or gradient at a time beyond what
+    DeepSpeed holds; the host holds two fp32 models (parameters, gradients) per rank, plus
+    the smart gradients and this rank's partitions."""
+
+    #: the storage the look-ahead overwrites is put back by :meth:`restore`; the fp32 copies it
+    #: moves are thrown away, so the meta-step need not save them
+    restores_itself = True
 
     def __init__(self, opt, ds: DeepSpeedLayout):
         super().__init__(opt, ds)
@@ -354,10 +378,11 @@ class _Stage3View(_WholeModelView):
         self._rank = torch.distributed.get_rank(ds.reducer.group)
         # frozen parameters have no fp32 master and are not moved (the same on every rank, so
         # the collective gathers stay matched)
-        self._whole = [safe_get_full_fp32_param(p).detach().clone() if p.requires_grad else None
+        self._whole = [host_copy(safe_get_full_fp32_param(p)) if p.requires_grad else None
                        for p in self._params]
-        self._saved = [(p.ds_tensor.detach().clone(),
-                        p.data.detach().clone() if p.data.numel() == p.ds_numel else None)
+        host_ready()  # the look-ahead moves them on the host
+        self._saved = [(host_copy(p.ds_tensor),
+                        host_copy(p.data) if p.data.numel() == p.ds_numel else None)
                        for p in self._params]
 
     def meta_params(self, opt):
@@ -382,9 +407,9 @@ class _Stage3View(_WholeModelView):
     @torch.no_grad()
     def restore(self, opt):
         for p, (part, data) in zip(self._params, self._saved):
-            p.ds_tensor.copy_(part)
+            p.ds_tensor.copy_(part, non_blocking=part.is_pinned())
             if data is not None:
-                p.data.copy_(data)
+                p.data.copy_(data, non_blocking=data.is_pinned())
 
 
 def optimizer_of(obj):

@@ -10,8 +10,10 @@ The rule, in one place. ``backend=`` on GrokAdamW/SuperGrok, else the environmen
 - ``"auto"`` (default): the kernel when it is built and takes every local tensor, else the
   reference, with one warning per optimizer saying why.
 
-The kernel takes contiguous fp32, bf16 and fp16 parameters (fp32 math) on the CPU; fp64, other
-devices (until the CUDA kernel lands) and non-contiguous parameters go to the reference.
+The kernel takes contiguous fp32, bf16 and fp16 parameters (fp32 math) on the CPU and, when
+torch has CUDA, on a CUDA device (csrc/cuda/, built just in time for the GPUs present; see
+:mod:`shardgrok.kernels.cuda`); fp64, other devices, non-contiguous parameters and a rank's
+tensors spread over several devices go to the reference.
 ``SHARDGROK_CPU_ISA`` (``avx512``, ``avx2``, ``generic``) runs a lower instruction set than the
 best one the CPU has. ``python -m shardgrok.kernels`` reports what is built and in use.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from . import build
+from . import build, cuda
 
 BACKENDS = ("auto", "kernel", "reference")
 ENV_BACKEND = "SHARDGROK_BACKEND"
@@ -92,9 +94,7 @@ def status() -> dict:
                 "isa": ext.isa() if ext is not None else None,
                 "supported_isas": ext.supported_isas() if ext is not None else [],
                 "reason": _state["reason"]},
-        "cuda": {"available": False,
-                 "reason": "the CUDA kernel is not written yet (csrc/cuda/); CUDA tensors use "
-                           "the reference path"},
+        "cuda": cuda.status(),
         "default_backend": choose_backend(None),
     }
 
@@ -102,3 +102,16 @@ def status() -> dict:
 def warn_fallback(owner: str, reason: str, stacklevel: int = 4) -> None:
     warnings.warn(f"{owner}: using the reference (PyTorch) step, not the compiled kernel: "
                   f"{reason}", UserWarning, stacklevel=stacklevel)
+
+
+def plain(value):
+    """A report value for people: tensors (a GPU step keeps its report on the device, so that
+    it never waits for the GPU) become floats, bools or lists; the rest is returned as is."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.dim() == 0 else value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value

@@ -1,5 +1,7 @@
 """``python -m shardgrok.kernels``: what is built, which instruction set is in use, and why a
-backend is unavailable. Exit status 0 when the CPU kernel is available, 1 otherwise."""
+backend is unavailable. Exit status 0 when the CPU kernel is available (it also builds the
+plans of CUDA steps), 1 otherwise; an unavailable CUDA kernel on a machine without a GPU is no
+failure."""
 import sys
 
 from . import status
@@ -15,7 +17,12 @@ def main() -> int:
               f"{', '.join(cpu['supported_isas'])})")
     else:
         print(f"cpu kernel: unavailable: {cpu['reason']}")
-    print(f"cuda kernel: unavailable: {s['cuda']['reason']}")
+    gpu = s["cuda"]
+    if gpu["available"]:
+        print(f"cuda kernel: available ({gpu['origin']})")
+        print(f"  devices: {', '.join(gpu['devices'])}; built for: {gpu['arch_list']}")
+    else:
+        print(f"cuda kernel: unavailable: {gpu['reason']}")
     return 0 if cpu["available"] else 1
 
 

@@ -30,7 +30,7 @@ import torch
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("bindings.cpp", "cpu/dispatch.cpp", "cpu/isa_avx512.cpp", "cpu/isa_avx2.cpp",
                "cpu/isa_generic.cpp")
-HEADERS = ("grok_math.h", "cpu/kernel.h", "cpu/loops.h", "cpu/dispatch.h")
+HEADERS = ("grok_math.h", "job.h", "cpu/kernel.h", "cpu/loops.h", "cpu/dispatch.h", "cuda/order.h")
 CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp")
 LDFLAGS = ("-fopenmp",)  # tuples: cpp_extension appends to the lists it is given
 
@@ -68,3 +68,56 @@ def build_cpu(verbose: bool = False):
         extra_include_paths=[str(CSRC)],
         verbose=verbose or bool(os.environ.get("SHARDGROK_VERBOSE_BUILD")),
     )
+
+
+# ---------------------------------------------------------------------------- CUDA
+#: the CUDA extension: glue without torch (pybind11 and the CUDA runtime) and the kernels
+CUDA_SOURCES = ("cuda/bindings.cpp", "cuda/kernels.cu")
+CUDA_HEADERS = ("grok_math.h", "job.h", "cuda/launch.h", "cuda/order.h")
+#: nvcc flags, the same for the JIT build and CI's compile check. ``--fmad=false``: no
+#: multiply-add the reference does not have (as -ffp-contract=off on the CPU); IEEE division
+#: and square root are nvcc's defaults and are kept (never --use_fast_math).
+CUDA_FLAGS = ("-O3", "-std=c++17", "--fmad=false", "-prec-div=true", "-prec-sqrt=true",
+              "-ftz=false")
+#: the architectures CI compiles for (the JIT build targets the GPUs present)
+CI_ARCHS = ("80", "90")
+
+
+def cuda_sources_present() -> bool:
+    return all((CSRC / f).is_file() for f in CUDA_SOURCES + CUDA_HEADERS)
+
+
+def cuda_digest() -> str:
+    h = hashlib.sha256()
+    for f in CUDA_SOURCES + CUDA_HEADERS:
+        h.update(f.encode())
+        h.update((CSRC / f).read_bytes())
+    h.update(" ".join(CUDA_FLAGS).encode())
+    h.update(torch.__version__.encode())
+    h.update((os.environ.get("TORCH_CUDA_ARCH_LIST") or "").encode())
+    return h.hexdigest()[:12]
+
+
+def build_cuda(verbose: bool = False):
+    """Compile (or load the cached) CUDA extension for the architectures of the GPUs present
+    (``TORCH_CUDA_ARCH_LIST`` overrides, as for any torch extension); raises on any failure."""
+    from torch.utils import cpp_extension
+
+    d = cuda_digest()
+    return cpp_extension.load(
+        name=f"shardgrok_cuda_{d}",
+        sources=[str(CSRC / f) for f in CUDA_SOURCES],
+        extra_cflags=["-O3", digest_flag(d)],
+        extra_cuda_cflags=[*CUDA_FLAGS, digest_flag(d)],
+        extra_include_paths=[str(CSRC)],
+        verbose=verbose or bool(os.environ.get("SHARDGROK_VERBOSE_BUILD")),
+    )
+
+
+def nvcc_check_command(source: str, arch: str, out: str) -> list[str]:
+    """The nvcc command CI runs on ``source`` (relative to csrc/) for ``sm_<arch>``: warnings are
+    errors, and ptxas reports every kernel's registers and spills (``-Xptxas -v``)."""
+    return ["nvcc", "-c", str(CSRC / source), "-o", out, *CUDA_FLAGS,
+            f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Werror", "all-warnings",
+            "-Xcompiler", "-Wall,-Wextra,-Werror", "-Xptxas", "-v,-warn-spills",
+            f"-I{CSRC}"]

@@ -21,9 +21,11 @@ class KernelUnsupported(Exception):
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _why_not(name: str, t: torch.Tensor, where: str) -> str | None:
-    if t.device.type != "cpu":
-        return f"{where}: {name} is on {t.device} (the CPU kernel takes CPU tensors)"
+def _why_not(name: str, t: torch.Tensor, where: str, device: torch.device) -> str | None:
+    if t.device.type not in ("cpu", "cuda"):
+        return f"{where}: {name} is on {t.device} (the kernels take CPU and CUDA tensors)"
+    if t.device != device:
+        return f"{where}: {name} is on {t.device}, other tensors on {device} (one plan, one device)"
     if t.dtype not in _DTYPES:
         return f"{where}: {name} is {t.dtype} (the kernel takes float32, bfloat16 and float16)"
     if not t.is_contiguous():
@@ -32,12 +34,24 @@ def _why_not(name: str, t: torch.Tensor, where: str) -> str | None:
 
 
 class TensorInfo:
-    """Per-tensor facts the decisions need, as tensors: group and layer of every tensor."""
+    """Per-tensor facts the decisions need, as tensors: group and layer of every tensor (on the
+    host; :meth:`on` gives device copies, made once)."""
 
     def __init__(self, refs):
         self.n = len(refs)
         self.group_of = torch.tensor([r.group for r in refs], dtype=torch.long)
         self.layer = torch.tensor([float(r.layer) for r in refs], dtype=torch.float64)
+        self._copies: dict = {}
+
+    def on(self, name: str, device: torch.device) -> torch.Tensor:
+        t = getattr(self, name)
+        if device.type == "cpu":
+            return t
+        key = (name, device)
+        if key not in self._copies:
+            from .cuda import to_device
+            self._copies[key] = to_device(t, device)
+        return self._copies[key]
 
 
 class FusedPlan:
@@ -46,6 +60,8 @@ class FusedPlan:
     def __init__(self, ext, optimizer, layout):
         refs = layout.tensors(optimizer)
         segs = layout.plan_pieces(optimizer)
+        first = next((s.param for s in segs), None)
+        self.device = first.device if first is not None else torch.device("cpu")
         self.info = TensorInfo(refs)
         self.n_tensors = len(refs)
         self.shapes = {}
@@ -55,7 +71,7 @@ class FusedPlan:
             where = f"parameter tensor #{s.index} {tuple(s.param.shape)}"
             for name, t in (("the parameter", s.param), ("exp_avg", s.state["exp_avg"]),
                             ("exp_avg_sq", s.state["exp_avg_sq"]), ("mu", s.state["mu"])):
-                why = _why_not(name, t, where)
+                why = _why_not(name, t, where, self.device)
                 if why:
                     raise KernelUnsupported(why)
             if len({s.state[k].dtype for k in ("exp_avg", "exp_avg_sq", "mu")}) != 1:
@@ -95,6 +111,26 @@ class FusedPlan:
         except RuntimeError as e:  # the C++ checks name the segment and the rule
             raise KernelUnsupported(str(e).splitlines()[0]) from e
         self.n_segments = len(rows)
+        self.cuda = None
+        if self.device.type == "cuda":
+            from . import cuda
+            cuda_ext = cuda.cuda_extension()
+            if cuda_ext is None:
+                raise KernelUnsupported(f"the CUDA kernel is unavailable: {cuda.unavailable_reason()}")
+            self.cuda = cuda.CudaLaunches(cuda_ext, ext, self.plan, self.n_tensors, self.device)
+
+    def phase1(self, kind: int, k: int, out: torch.Tensor, **aux) -> None:
+        """Phase 1 into the reduction buffer ``out``: stats [n, k], then present [n]."""
+        if self.cuda is not None:
+            self.cuda.phase1(kind, k, out, **aux)
+        else:
+            self.plan.phase1(kind, out=out, **aux)
+
+    def phase2(self, kind: int, scalars: torch.Tensor, **aux) -> None:
+        if self.cuda is not None:
+            self.cuda.phase2(kind, scalars, **aux)
+        else:
+            self.plan.phase2(kind, scalars, **aux)
 
     def resolve(self) -> bool:
         """Read and check this step's gradients; False if a parameter's storage moved (``p.data

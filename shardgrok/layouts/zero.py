@@ -8,16 +8,20 @@ for its part. Buckets are per group so ``add_param_group`` never moves existing 
 dtype so the parameter all-gather moves one dtype per buffer. State per rank is at most
 ``ceil(T / N)`` elements per bucket: total / N plus less than one element per rank of padding.
 
-After the update, one all-gather per (dtype, device) makes every rank's parameters whole again:
-each rank sends its shares of all buckets of that key back to back, padded to ``S``.
+After the update, all-gathers per (dtype, device) make every rank's parameters whole again: each
+rank sends its shares of all buckets of that key back to back, padded to ``S``, at most
+``gather_bucket_bytes`` of output per collective (so one collective while a dtype's parameters
+fit in 256 MiB), and each collective's result is written into the parameters before the next.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import torch
 
 from ..checkpoint import STATE_KEYS, check_full_state
+from ..comm import bucket_bytes
 from .base import Segment, verify_same_on_every_rank
 from .local import LocalLayout
 
@@ -41,6 +45,9 @@ class ZeroLayout(LocalLayout):
     computed like one process's and averaged over the group (LocalLayout's)."""
 
     sharded = True
+    #: bytes of one all-gather's output; None: :func:`shardgrok.comm.bucket_bytes` (256 MiB,
+    #: or ``SHARDGROK_GATHER_BUCKET_MB``)
+    gather_bucket_bytes: int | None = None
 
     def __init__(self, reducer):
         super().__init__(reducer)
@@ -104,41 +111,125 @@ class ZeroLayout(LocalLayout):
                                 optimizer.state[p], p, lambda x, a=a, e=e: x.reshape(-1)[a:e]))
         return segs
 
+    def _bucket_bytes(self) -> int:
+        return self.gather_bucket_bytes or bucket_bytes()
+
     @torch.no_grad()
-    def gather(self, local_of) -> dict[torch.Tensor, torch.Tensor]:
-        """Whole flat tensors from every rank's part: ``local_of(p)`` is this rank's part of
-        (something shaped like) parameter ``p``; returns ``{p: flat whole}`` on every rank, with
-        one all-gather per (dtype, device)."""
+    def gather_into(self, local_of, sink, dtype_of=None, buffers: dict | None = None,
+                    on_host: bool = False) -> None:
+        """Stream every tensor's whole flat values from every rank's part: ``local_of(p)`` is
+        this rank's part of (something shaped like) parameter ``p``, ``dtype_of(p)`` its dtype
+        when not ``p``'s (the optimizer state's), and ``sink(p, a, e, values)`` receives
+        elements ``[a, e)`` of ``p``'s flat whole (``values`` is valid only during the call;
+        ``sink=None``: this rank only takes part). ``on_host``: ``values`` are on the CPU, each
+        bucket brought there by one copy.
+
+        Per (dtype, device) the shares are all-gathered a contiguous range of columns at a
+        time, each collective's output at most :meth:`_bucket_bytes` (at least one column per
+        rank), so the temporaries are one bucket plus this rank's 1/N of it whatever the
+        model's size (and, ``on_host``, one bucket on the host). A tensor straddling two
+        collectives reaches ``sink`` in pieces. Calls that pass the same ``buffers`` dict share
+        those buffers."""
         by_key: dict[tuple, list[_Bucket]] = {}
         for b in self._buckets:
             by_key.setdefault(b.key, []).append(b)
-        whole = {}
+        n, r = self.world_size, self.rank
+        limit = self._bucket_bytes()
         for (dtype, device), buckets in by_key.items():
-            width = sum(b.share for b in buckets)
-            send = torch.zeros(width, dtype=dtype, device=device)
-            at = 0
+            dtype = dtype if dtype_of is None else dtype_of(buckets[0].params[0])
+            # Column c of the rank-major [N, width] gather holds, for every rank q, element
+            # q * share + c - at of the bucket whose shares start at column ``at``.
+            ats, width = [], 0
             for b in buckets:
-                pieces = [local_of(p).reshape(-1) for p in b.params if self.owns(p)]
-                if pieces:
-                    local = torch.cat(pieces)
-                    send[at:at + local.numel()] = local
-                at += b.share
-            out = torch.empty(self.world_size * width, dtype=dtype, device=device)
-            self.reducer.all_gather_into_(out, send)
-            rows = out.view(self.world_size, width)
-            at = 0
-            for b in buckets:
-                flat = rows[:, at:at + b.share].reshape(-1)[:b.total]
-                for p, off in zip(b.params, b.offsets):
-                    whole[p] = flat[off:off + p.numel()]
-                at += b.share
+                ats.append(width)
+                width += b.share
+            if not width:  # only empty tensors: nothing to move (the same on every rank)
+                continue
+            esize = dtype.itemsize
+            cols = min(width, max(1, limit // (n * esize)))
+            # Two buffers per key, reused by every collective: a backend may hold on to a
+            # finished collective's buffers for a while (gloo's worker thread does), and fresh
+            # ones each time would then pile up.
+            cache = {} if buffers is None else buffers
+            send_buf, out_buf = cache.get((dtype, device), (None, None))
+            if send_buf is None or send_buf.numel() < cols:
+                cache.pop((dtype, device), None)
+                del send_buf, out_buf
+                send_buf = torch.empty(cols, dtype=dtype, device=device)
+                out_buf = torch.empty(n * cols, dtype=dtype, device=device)
+                cache[(dtype, device)] = (send_buf, out_buf)
+            # one copy per bucket to the host rather than one per piece (each would sync)
+            stage = (torch.empty(n * cols, dtype=dtype, device="cpu")
+                     if on_host and sink is not None and out_buf.device.type != "cpu" else None)
+            rows = None
+            for c0 in range(0, width, cols):
+                c1 = min(c0 + cols, width)
+                send = send_buf[:c1 - c0]
+                for b, at in zip(buckets, ats):
+                    lo, hi = max(c0, at), min(c1, at + b.share)
+                    if lo < hi:
+                        base = r * b.share - at
+                        self._fill(b, base + lo, base + hi, local_of, send[lo - c0:hi - c0])
+                out = out_buf[:n * (c1 - c0)]
+                self.reducer.all_gather_into_(out, send)
+                if sink is None:
+                    continue
+                rows = (out if stage is None else stage[:out.numel()].copy_(out)).view(n, c1 - c0)
+                for b, at in zip(buckets, ats):
+                    lo, hi = max(c0, at), min(c1, at + b.share)
+                    for q in range(n) if lo < hi else ():
+                        start = q * b.share + lo - at
+                        stop = min(q * b.share + hi - at, b.total)  # past total: padding
+                        if start < stop:
+                            self._emit(b, start, stop, rows[q, lo - c0:lo - c0 + stop - start],
+                                       sink)
+            del send_buf, out_buf, send, out, stage, rows, cache  # no view outlives its key
+
+    def _fill(self, b: _Bucket, start: int, stop: int, local_of, dest: torch.Tensor) -> None:
+        """Copy elements ``[start, stop)`` of bucket ``b``, all in this rank's share, into
+        ``dest``; what lies past the bucket's end is the last share's padding, never read."""
+        stop = min(stop, b.total)
+        j = max(0, bisect.bisect_right(b.offsets, start) - 1)
+        while j < len(b.params) and b.offsets[j] < stop:
+            p, off = b.params[j], b.offsets[j]
+            a, e = max(start, off), min(stop, off + p.numel())
+            if a < e:
+                at = off + self.span(p)[0]  # bucket position of local_of(p)'s first element
+                dest[a - start:e - start].copy_(local_of(p).reshape(-1)[a - at:e - at])
+            j += 1
+
+    @staticmethod
+    def _emit(b: _Bucket, start: int, stop: int, values: torch.Tensor, sink) -> None:
+        """Hand elements ``[start, stop)`` of bucket ``b`` to ``sink``, tensor by tensor."""
+        j = max(0, bisect.bisect_right(b.offsets, start) - 1)
+        while j < len(b.params) and b.offsets[j] < stop:
+            p, off = b.params[j], b.offsets[j]
+            a, e = max(start, off), min(stop, off + p.numel())
+            if a < e:
+                sink(p, a - off, e - off, values[a - start:e - start])
+            j += 1
+
+    @torch.no_grad()
+    def gather(self, local_of, dtype_of=None) -> dict[torch.Tensor, torch.Tensor]:
+        """``{p: flat whole}`` on every rank, new tensors assembled from :meth:`gather_into`
+        (so whole-model memory: the step and ``full_state`` stream instead)."""
+        whole: dict[torch.Tensor, torch.Tensor] = {}
+        for b in self._buckets:
+            dtype = b.key[0] if dtype_of is None else dtype_of(b.params[0])
+            for p in b.params:
+                whole[p] = torch.empty(p.numel(), dtype=dtype, device=b.key[1])
+
+        def keep(p, a, e, values):
+            whole[p][a:e] = values
+        self.gather_into(local_of, keep, dtype_of)
         return whole
 
     @torch.no_grad()
     def post_step(self, optimizer) -> None:
-        whole = self.gather(lambda p: p.detach().view(-1)[slice(*self.span(p))])
-        for p, flat in whole.items():
-            p.detach().view(-1).copy_(flat)
+        # Each bucket is written into the parameters before the next is gathered: a rank's own
+        # part comes back bit for bit, so what later buckets send is still this step's result.
+        self.gather_into(lambda p: p.detach().view(-1)[slice(*self.span(p))],
+                         lambda p, a, e, values: p.detach().view(-1)[a:e].copy_(values))
 
     # ------------------------------------------------------------------ checkpoints
     def _sharding(self, optimizer) -> dict:
@@ -172,13 +263,26 @@ class ZeroLayout(LocalLayout):
         return {**sd, "state": state}
 
     def full_state(self, optimizer, sd, to):
+        """The full state dict on rank ``to`` (``None``: every rank; None is returned
+        elsewhere). m, v, mu are assembled on the CPU as each gather bucket arrives: the device
+        holds one bucket beyond the shards, the destination's host the whole state (what it
+        returns), the other ranks nothing."""
         from ..checkpoint import extra_of
         extra_of(sd).pop("sharding", None)
         sd["state"] = {i: dict(st) for i, st in sd["state"].items()}  # not the live dicts
         index = {ref.param: ref.index for ref in self.tensors(optimizer)}
+        mine = to is None or self.rank == to
+        buffers: dict = {}  # one set of gather buffers for m, v and mu
         for key in STATE_KEYS[1:]:
-            whole = self.gather(lambda p: optimizer.state[p][key])
-            if to is None or self.rank == to:
-                for p, flat in whole.items():
-                    sd["state"][index[p]][key] = flat.view(p.shape)
-        return sd if to is None or self.rank == to else None
+            def dtype_of(p, key=key):
+                return optimizer.state[p][key].dtype
+            dest = {p: torch.empty(p.shape, dtype=dtype_of(p), device="cpu")
+                    for p in index} if mine else {}
+
+            def to_host(p, a, e, values, dest=dest):
+                dest[p].view(-1)[a:e].copy_(values)
+            self.gather_into(lambda p, key=key: optimizer.state[p][key],
+                             to_host if mine else None, dtype_of, buffers, on_host=True)
+            for p, t in dest.items():
+                sd["state"][index[p]][key] = t
+        return sd if mine else None

@@ -27,9 +27,17 @@ from ..checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, checked
                           without_extra)
 from ..checkpoint import to_cpu as _to_cpu
 from .. import kernels as K
+from ..kernels.cuda import to_device
 from ..kernels.plan import FusedPlan, KernelUnsupported, TensorInfo
 from ..layouts import Segment, TensorRef, select_layout
+from ..layouts.base import local_tensor
+from ..layouts.fsdp import is_dtensor
 from ..reference import ACC
+
+
+#: the dtypes ``state_dtype=`` may name; None picks per parameter (:meth:`state_dtype_for`)
+STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_LOW = (torch.bfloat16, torch.float16)
 
 
 class StepInputs:
@@ -55,9 +63,16 @@ class GrokOptimizerBase(torch.optim.Optimizer):
     NONFINITE_NOTE = ""
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, nonfinite: str = "skip",
-                 shard: bool | None = None, process_group=None, backend: str | None = None):
+                 shard: bool | None = None, process_group=None, backend: str | None = None,
+                 state_dtype: torch.dtype | None = None):
         V.choice("skip", "raise")("nonfinite", nonfinite)
         V.validate(self.SPECS, defaults)
+        if state_dtype is not None and state_dtype not in STATE_DTYPES:
+            allowed = ", ".join(f"torch.{str(d).split('.')[-1]}" for d in STATE_DTYPES)
+            raise ValueError(f"state_dtype must be None (float32 state for bfloat16/float16 "
+                             f"parameters, the parameter's dtype otherwise) or one of "
+                             f"{allowed}, got {state_dtype!r}")
+        self.state_dtype = state_dtype
         self.backend = K.choose_backend(backend)
         self._plans: dict[tuple, Any] = {}   # plan key -> FusedPlan, or the reason for none
         self._stepping_plan = None            # the plan of the step under way
@@ -122,6 +137,14 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             self._init_state(p)
         self._plans.clear()
 
+    def state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype of optimizer parameter ``p``'s m, v and mu: ``state_dtype`` if one was
+        given, else float32 for bfloat16/float16 parameters and the parameter's own dtype
+        otherwise (a bf16 v cannot follow ``v = 0.999 v + ...``: see docs/algorithms.md)."""
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return torch.float32 if p.dtype in _LOW else p.dtype
+
     def _init_state(self, p: torch.Tensor) -> None:
         # Eager, so every rank and every checkpoint has the same keys from the start. Under
         # sharding m, v, mu cover only this rank's part; "step" is kept for every tensor.
@@ -129,8 +152,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         if not st:
             st["step"] = torch.tensor(0.0)
             local = self._layout.state_like(p)
+            dtype = self.state_dtype_for(p)
             for key in STATE_KEYS[1:]:
-                st[key] = torch.zeros_like(local, memory_format=torch.preserve_format)
+                st[key] = torch.zeros_like(local, dtype=dtype, memory_format=torch.preserve_format)
 
     # ------------------------------------------------------------------ engines
     def _follow_engine(self, stepping: bool = False) -> None:
@@ -201,6 +225,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                tuple(g.get("layer_index") for g in self.param_groups))
         plan = self._plans.get(key)
         if plan is None:
+            self._follow_devices()
             ext = K.cpu_extension()
             try:
                 if ext is None:
@@ -252,7 +277,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 info = plan.info
                 local_in = inputs()
                 # phase 1 writes its sums and the present flags straight into the buffer
-                buf = self._reduction_buffer(info.n, k, None, local_in)
+                buf = self._reduction_buffer(info.n, k, None, local_in, plan.device)
                 aux = self._kernel_phase1(plan, buf)
             else:
                 refs = self._tensors()
@@ -260,7 +285,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 segs = self._layout.pieces(self)
                 local_in = inputs()
                 stats, aux = self._phase1(segs, info.n)
-                buf = self._reduction_buffer(info.n, k, None, local_in)
+                buf = self._reduction_buffer(info.n, k, None, local_in, self._step_device())
                 buf[: info.n * k] = stats.reshape(-1)
                 buf[info.n * k: info.n * (k + 1)] = 0.0
                 buf[[info.n * k + s.index for s in segs]] = 1.0
@@ -272,14 +297,18 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             failure, segs, aux, plan = e, [], None, None
             info = TensorInfo(self._tensors())
             local_in = StepInputs([0.0] * self.N_VALUES)
-            buf = self._reduction_buffer(info.n, k, failure, local_in)
+            buf = self._reduction_buffer(info.n, k, failure, local_in, self._step_device())
             buf[: info.n * (k + 1)] = 0.0
         n = info.n
         red.all_reduce_(buf, scalars=2 + self.N_VALUES)
         stats = buf[: n * k].view(n, k)
-        present = buf[n * k: n * k + n] > 0
-        n_failed, n_bad = buf[n * k + n].item(), buf[n * k + n + 1].item()
-        values = buf[n * k + n + 2:].tolist()
+        # The step's one host sync: the present flags, the failure and bad-input counts, the
+        # reduced scalar inputs and whether every sum is finite, in one copy (none on the CPU).
+        head = torch.cat([buf[n * k:], torch.isfinite(stats).all().to(ACC).view(1)]).cpu()
+        present = head[:n] > 0
+        n_failed, n_bad = float(head[n]), float(head[n + 1])
+        values = head[n + 2:-1].tolist()
+        finite = bool(head[-1])
 
         if n_failed:
             if failure is not None:
@@ -287,7 +316,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__}.step() failed on {int(n_failed)} other "
                                "rank(s) (their own errors say why); no parameter or state was "
                                "changed on this rank")
-        if n_bad or not torch.isfinite(stats).all():
+        if n_bad or not finite:
             shapes = plan.shapes if plan is not None else {s.index: tuple(s.param.shape) for s in segs}
             self._reject(self._describe_bad(local_in, stats, shapes), local_in.cause)
             return loss
@@ -297,7 +326,8 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             steps = self._bump_steps(refs, present)
         if new_round:  # DeepSpeed calls step() once per param group: count the first call
             self._global_step += 1
-        table, self._last_report = self._decide(info, stats, present, values, steps)
+        table, self._last_report = self._decide(info, stats, present, values, steps,
+                                                buf[n * k: n * k + n] > 0)
         self._last_report["backend"] = "kernel" if plan is not None else "reference"
         if plan is not None:
             self._kernel_phase2(plan, table, aux)
@@ -306,14 +336,41 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         self._layout.post_step(self)
         return loss
 
-    def _reduction_buffer(self, n: int, k: int, failure, local_in: StepInputs) -> torch.Tensor:
+    def _reduction_buffer(self, n: int, k: int, failure, local_in: StepInputs,
+                          device: torch.device) -> torch.Tensor:
         """The step's one reduction buffer, ``[stats n*k | present n | failed, bad, values]``,
-        with the tail filled (phase 1 fills the rest)."""
+        on the parameters' device (NCCL reduces it there), with the tail filled (phase 1 fills
+        the rest). The tail comes from the host by an asynchronous copy."""
         tail = [1.0 if failure is not None else 0.0, 1.0 if local_in.bad else 0.0,
                 *local_in.values]
-        buf = torch.empty(n * (k + 1) + len(tail), dtype=ACC)
-        buf[n * (k + 1):] = torch.tensor(tail, dtype=ACC)
+        buf = torch.empty(n * (k + 1) + len(tail), dtype=ACC, device=device)
+        buf[n * (k + 1):].copy_(to_device(torch.tensor(tail, dtype=ACC), device))
         return buf
+
+    def _step_device(self) -> torch.device:
+        """Where this rank's step buffers live: its first parameter's device. Every path of a
+        step (kernel, reference, a failed phase 1) uses it, so all ranks' buffers meet in the
+        same backend of a mixed "cpu:gloo,cuda:nccl" group."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                return local_tensor(p).device
+        return torch.device("cpu")
+
+    def _follow_devices(self) -> None:
+        """Move m, v and mu to their parameter's device if the model moved after the optimizer
+        was built (``model.cuda()`` keeps the parameter objects and moves their storage), as
+        torch.optim's load_state_dict would place them. Run whenever the step's plan is
+        (re)built: a moved storage invalidates the plan."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                device = local_tensor(p).device
+                for key in STATE_KEYS[1:]:
+                    t = st.get(key)
+                    if isinstance(t, torch.Tensor) and not is_dtensor(t) and t.device != device:
+                        st[key] = t.to(device)
 
     def _bump_steps(self, refs: list[TensorRef], present: torch.Tensor) -> torch.Tensor:
         """Count this step for each optimizer parameter with a gradient somewhere (an FSDP1
@@ -336,10 +393,14 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _decide(self, info: TensorInfo, stats: torch.Tensor, present: torch.Tensor,
-                values: list[float], steps: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The per-tensor scalar table [n, len(reference.COLUMNS)] and the step's report, from
-        the reduced sums ``stats``, ``present`` (tensors with a gradient on some rank), the
-        reduced scalar inputs ``values`` and every tensor's step count after this step."""
+                values: list[float], steps: torch.Tensor,
+                present_on_device: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The per-tensor scalar table [n, len(reference.COLUMNS)] on the step's device and the
+        step's report, from the reduced sums ``stats`` (on the step's device), ``present``
+        (host; ``present_on_device`` the same on the device), the reduced scalar inputs
+        ``values`` and every tensor's step count after this step (host). Nothing in it may
+        read a device value back to the host: the report keeps tensors
+        (:meth:`get_state_summary` converts them)."""
         raise NotImplementedError
 
     def _phase2(self, segs: list[Segment], table: torch.Tensor, aux: Any) -> None:
@@ -403,7 +464,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             "avg_mu_norm": float(mu.mean()) if len(mu) else 0.0,
             "avg_exp_avg_norm": float(m.mean()) if len(m) else 0.0,
         }
-        summary.update(self._last_report)
+        summary.update({k: K.plain(v) for k, v in self._last_report.items()})
         return summary
 
     # ------------------------------------------------------------------ checkpoints
@@ -435,8 +496,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         """The whole optimizer state, independent of the world size (what a single process's
         :meth:`state_dict` holds), on CPU. Collective under ZeRO sharding: every rank calls it;
         it is returned on group rank ``to`` (``None``: on every rank) and None elsewhere. It
-        loads with :meth:`load_state_dict` at any world size. m, v and mu travel by one
-        all-gather each (per dtype), so every rank briefly holds one of them whole."""
+        loads with :meth:`load_state_dict` at any world size. m, v and mu are all-gathered in
+        buckets (docs/distributed.md, "Memory on GPUs") and assembled on the CPU of rank ``to``
+        as they arrive; the device holds one bucket beyond the shards."""
         if to is not None:
             V.integer(0, self._reducer.world_size - 1)("to", to)
         sd = self._layout.full_state(self, self.state_dict(), to)
@@ -451,9 +513,28 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         extra = checked_extra(state_dict)
         rest = self._layout.import_state(self, without_extra(state_dict), extra)
         super().load_state_dict(rest)
+        self._restore_state_dtype(rest)
         self._plans.clear()  # torch.optim put new state tensors in
         self._param_groups_full = self.param_groups  # torch.optim rebuilt the list
         self._load_extra_state(extra)
+
+    def _restore_state_dtype(self, loaded: dict[str, Any]) -> None:
+        """torch.optim's load casts every floating state tensor to its parameter's dtype (fp32
+        m, v, mu of a bf16 parameter would come back rounded to bf16): take m, v and mu again
+        from the loaded dict, in this optimizer's state dtype (a checkpoint with state of another
+        dtype is converted)."""
+        saved_ids = [i for g in loaded["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params))
+        for i, st in loaded["state"].items():
+            p = by_id.get(i)
+            if p is None or p not in self.state:
+                continue
+            mine = self.state[p]
+            for key in STATE_KEYS[1:]:
+                v = st.get(key)
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    mine[key] = v.to(device=p.device, dtype=self.state_dtype_for(p))
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults/state/param_groups; ours has more (global step,

@@ -7,6 +7,7 @@ import torch
 
 from .. import _validation as V
 from .. import reference as R
+from ..kernels.cuda import to_device
 from .base import GrokOptimizerBase, StepInputs
 
 SignalFn = Callable[[], Any]
@@ -75,6 +76,15 @@ class GrokAdamW(GrokOptimizerBase):
         backend: ``"auto"`` (default; also set by ``SHARDGROK_BACKEND``), ``"kernel"`` or
             ``"reference"``: the compiled two-call step or the per-tensor PyTorch one (the rule
             is in :mod:`shardgrok.kernels`).
+        state_dtype: dtype of m, v and mu. ``None`` (default): float32 for bfloat16/float16
+            parameters, the parameter's own dtype otherwise (float32, float64). bf16 state
+            cannot follow ``v = 0.999 v + ...`` (the product rounds back to v), so low-precision
+            parameters trained without fp32 master weights get fp32 state (12 bytes per
+            parameter for the three states instead of 6). ``torch.float32``,
+            ``torch.float64``, ``torch.bfloat16`` or ``torch.float16`` applies to every
+            tensor (``torch.bfloat16`` on bf16 parameters: torch.optim's behaviour, half the
+            state memory). The math is fp32 (fp64 when a parameter or its state is fp64); the
+            parameter is rounded to its dtype once per update. See docs/algorithms.md.
     """
 
     SPECS = GROKADAMW_SPECS
@@ -88,14 +98,15 @@ class GrokAdamW(GrokOptimizerBase):
                  grokking_signal_fns: Sequence[SignalFn] | None = None,
                  grokking_signal_decay_rate: float = 0.1, gradient_clipping: float = 1.0, *,
                  grokking_signal_fn: SignalFn | None = None, nonfinite: str = "skip",
-                 shard: bool | None = None, process_group=None, backend: str | None = None):
+                 shard: bool | None = None, process_group=None, backend: str | None = None,
+                 state_dtype: torch.dtype | None = None):
         self.grokking_signal_fns = _signal_fns(grokking_signal_fns, grokking_signal_fn)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         alpha_init=alpha_init, lamb=lamb, gamma=gamma,
                         grokking_signal_decay_rate=grokking_signal_decay_rate,
                         gradient_clipping=gradient_clipping, layer_index=None)
         super().__init__(params, defaults, nonfinite=nonfinite, shard=shard,
-                         process_group=process_group, backend=backend)
+                         process_group=process_group, backend=backend, state_dtype=state_dtype)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -123,30 +134,35 @@ class GrokAdamW(GrokOptimizerBase):
         return self._scatter_stats(segs, [R.grokadamw_partial_stats(s.grad) for s in segs], n, 1), None
 
     def _kernel_phase1(self, plan, buf):
-        plan.plan.phase1(self.KERNEL_KIND, out=buf)
+        plan.phase1(self.KERNEL_KIND, len(self.STATS), buf)
 
-    def _decide(self, info, stats, present, values, steps):
+    def _decide(self, info, stats, present, values, steps, present_on_device):
         signal_sum, signal_ranks = values
         signal = signal_sum / signal_ranks if signal_ranks else None
-        norm_sq = float(stats[:, 0].sum())
+        dev = stats.device
+        norm_sq = stats[:, 0].sum()
         groups = self._groups()
-        # Under DeepSpeed the engine has clipped already (same formula, global): report its
-        # coefficient, apply none.
-        engine_clips = getattr(self._layout, "engine_clips", False)
         alphas = [R.alpha_from_signal(g["alpha_init"], g["grokking_signal_decay_rate"], signal)
                   for g in groups]
-        coefs = [self._layout.clip_coefficient() if engine_clips else
-                 R.clip_coefficient(g["gradient_clipping"], norm_sq) for g in groups]
-        per_group = R.group_values(groups, R.ADAM_KEYS + ("lamb",))
-        extra = torch.tensor([[1.0 if engine_clips else c, a, 1.0 - a]
-                              for c, a in zip(coefs, alphas)], dtype=R.ACC)
+        per_group = R.group_values(groups, R.ADAM_KEYS + ("lamb", "gradient_clipping"))
         hyper = per_group[info.group_of]
+        # what does not depend on the sums is decided on the host and sent over once
         table = torch.zeros(info.n, len(R.COLUMNS), dtype=R.ACC)
         R.adam_columns(table, hyper[:, :6], info.layer, steps, layerwise_bias_correction=False)
         table[:, R.COL["amp"]] = hyper[:, 6]
-        table[:, [R.COL["grad_scale"], R.COL["alpha"], R.COL["one_minus_alpha"]]] = extra[info.group_of]
+        alpha_g = torch.tensor([[a, 1.0 - a] for a in alphas], dtype=R.ACC)
+        table[:, [R.COL["alpha"], R.COL["one_minus_alpha"]]] = alpha_g[info.group_of]
+        table[:, R.COL["grad_scale"]] = 1.0
+        table = to_device(table, dev)
+        # Under DeepSpeed the engine has clipped already (same formula, global): report its
+        # coefficient, apply none.
+        if getattr(self._layout, "engine_clips", False):
+            coefs = self._layout.clip_coefficient() * torch.ones(len(groups), dtype=R.ACC, device=dev)
+        else:
+            coefs = R.clip_coefficients(to_device(per_group[:, 7].contiguous(), dev), norm_sq)
+            table[:, R.COL["grad_scale"]] = coefs[info.on("group_of", dev)]
         report = {"grokking_signal": signal, "alpha": alphas[0], "alphas": alphas,
-                  "grad_norm": math.sqrt(norm_sq), "last_clip_coef": min(coefs),
+                  "grad_norm": norm_sq.clamp_min(0).sqrt(), "last_clip_coef": coefs.min(),
                   "last_clip_coefs": coefs}
         return table, report
 
@@ -156,7 +172,7 @@ class GrokAdamW(GrokOptimizerBase):
                                 s.state["mu"], k=R.StepScalars.from_row(table[s.index]))
 
     def _kernel_phase2(self, plan, table, aux) -> None:
-        plan.plan.phase2(self.KERNEL_KIND, table)
+        plan.phase2(self.KERNEL_KIND, table)
 
     def get_alpha(self) -> float:
         """alpha used at the last step (first param group); alpha_init before any step."""

@@ -11,6 +11,7 @@ from .. import reference as R
 from ..bilevel import meta_gradient
 from ..metanet import SimpleMetaNet, check_elementwise, masked_grad, rescale_of
 from ..metanet_table import build_table, is_tabulable, kernel_arrays
+from ..kernels.cuda import to_device
 from .base import GrokOptimizerBase, StepInputs
 from .grokadamw import GROKADAMW_SPECS
 
@@ -74,6 +75,8 @@ class SuperGrok(GrokOptimizerBase):
         backend: ``"auto"``, ``"kernel"`` or ``"reference"``; see :class:`GrokAdamW`. The
             kernel evaluates the default SimpleMetaNet by its exact piecewise-linear table; a
             meta-net of your own runs in PyTorch, the rest of the step fused.
+        state_dtype: dtype of m, v and mu; ``None`` (default) is float32 for bfloat16/float16
+            parameters and the parameter's dtype otherwise; see :class:`GrokAdamW`.
     """
 
     SPECS = SUPERGROK_SPECS
@@ -89,7 +92,8 @@ class SuperGrok(GrokOptimizerBase):
                  warmup_steps: int = 100, gradient_clipping: float = 1.0,
                  meta_net: nn.Module | None = None, meta_hidden_dim: int = 32, *,
                  meta_lr: float = 1e-4, nonfinite: str = "skip", shard: bool | None = None,
-                 process_group=None, backend: str | None = None):
+                 process_group=None, backend: str | None = None,
+                 state_dtype: torch.dtype | None = None):
         V.integer(1)("meta_hidden_dim", meta_hidden_dim)
         V.real(0.0, lo_open=True)("meta_lr", meta_lr)
         if meta_net is not None and not isinstance(meta_net, nn.Module):
@@ -99,7 +103,7 @@ class SuperGrok(GrokOptimizerBase):
                         warmup_steps=warmup_steps, gradient_clipping=gradient_clipping,
                         layer_index=None)
         super().__init__(params, defaults, nonfinite=nonfinite, shard=shard,
-                         process_group=process_group, backend=backend)
+                         process_group=process_group, backend=backend, state_dtype=state_dtype)
         self._table_cache = None  # (weights it was built from, kernel arrays)
         net = meta_net if meta_net is not None else SimpleMetaNet(hidden_dim=meta_hidden_dim)
         first = self.param_groups[0]["params"][0]
@@ -165,13 +169,36 @@ class SuperGrok(GrokOptimizerBase):
         meta-net that is not a SimpleMetaNet."""
         if not is_tabulable(self.meta_net):
             return None
-        weights = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64)
-                             for p in self.meta_net.net.parameters()])
+        params = list(self.meta_net.net.parameters())
+        if params[0].device.type == "cpu":
+            weights = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
+            fresh = lambda cached: torch.equal(cached, weights)  # noqa: E731
+        else:
+            # Comparing a GPU's weights by value would read them back every step: on a GPU the
+            # table follows the weights' version counters and storage instead (meta_step,
+            # load_state_dict, any in-place op on them, p.data = ...; an in-place edit through
+            # p.data bypasses the counter: see docs/kernels.md).
+            weights = tuple((p._version, p.data_ptr()) for p in params)
+            fresh = lambda cached: cached == weights  # noqa: E731
         cached = self._table_cache
-        if cached is None or not torch.equal(cached[0], weights):
+        if cached is None or type(cached[0]) is not type(weights) or not fresh(cached[0]):
             arrays = kernel_arrays(build_table(self.meta_net))
             self._table_cache = cached = (weights, arrays)
         return cached[1]
+
+    def _follow_devices(self) -> None:
+        """The meta-net (and its optimizer's state) follow the parameters too."""
+        super()._follow_devices()
+        device = self._step_device()
+        current = next((p.device for p in self.meta_net.parameters()), device)
+        if current != device:
+            self.meta_net.to(device)
+            self._table_cache = None
+            if self.meta_optimizer is not None:
+                for st in self.meta_optimizer.state.values():
+                    for key, t in st.items():
+                        if isinstance(t, torch.Tensor) and key != "step":
+                            st[key] = t.to(device)
 
     def _kernel_inputs(self, plan) -> dict:
         arrays = self._kernel_table()
@@ -185,10 +212,10 @@ class SuperGrok(GrokOptimizerBase):
 
     def _kernel_phase1(self, plan, buf):
         aux = self._kernel_inputs(plan)
-        plan.plan.phase1(self.KERNEL_KIND, out=buf, **aux)
+        plan.phase1(self.KERNEL_KIND, len(self.STATS), buf, **aux)
         return aux
 
-    def _decide(self, info, stats, present, values, steps):
+    def _decide(self, info, stats, present, values, steps, present_on_device):
         train_sum, train_n, val_sum, val_n = values
         if train_n and val_n:
             self._cached_signal = loss_signal(train_sum / train_n, val_sum / val_n)
@@ -196,24 +223,36 @@ class SuperGrok(GrokOptimizerBase):
         # Per-tensor scalars for every tensor, not only the local ones: a group's clip norm
         # sums over all its tensors, wherever they live.
         groups = self._groups()
+        dev = stats.device
         t_now = self._global_step  # this step's number (already counted)
-        per_group = R.group_values(groups, R.ADAM_KEYS + ("lamb",))
+        per_group = R.group_values(groups, R.ADAM_KEYS + ("lamb", "gradient_clipping"))
         g_of = info.group_of
         alpha_g = torch.tensor(alphas, dtype=R.ACC)
         amplify_g = torch.tensor([t_now > g["warmup_steps"] for g in groups])
         mu_alpha = torch.where(steps == 1, 0.0, alpha_g[g_of])   # mu starts at the first g
         hyper = per_group[g_of]
-        d = R.supergrok_decide(stats, mu_alpha, hyper[:, 6], float(rescale_of(self.meta_net)),
-                               amplify_g[g_of])
-        group_sq = torch.zeros(len(groups), dtype=R.ACC).index_add_(
-            0, g_of[present], d.final_sq[present])
-        coefs = [R.clip_coefficient(g["gradient_clipping"], float(sq))
-                 for g, sq in zip(groups, group_sq)]
-        table = torch.zeros(info.n, len(R.COLUMNS), dtype=R.ACC)
-        R.adam_columns(table, hyper[:, :6], info.layer, steps, layerwise_bias_correction=True)
-        table[:, R.COL["grad_scale"]] = torch.tensor(coefs, dtype=R.ACC)[g_of]
-        table[:, R.COL["alpha"]] = mu_alpha
-        table[:, R.COL["one_minus_alpha"]] = 1.0 - mu_alpha
+        # what does not depend on the sums is decided on the host and sent over at once
+        host = torch.zeros(info.n, len(R.COLUMNS) + 2, dtype=R.ACC)
+        table_h = host[:, :len(R.COLUMNS)]
+        R.adam_columns(table_h, hyper[:, :6], info.layer, steps, layerwise_bias_correction=True)
+        table_h[:, R.COL["alpha"]] = mu_alpha
+        table_h[:, R.COL["one_minus_alpha"]] = 1.0 - mu_alpha
+        host[:, -2] = hyper[:, 6]                      # lamb
+        host[:, -1] = amplify_g[g_of].to(R.ACC)        # past warm-up
+        host = to_device(host, dev)
+        table = host[:, :len(R.COLUMNS)].contiguous()
+        g_dev = info.on("group_of", dev)
+        rescale = rescale_of(self.meta_net)
+        if isinstance(rescale, torch.Tensor):
+            rescale = rescale.detach().to(device=dev, dtype=R.ACC)
+        d = R.supergrok_decide(stats, table[:, R.COL["alpha"]], host[:, -2], rescale,
+                               host[:, -1] > 0)
+        # per group over its present tensors, as a dense sum: deterministic on every device
+        # (an index_add_ on a GPU adds in a random order)
+        member = g_dev.unsqueeze(0) == torch.arange(len(groups), device=dev).unsqueeze(1)
+        group_sq = torch.where(member & present_on_device, d.final_sq, 0.0).sum(1)
+        coefs = R.clip_coefficients(to_device(per_group[:, 7].contiguous(), dev), group_sq)
+        table[:, R.COL["grad_scale"]] = coefs[g_dev]
         table[:, R.COL["amp"]] = d.amp
         table[:, R.COL["smart_scale"]] = d.smart_scale
         # DeepSpeed steps one group per call: the report covers the whole optimizer step
@@ -222,16 +261,19 @@ class SuperGrok(GrokOptimizerBase):
             r.clear()
             n = len(present)
             r.update(step=self._step_number, present=torch.zeros(n, dtype=torch.bool),
-                     engaged=torch.zeros(n, dtype=torch.bool), coefs=[1.0] * len(groups))
+                     engaged=torch.zeros(n, dtype=torch.bool, device=dev),
+                     coefs=torch.ones(len(groups), dtype=R.ACC, device=dev))
         r["present"] |= present
-        r["engaged"] = torch.where(present, d.engaged, r["engaged"])
-        for gi in set(g_of[present].tolist()):
-            r["coefs"][gi] = coefs[gi]
-        engaged = r["engaged"][r["present"]].tolist()
-        coefs = list(r["coefs"])
+        r["engaged"] = torch.where(present_on_device, d.engaged, r["engaged"])
+        stepped = torch.zeros(len(groups), dtype=torch.bool)
+        stepped[g_of[present]] = True
+        r["coefs"] = torch.where(to_device(stepped, dev), coefs, r["coefs"])
+        where = r["present"].nonzero().flatten()
+        engaged = r["engaged"][to_device(where, dev)]
         report = {"cached_alpha": alphas[0], "gate_engaged": engaged,
-                  "gate_engaged_fraction": sum(engaged) / len(engaged) if engaged else 0.0,
-                  "last_clip_coef": min(coefs), "last_clip_coefs": coefs}
+                  "gate_engaged_fraction": (engaged.to(R.ACC).mean() if len(where)
+                                            else 0.0),
+                  "last_clip_coef": r["coefs"].min(), "last_clip_coefs": r["coefs"]}
         return table, report
 
     def _phase2(self, segs, table, hs) -> None:
@@ -240,7 +282,7 @@ class SuperGrok(GrokOptimizerBase):
                                 s.state["mu"], k=R.StepScalars.from_row(table[s.index]))
 
     def _kernel_phase2(self, plan, table, aux) -> None:
-        plan.plan.phase2(self.KERNEL_KIND, table, **aux)
+        plan.phase2(self.KERNEL_KIND, table, **aux)
 
     def _alphas(self) -> list[float]:
         return [R.alpha_from_signal(g["alpha_init"], g["kappa"], self._cached_signal)

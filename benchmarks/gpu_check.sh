@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU checks of the CUDA kernel, in one short run for a machine with a GPU (CI has none):
+# build report, the GPU tests, and the step benchmark, all output under $OUT (default
+# benchmarks/results/). Usage: OUT=dir bash benchmarks/gpu_check.sh [--quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results}"
+PY="${PY:-python}"
+mkdir -p "$OUT"
+gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  "$PY" -m shardgrok.kernels
+} 2>&1 | tee "$OUT/gpu_${gpu}_status.txt"
+"$PY" -m pytest -q tests/test_cuda.py tests/test_cuda_host.py 2>&1 | tee "$OUT/gpu_${gpu}_tests.txt"
+if [[ "${1:-}" == "--quick" ]]; then
+  "$PY" benchmarks/step.py --device cuda --quick --json "$OUT/step_${gpu}_quick.json" 2>&1 | tee "$OUT/step_${gpu}_quick.txt"
+else
+  "$PY" benchmarks/step.py --device cuda --json "$OUT/step_${gpu}.json" 2>&1 | tee "$OUT/step_${gpu}.txt"
+fi

@@ -1,0 +1,311 @@
+// The CUDA kernel of the two-call step (DESIGN.md §3): multi-tensor launches over the chunk
+// table, one block per chunk, the per-element math from ../grok_math.h (the lines the CPU
+// kernel and the host tests run). Build with --fmad=false (build.py): no multiply-add the
+// reference does not have.
+//
+// Phase 1 writes one fp64 partial sum per (chunk, statistic) and a second launch reduces them
+// per tensor in the order of order.h: deterministic, no atomics. Phase 2 reads each tensor's
+// scalars from the device table. SuperGrok's breakpoint table is copied into shared memory by
+// every block that needs it.
+//
+// Loads: GROUP = 8 consecutive elements per thread and iteration, as 128-bit loads (two for
+// fp32) when every array of the segment is 16-byte aligned, else element by element; either
+// way each thread gets the same elements, so the sums do not depend on alignment.
+#include "launch.h"
+#include "order.h"
+
+namespace sg {
+namespace cuda {
+namespace {
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// GROUP consecutive elements of a D-typed array at element i, as fp32.
+template <int D>
+struct Group;
+
+template <>
+struct Group<F32> {
+  __device__ __forceinline__ static void load_vec(const void* base, int64_t i, float* x) {
+    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(base) + i);
+    const float4 a = p[0], b = p[1];
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+    x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+  }
+  __device__ __forceinline__ static void store_vec(void* base, int64_t i, const float* x) {
+    float4* p = reinterpret_cast<float4*>(static_cast<float*>(base) + i);
+    p[0] = make_float4(x[0], x[1], x[2], x[3]);
+    p[1] = make_float4(x[4], x[5], x[6], x[7]);
+  }
+};
+
+template <int D>
+struct Group16 {  // bf16 and fp16: eight 16-bit values in one uint4
+  __device__ __forceinline__ static void load_vec(const void* base, int64_t i, float* x) {
+    const uint4 q = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + i);
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      x[2 * e] = Storage<D>::load((uint16_t)(w[e] & 0xFFFFu));
+      x[2 * e + 1] = Storage<D>::load((uint16_t)(w[e] >> 16));
+    }
+  }
+  __device__ __forceinline__ static void store_vec(void* base, int64_t i, const float* x) {
+    uint32_t w[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      w[e] = (uint32_t)Storage<D>::store(x[2 * e]) | ((uint32_t)Storage<D>::store(x[2 * e + 1]) << 16);
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+template <>
+struct Group<BF16> : Group16<BF16> {};
+template <>
+struct Group<F16> : Group16<F16> {};
+
+// n <= GROUP elements; the rest of x is zero (a zero adds nothing to any sum)
+template <int D>
+__device__ __forceinline__ void load_group(const void* base, int64_t i, int n, bool vec, float* x) {
+  if (vec && n == GROUP) {
+    Group<D>::load_vec(base, i, x);
+    return;
+  }
+  const typename Storage<D>::T* p = static_cast<const typename Storage<D>::T*>(base) + i;
+#pragma unroll
+  for (int e = 0; e < GROUP; ++e) x[e] = e < n ? Storage<D>::load(p[e]) : 0.0f;
+}
+
+template <int D>
+__device__ __forceinline__ void store_group(void* base, int64_t i, int n, bool vec, const float* x) {
+  if (vec && n == GROUP) {
+    Group<D>::store_vec(base, i, x);
+    return;
+  }
+  typename Storage<D>::T* p = static_cast<typename Storage<D>::T*>(base) + i;
+#pragma unroll
+  for (int e = 0; e < GROUP; ++e)
+    if (e < n) p[e] = Storage<D>::store(x[e]);
+}
+
+// The block's view of the meta-net's table: in shared memory when it fits (every block
+// copies it; the copy is 12 bytes a piece, against 16384 elements of work).
+__device__ __forceinline__ Table block_table(const DeviceJob& job, float* smem) {
+  Table t = job.table;
+  if (t.size <= SHARED_TABLE_MAX) {
+    for (int32_t i = threadIdx.x; i < t.size; i += THREADS) {
+      smem[i] = t.breakpoints[i];
+      smem[t.size + i] = t.slopes[i];
+      smem[2 * t.size + i] = t.intercepts[i];
+    }
+    __syncthreads();
+    t.breakpoints = smem;
+    t.slopes = smem + t.size;
+    t.intercepts = smem + 2 * t.size;
+  }
+  return t;
+}
+
+__device__ __forceinline__ void masked_group(const Segment& s, const Table& tab, int64_t i, int n,
+                                             bool vec, const float* g, float* h) {
+  if (s.h != nullptr) {
+    load_group<F32>(s.h, i, n, vec, h);
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < GROUP; ++e) h[e] = masked(table_log_mask(tab, g[e]), g[e]);
+}
+
+// Combine the block's per-thread sums by order.h's tree; thread 0 gets the result in red[q][0].
+template <int K>
+__device__ __forceinline__ void block_tree(double (*red)[THREADS], const double* acc) {
+#pragma unroll
+  for (int q = 0; q < K; ++q) red[q][threadIdx.x] = acc[q];
+  __syncthreads();
+  for (int width = THREADS / 2; width > 0; width >>= 1) {
+#pragma unroll
+    for (int q = 0; q < K; ++q) tree_level(red[q], threadIdx.x, width);
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------- phase 1
+template <int GD, int SD, bool SUPER>
+__device__ __forceinline__ void chunk_sums(const Segment& s, const Chunk& c, const Table& tab,
+                                           double* acc) {
+  const bool vec = aligned16(s.grad) && (!SUPER || (aligned16(s.mu) && aligned16(s.h)));
+  const int64_t groups = (c.size + GROUP - 1) / GROUP;
+  for (int64_t q = threadIdx.x; q < groups; q += THREADS) {
+    const int64_t i = c.begin + q * GROUP;
+    const int n = (int)(c.size - q * GROUP < GROUP ? c.size - q * GROUP : GROUP);
+    float g[GROUP];
+    load_group<GD>(s.grad, i, n, vec, g);
+    if (!SUPER) {
+#pragma unroll
+      for (int e = 0; e < GROUP; ++e) {
+        const double x = g[e];
+        if (e < n) acc[ST_GRAD_SQ] = acc[ST_GRAD_SQ] + x * x;
+      }
+      continue;
+    }
+    float u[GROUP], h[GROUP];
+    load_group<SD>(s.mu, i, n, vec, u);
+    masked_group(s, tab, i, n, vec, g, h);
+#pragma unroll
+    for (int e = 0; e < GROUP; ++e) {
+      if (e >= n) continue;
+      const double dg = g[e], dh = h[e], du = u[e];
+      acc[ST_GRAD_SQ] = acc[ST_GRAD_SQ] + dg * dg;
+      acc[ST_H_SQ] = acc[ST_H_SQ] + dh * dh;
+      acc[ST_H_MU] = acc[ST_H_MU] + dh * du;
+      acc[ST_H_GRAD] = acc[ST_H_GRAD] + dh * dg;
+      acc[ST_MU_SQ] = acc[ST_MU_SQ] + du * du;
+      acc[ST_MU_GRAD] = acc[ST_MU_GRAD] + du * dg;
+    }
+  }
+}
+
+template <bool SUPER>
+__global__ void __launch_bounds__(THREADS) phase1_chunks(DeviceJob job) {
+  constexpr int K = SUPER ? N_STATS : 1;
+  extern __shared__ float smem[];
+  __shared__ double red[K][THREADS];
+  const Chunk c = job.chunks[blockIdx.x];
+  const Segment s = job.segments[c.segment];
+  double acc[K];
+#pragma unroll
+  for (int q = 0; q < K; ++q) acc[q] = 0.0;
+  if (s.grad != nullptr) {  // uniform over the block
+    Table tab = job.table;
+    if (SUPER && job.has_table) tab = block_table(job, smem);
+    switch (s.grad_dtype * 3 + (SUPER ? s.state_dtype : 0)) {
+#define SG_CASE(G, S) \
+  case G * 3 + S: chunk_sums<G, S, SUPER>(s, c, tab, acc); break;
+      SG_CASE(F32, F32) SG_CASE(F32, BF16) SG_CASE(F32, F16)
+      SG_CASE(BF16, F32) SG_CASE(BF16, BF16) SG_CASE(BF16, F16)
+      SG_CASE(F16, F32) SG_CASE(F16, BF16) SG_CASE(F16, F16)
+#undef SG_CASE
+      default: break;
+    }
+  }
+  block_tree<K>(red, acc);
+  if (threadIdx.x == 0) {
+    double* out = job.partials + (int64_t)blockIdx.x * N_STATS;
+#pragma unroll
+    for (int q = 0; q < K; ++q) out[q] = red[q][0];
+  }
+}
+
+// Per tensor: its chunks' partials in chunk order, strided over the block and combined by the tree.
+template <int K>
+__global__ void __launch_bounds__(THREADS) reduce_tensors(DeviceJob job) {
+  __shared__ double red[K][THREADS];
+  const int64_t t = blockIdx.x;
+  const int64_t lo = job.tensor_offsets[t], hi = job.tensor_offsets[t + 1];
+  double acc[K];
+#pragma unroll
+  for (int q = 0; q < K; ++q) acc[q] = 0.0;
+  for (int64_t j = lo + threadIdx.x; j < hi; j += THREADS) {
+    const double* p = job.partials + (int64_t)job.tensor_chunks[j] * N_STATS;
+#pragma unroll
+    for (int q = 0; q < K; ++q) acc[q] = acc[q] + p[q];
+  }
+  block_tree<K>(red, acc);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int q = 0; q < K; ++q) job.stats[t * K + q] = red[q][0];
+  }
+}
+
+// ---------------------------------------------------------------- phase 2
+template <int PD, int GD, int SD, bool SUPER>
+__device__ __forceinline__ void chunk_update(const Segment& s, const Chunk& c, const Table& tab,
+                                             const double* row) {
+  const Scalars k = scalars_from_row(row);
+  const bool vec = aligned16(s.param) && aligned16(s.grad) && aligned16(s.exp_avg) &&
+                   aligned16(s.exp_avg_sq) && aligned16(s.mu) && aligned16(s.h);
+  const int64_t groups = (c.size + GROUP - 1) / GROUP;
+  for (int64_t q = threadIdx.x; q < groups; q += THREADS) {
+    const int64_t i = c.begin + q * GROUP;
+    const int n = (int)(c.size - q * GROUP < GROUP ? c.size - q * GROUP : GROUP);
+    float p[GROUP], g[GROUP], m[GROUP], v[GROUP], u[GROUP];
+    load_group<PD>(s.param, i, n, vec, p);
+    load_group<GD>(s.grad, i, n, vec, g);
+    load_group<SD>(s.exp_avg, i, n, vec, m);
+    load_group<SD>(s.exp_avg_sq, i, n, vec, v);
+    load_group<SD>(s.mu, i, n, vec, u);
+    if (SUPER) {
+      float h[GROUP];
+      masked_group(s, tab, i, n, vec, g, h);
+#pragma unroll
+      for (int e = 0; e < GROUP; ++e) supergrok_update(p[e], g[e], h[e], m[e], v[e], u[e], k);
+    } else {
+#pragma unroll
+      for (int e = 0; e < GROUP; ++e) grokadamw_update(p[e], g[e], m[e], v[e], u[e], k);
+    }
+    store_group<PD>(s.param, i, n, vec, p);
+    store_group<SD>(s.exp_avg, i, n, vec, m);
+    store_group<SD>(s.exp_avg_sq, i, n, vec, v);
+    store_group<SD>(s.mu, i, n, vec, u);
+  }
+}
+
+// Two blocks per SM for GrokAdamW (<= 128 registers, no spills); SuperGrok's table search needs
+// a few more registers than that, so it gets one (sm_90 spills at 128). Not tuned on a GPU yet.
+template <bool SUPER>
+__global__ void __launch_bounds__(THREADS, SUPER ? 1 : 2) phase2_chunks(DeviceJob job) {
+  extern __shared__ float smem[];
+  const Chunk c = job.chunks[blockIdx.x];
+  const Segment s = job.segments[c.segment];
+  if (s.grad == nullptr) return;  // uniform over the block
+  Table tab = job.table;
+  if (SUPER && job.has_table) tab = block_table(job, smem);
+  const double* row = job.scalars + (int64_t)s.tensor * N_COLUMNS;
+  switch ((s.param_dtype * 3 + s.grad_dtype) * 3 + s.state_dtype) {
+#define SG_CASE(P, G, S) \
+  case (P * 3 + G) * 3 + S: chunk_update<P, G, S, SUPER>(s, c, tab, row); break;
+#define SG_ROW(P, G) SG_CASE(P, G, F32) SG_CASE(P, G, BF16) SG_CASE(P, G, F16)
+#define SG_PLANE(P) SG_ROW(P, F32) SG_ROW(P, BF16) SG_ROW(P, F16)
+    SG_PLANE(F32) SG_PLANE(BF16) SG_PLANE(F16)
+#undef SG_PLANE
+#undef SG_ROW
+#undef SG_CASE
+    default: break;
+  }
+}
+
+size_t table_bytes(const DeviceJob& job) {
+  const bool shared = job.kind == SUPERGROK && job.has_table && job.table.size <= SHARED_TABLE_MAX;
+  return shared ? 3 * sizeof(float) * (size_t)job.table.size : 0;
+}
+
+}  // namespace
+
+cudaError_t phase1(const DeviceJob& job, cudaStream_t stream) {
+  const bool super = job.kind == SUPERGROK;
+  if (job.n_chunks > 0) {
+    if (super)
+      phase1_chunks<true><<<(unsigned)job.n_chunks, THREADS, table_bytes(job), stream>>>(job);
+    else
+      phase1_chunks<false><<<(unsigned)job.n_chunks, THREADS, 0, stream>>>(job);
+  }
+  if (job.n_tensors > 0) {
+    if (super) reduce_tensors<N_STATS><<<(unsigned)job.n_tensors, THREADS, 0, stream>>>(job);
+    else reduce_tensors<1><<<(unsigned)job.n_tensors, THREADS, 0, stream>>>(job);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t phase2(const DeviceJob& job, cudaStream_t stream) {
+  if (job.n_chunks > 0) {
+    if (job.kind == SUPERGROK)
+      phase2_chunks<true><<<(unsigned)job.n_chunks, THREADS, table_bytes(job), stream>>>(job);
+    else
+      phase2_chunks<false><<<(unsigned)job.n_chunks, THREADS, 0, stream>>>(job);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace sg

@@ -1,0 +1,47 @@
+// The CUDA kernels' entry points: plain C++ with no torch headers (the glue passes device
+// addresses), so every file under csrc/cuda/ compiles with nvcc alone and CI checks them on a
+// machine without a GPU.
+#ifndef SHARDGROK_CUDA_LAUNCH_H
+#define SHARDGROK_CUDA_LAUNCH_H
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "../grok_math.h"
+#include "../job.h"
+
+namespace sg {
+namespace cuda {
+
+// Everything a launch reads, all addresses in device memory. The segment table is rebuilt by
+// the host every step (the gradients' addresses change) and copied asynchronously; the chunk
+// table and the per-tensor chunk index are built once per plan.
+struct DeviceJob {
+  int32_t kind;                  // GROKADAMW or SUPERGROK
+  const Segment* segments;
+  const Chunk* chunks;
+  int64_t n_chunks;
+  const int64_t* tensor_offsets;  // [n_tensors + 1]: tensor t's chunks are
+  const int32_t* tensor_chunks;   // tensor_chunks[tensor_offsets[t]:tensor_offsets[t + 1]]
+  int64_t n_tensors;
+  double* partials;               // phase 1 scratch: [n_chunks, N_STATS]
+  double* stats;                  // phase 1 output: [n_tensors, n_stats] (the reduction buffer)
+  int32_t n_stats;                // 1 (GrokAdamW) or N_STATS (SuperGrok)
+  const double* scalars;          // phase 2 input: [n_tensors, N_COLUMNS]
+  Table table;                    // SuperGrok's default meta-net, in device memory
+  int32_t has_table;
+};
+
+// Phase 1: per-chunk partial sums, then per-tensor sums into job.stats (two launches, no atomics).
+cudaError_t phase1(const DeviceJob& job, cudaStream_t stream);
+// Phase 2: the update in place, one launch over every chunk.
+cudaError_t phase2(const DeviceJob& job, cudaStream_t stream);
+
+// The largest table kept in shared memory (three fp32 arrays); larger ones are read from global
+// memory (through the read-only cache).
+constexpr int32_t SHARED_TABLE_MAX = 2048;
+
+}  // namespace cuda
+}  // namespace sg
+
+#endif  // SHARDGROK_CUDA_LAUNCH_H

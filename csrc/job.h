@@ -1,0 +1,74 @@
+// What a step's kernels are given, shared by the CPU and CUDA backends: the segments (one local
+// piece of one tensor: where its parameter, gradient and state live) and the chunk table that
+// cuts them into fixed slices. Plain C++ with no torch and no CUDA headers, so the CPU
+// instruction-set files, nvcc and the host tests all compile it; the structs have one layout
+// on the host and on the device (nvcc guarantees it), so the host-built tables are copied to the
+// GPU as they are.
+#ifndef SHARDGROK_JOB_H
+#define SHARDGROK_JOB_H
+
+#include <stdint.h>
+
+#include <vector>
+
+namespace sg {
+
+struct Segment {
+  void* param;
+  const void* grad;     // null: no gradient this step (the segment is skipped)
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* mu;
+  const float* h;       // SuperGrok with a user's meta-net: h = exp(f(g)) g, computed by PyTorch
+  int64_t numel;
+  int32_t tensor;       // global tensor index: the row of the stats / scalar tables
+  int32_t param_dtype, grad_dtype, state_dtype;
+};
+
+// A fixed slice of a segment. Chunks are cut independently of the thread (CPU) or block (GPU)
+// count, and phase 1 writes one partial sum per chunk, reduced per tensor afterwards in a fixed
+// order: the same bits whatever the parallelism.
+struct Chunk {
+  int32_t segment;
+  int64_t begin, size;
+};
+
+enum Kind : int32_t { GROKADAMW = 0, SUPERGROK = 1 };
+
+// Chunk length: big enough that per-chunk overhead vanishes (CPU: a task; GPU: a block), small
+// enough that 2-16 threads balance on a 1M-element model. A multiple of every lane count.
+constexpr int64_t CHUNK = 16384;
+
+// The chunk table of segments of the given lengths, in segment order.
+inline std::vector<Chunk> cut_chunks(const std::vector<int64_t>& numels) {
+  std::vector<Chunk> out;
+  for (size_t i = 0; i < numels.size(); ++i)
+    for (int64_t b = 0; b < numels[i]; b += CHUNK)
+      out.push_back({(int32_t)i, b, numels[i] - b < CHUNK ? numels[i] - b : CHUNK});
+  return out;
+}
+
+// Every tensor's chunks, in chunk order (CSR: tensor t owns index[offsets[t]:offsets[t+1]]):
+// the order in which the GPU's per-tensor reduction reads the per-chunk partial sums.
+struct ChunksByTensor {
+  std::vector<int64_t> offsets;  // [n_tensors + 1]
+  std::vector<int32_t> index;    // [n_chunks]
+};
+
+inline ChunksByTensor chunks_by_tensor(const std::vector<Chunk>& chunks,
+                                       const std::vector<int32_t>& tensor_of_segment,
+                                       int64_t n_tensors) {
+  ChunksByTensor out;
+  out.offsets.assign((size_t)n_tensors + 1, 0);
+  for (const Chunk& c : chunks) ++out.offsets[(size_t)tensor_of_segment[(size_t)c.segment] + 1];
+  for (int64_t t = 0; t < n_tensors; ++t) out.offsets[(size_t)t + 1] += out.offsets[(size_t)t];
+  out.index.resize(chunks.size());
+  std::vector<int64_t> at(out.offsets.begin(), out.offsets.end() - 1);
+  for (size_t c = 0; c < chunks.size(); ++c)
+    out.index[(size_t)at[(size_t)tensor_of_segment[(size_t)chunks[c].segment]]++] = (int32_t)c;
+  return out;
+}
+
+}  // namespace sg
+
+#endif  // SHARDGROK_JOB_H

@@ -1,0 +1,150 @@
+"""The CUDA backend: the extension (csrc/cuda/) and the per-step launches of a plan on the GPU.
+
+The plan itself is the same C++ object as on the CPU (csrc/bindings.cpp): it holds the views,
+re-reads the gradients and hands out the tables the kernels read. What this module adds:
+
+- the chunk table and the per-tensor chunk index, copied to the GPU once per plan;
+- per step, the segment table (the gradients' addresses) and the present flags, written into
+  pinned host memory by the plan and copied asynchronously on the current stream; the
+  breakpoint table of SuperGrok's meta-net, copied when it changes;
+- the two launches (phase 1 is a per-chunk launch plus a per-tensor reduction), on the current
+  stream, reading and writing the step's reduction buffer in device memory.
+
+Nothing here reads a value back to the host: the step's one host sync is base.py's read of the
+reduced flags.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from . import build
+
+_state: dict = {"tried": False, "ext": None, "reason": None, "origin": None}
+
+
+def _why_unavailable() -> str | None:
+    if torch.version.cuda is None:
+        return (f"this torch ({torch.__version__}) is built without CUDA; CUDA tensors take "
+                "the reference path")
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    if not build.cuda_sources_present():
+        return (f"no ahead-of-time build and no CUDA sources at {build.CSRC / 'cuda'} to build "
+                "from (install from a source checkout, or build ahead of time with "
+                "SHARDGROK_BUILD_KERNELS=1)")
+    return None
+
+
+def cuda_extension():
+    """The CUDA extension, built (just in time, for the architectures of the GPUs present or
+    ``TORCH_CUDA_ARCH_LIST``) or loaded on first use; None when it cannot be had
+    (:func:`unavailable_reason` says why)."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        ext, origin, reason = None, None, _why_unavailable()
+        if reason is None:
+            try:
+                from .. import _C_cuda as ext  # ahead-of-time build (setup.py)
+                origin = "ahead-of-time build (shardgrok._C_cuda)"
+                if ext.digest != build.cuda_digest():
+                    ext = None
+            except ImportError:
+                ext = None
+            if ext is None:
+                try:
+                    ext = build.build_cuda()
+                    origin = "just-in-time build (torch.utils.cpp_extension, nvcc)"
+                except Exception as e:  # no nvcc, an unsupported architecture, a compile error
+                    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+                    reason = f"building it failed: {type(e).__name__}: {lines[-1] if lines else e}"
+        _state.update(ext=ext, reason=reason, origin=origin)
+    return _state["ext"]
+
+
+def unavailable_reason() -> str | None:
+    cuda_extension()
+    return _state["reason"]
+
+
+def status() -> dict:
+    ext = cuda_extension()
+    info: dict[str, Any] = {"available": ext is not None, "origin": _state["origin"],
+                            "reason": _state["reason"]}
+    if ext is not None:
+        info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the GPUs present"
+    return info
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (a host tensor) on ``device`` without a host sync: through pinned memory, copied
+    on the current stream (torch's pinned allocator keeps the host block until the copy ends)."""
+    if device.type == "cpu" or t.device == device:
+        return t
+    if not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+class CudaLaunches:
+    """A plan's device-side tables and its two launches."""
+
+    def __init__(self, ext, cpu_ext, plan, n_tensors: int, device: torch.device):
+        # the plan (CPU extension) writes the records the kernels (CUDA extension) read
+        if (ext.SEGMENT_BYTES, ext.CHUNK_BYTES, ext.CHUNK) != (
+                cpu_ext.SEGMENT_BYTES, cpu_ext.CHUNK_BYTES, cpu_ext.CHUNK):
+            raise RuntimeError("the CPU and CUDA extensions disagree on the job layout "
+                               "(csrc/job.h): they were built from different sources")
+        self.ext, self.plan, self.n, self.device = ext, plan, n_tensors, device
+        self.n_stats, self.n_columns = cpu_ext.N_STATS, cpu_ext.N_COLUMNS
+        self.n_chunks = plan.n_chunks
+        self.chunks = to_device(plan.chunk_table(), device)
+        offsets, index = plan.chunks_by_tensor()
+        self.offsets, self.index = to_device(offsets, device), to_device(index, device)
+        self._table_key = None
+        self._table = None
+        self._segments = None  # this step's segment table on the device (phase 2 reuses it)
+
+    def _device_table(self, arrays: dict) -> tuple[int, int, int, int]:
+        bp = arrays.get("breakpoints")
+        if bp is None:
+            return 0, 0, 0, 0
+        key = (id(bp), id(arrays["slopes"]), id(arrays["intercepts"]))
+        if key != self._table_key:  # the meta-net changed: its new table, once
+            self._table = [to_device(arrays[k], self.device)
+                           for k in ("breakpoints", "slopes", "intercepts")]
+            self._table_key = key
+        b, s, c = self._table
+        return b.data_ptr(), s.data_ptr(), c.data_ptr(), int(arrays["table_size"])
+
+    def phase1(self, kind: int, k: int, out: torch.Tensor, hs=None, **table) -> None:
+        """Stats [n, k] then present [n] into ``out`` (the step's reduction buffer, on the GPU)."""
+        if out.device != self.device or out.dtype != torch.float64 or not out.is_contiguous():
+            raise RuntimeError(f"the reduction buffer must be contiguous float64 on {self.device}")
+        seg_host, present = self.plan.segment_table(hs, pinned=True)
+        self._segments = seg_host.to(self.device, non_blocking=True)
+        n = self.n
+        out[n * k: n * k + n].copy_(present, non_blocking=True)
+        partials = torch.empty(max(self.n_chunks, 1) * self.n_stats, dtype=torch.float64,
+                               device=self.device)
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        bp, sl, ic, size = self._device_table(table)
+        self.ext.phase1(kind, self._segments.data_ptr(), self.chunks.data_ptr(), self.n_chunks,
+                        self.offsets.data_ptr(), self.index.data_ptr(), n, partials.data_ptr(),
+                        out.data_ptr(), bp, sl, ic, size, stream)
+
+    def phase2(self, kind: int, scalars: torch.Tensor, hs=None, **table) -> None:
+        if (scalars.device != self.device or scalars.dtype != torch.float64
+                or not scalars.is_contiguous() or tuple(scalars.shape) != (self.n, self.n_columns)):
+            raise RuntimeError(f"scalars must be a contiguous float64 [{self.n}, {self.n_columns}] "
+                               f"table on {self.device}")
+        if self._segments is None:
+            raise RuntimeError("phase2 before phase1")
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        bp, sl, ic, size = self._device_table(table)
+        self.ext.phase2(kind, self._segments.data_ptr(), self.chunks.data_ptr(), self.n_chunks,
+                        self.n, scalars.data_ptr(), bp, sl, ic, size, stream)
+        self._segments = None
