@@ -15,8 +15,9 @@ a shared machine spreads over all of them; the table reports the median of the p
 ``time.perf_counter()`` differences. Slow optimizers (the reference paths) are time-boxed: when
 ``--steps`` steps would take more than ``--max-seconds``, fewer are timed and the row says so.
 
-Effective GB/s is the nominal bytes per parameter of each step (BYTES_PER_PARAM below) times the
-parameter count over the median time: a bandwidth figure, comparable between rows.
+Effective GB/s is the nominal bytes per parameter of each step (:func:`bytes_per_param`, from the
+dtypes of the parameters and of the state the optimizer holds; BYTES_PER_PARAM is its fp32 table)
+times the parameter count over the median time: a bandwidth figure, comparable between rows.
 
 On a GPU (``--device cuda``; ``--device auto`` picks CUDA when torch sees one, else the CPU run
 above, unchanged):
@@ -458,6 +459,8 @@ def bench_size(label: str, n: int, count: int, keys: list[str], args, package_cl
                 if time.perf_counter() - t_start > args.max_seconds / 4:
                     break
             warm_s = time.perf_counter() - t_start
+            # from the state the optimizer chose (bf16 parameters get fp32 state by default)
+            row["bytes_per_param"] = bytes_per_param(key, dtype, dtype, read_state_dtypes(opt, params))
         except Exception as e:
             msg = str(e).strip().splitlines()
             row["note"] = f"error: {type(e).__name__}: {msg[0] if msg else ''}"[:200]
@@ -491,12 +494,10 @@ def bench_size(label: str, n: int, count: int, keys: list[str], args, package_cl
     live.clear()
     gc.collect()
 
-    scale = torch.empty((), dtype=dtype).element_size() / 4
     for key, row in rows.items():
         if row["times_ms"]:
             row["steps_timed"] = len(row["times_ms"])
             row["median_ms"] = statistics.median(row["times_ms"])
-            row["bytes_per_param"] = BYTES_PER_PARAM[key] * scale
             row["gbps"] = row["bytes_per_param"] * n / (row["median_ms"] * 1e-3) / 1e9
             if row["steps_timed"] < args.steps and row["note"] is None:
                 row["note"] = f"time-boxed: {row['steps_timed']} of {args.steps} steps"

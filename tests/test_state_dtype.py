@@ -31,6 +31,7 @@ from torch import nn
 
 import scenarios as S
 from helpers import meta_net
+from test_kernel import make_params as kernel_params, normal_grads
 from shardgrok import GrokAdamW, SuperGrok
 
 BF16 = torch.bfloat16
@@ -50,13 +51,7 @@ def make_opt(name, params, backend="reference", **kw):
 
 
 def make_params(sizes, dtype=BF16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(n, generator=g).to(dtype)) for n in sizes]
-
-
-def normal_grads(params, step, scale=1.0):
-    g = torch.Generator().manual_seed(1000 + step)
-    return [(torch.randn(p.shape, generator=g) * scale).to(p.dtype) for p in params]
+    return kernel_params(sizes, dtype, seed)
 
 
 def storage_ulp(x: torch.Tensor, dtype) -> torch.Tensor:

@@ -39,14 +39,21 @@ def sources_present() -> bool:
     return all((CSRC / f).is_file() for f in CPU_SOURCES + HEADERS)
 
 
-def digest() -> str:
+def _digest(files: tuple[str, ...], flags: tuple[str, ...], *extra: str) -> str:
+    """A short hash of the sources, the flags, the torch version and ``extra``."""
     h = hashlib.sha256()
-    for f in CPU_SOURCES + HEADERS:
+    for f in files:
         h.update(f.encode())
         h.update((CSRC / f).read_bytes())
-    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    h.update(" ".join(flags).encode())
     h.update(torch.__version__.encode())
+    for e in extra:
+        h.update(e.encode())
     return h.hexdigest()[:12]
+
+
+def digest() -> str:
+    return _digest(CPU_SOURCES + HEADERS, CFLAGS + LDFLAGS)
 
 
 def digest_flag(d: str) -> str:
@@ -88,14 +95,7 @@ def cuda_sources_present() -> bool:
 
 
 def cuda_digest() -> str:
-    h = hashlib.sha256()
-    for f in CUDA_SOURCES + CUDA_HEADERS:
-        h.update(f.encode())
-        h.update((CSRC / f).read_bytes())
-    h.update(" ".join(CUDA_FLAGS).encode())
-    h.update(torch.__version__.encode())
-    h.update((os.environ.get("TORCH_CUDA_ARCH_LIST") or "").encode())
-    return h.hexdigest()[:12]
+    return _digest(CUDA_SOURCES + CUDA_HEADERS, CUDA_FLAGS, os.environ.get("TORCH_CUDA_ARCH_LIST") or "")
 
 
 def build_cuda(verbose: bool = False):

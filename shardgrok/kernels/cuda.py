@@ -104,19 +104,18 @@ class CudaLaunches:
         self.chunks = to_device(plan.chunk_table(), device)
         offsets, index = plan.chunks_by_tensor()
         self.offsets, self.index = to_device(offsets, device), to_device(index, device)
-        self._table_key = None
-        self._table = None
+        self._table_src = None  # the host arrays the device table was copied from (held: their
+        self._table = None      # identity is the key, and a held object's id cannot be reused)
         self._segments = None  # this step's segment table on the device (phase 2 reuses it)
 
     def _device_table(self, arrays: dict) -> tuple[int, int, int, int]:
         bp = arrays.get("breakpoints")
         if bp is None:
             return 0, 0, 0, 0
-        key = (id(bp), id(arrays["slopes"]), id(arrays["intercepts"]))
-        if key != self._table_key:  # the meta-net changed: its new table, once
-            self._table = [to_device(arrays[k], self.device)
-                           for k in ("breakpoints", "slopes", "intercepts")]
-            self._table_key = key
+        src = (bp, arrays["slopes"], arrays["intercepts"])
+        if self._table_src is None or any(a is not b for a, b in zip(src, self._table_src)):
+            self._table = [to_device(t, self.device) for t in src]  # a new table: copied once
+            self._table_src = src
         b, s, c = self._table
         return b.data_ptr(), s.data_ptr(), c.data_ptr(), int(arrays["table_size"])
 

@@ -60,8 +60,9 @@ class FusedPlan:
     def __init__(self, ext, optimizer, layout):
         refs = layout.tensors(optimizer)
         segs = layout.plan_pieces(optimizer)
+        # a rank that owns no piece still reduces on its parameters' device, as the others do
         first = next((s.param for s in segs), None)
-        self.device = first.device if first is not None else torch.device("cpu")
+        self.device = first.device if first is not None else optimizer._step_device()
         self.info = TensorInfo(refs)
         self.n_tensors = len(refs)
         self.shapes = {}

@@ -280,6 +280,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 buf = self._reduction_buffer(info.n, k, None, local_in, plan.device)
                 aux = self._kernel_phase1(plan, buf)
             else:
+                self._follow_devices()  # the kernel's path does it when it (re)builds a plan
                 refs = self._tensors()
                 info = TensorInfo(refs)
                 segs = self._layout.pieces(self)

@@ -164,26 +164,27 @@ class SuperGrok(GrokOptimizerBase):
 
     def _kernel_table(self):
         """The default meta-net's exact piecewise-linear table as the kernel's fp32 arrays, rebuilt
-        whenever the weights differ from those it was built from (compared by value every step:
-        meta_step, load_state_dict, or a user's own edit, through ``.data`` too); None for a
-        meta-net that is not a SimpleMetaNet."""
+        whenever the weights change; None for a meta-net that is not a SimpleMetaNet.
+
+        On the CPU the weights are compared by value every step (meta_step, load_state_dict or
+        a user's own edit, through ``.data`` too). On a GPU that would read them back every
+        step, so there the table follows the weights' version counters and storage instead
+        (meta_step, load_state_dict, any in-place op, ``p.data = ...``; an in-place edit through
+        ``p.data`` bypasses the counter: docs/kernels.md)."""
         if not is_tabulable(self.meta_net):
             return None
         params = list(self.meta_net.net.parameters())
-        if params[0].device.type == "cpu":
-            weights = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
-            fresh = lambda cached: torch.equal(cached, weights)  # noqa: E731
-        else:
-            # Comparing a GPU's weights by value would read them back every step: on a GPU the
-            # table follows the weights' version counters and storage instead (meta_step,
-            # load_state_dict, any in-place op on them, p.data = ...; an in-place edit through
-            # p.data bypasses the counter: see docs/kernels.md).
-            weights = tuple((p._version, p.data_ptr()) for p in params)
-            fresh = lambda cached: cached == weights  # noqa: E731
         cached = self._table_cache
-        if cached is None or type(cached[0]) is not type(weights) or not fresh(cached[0]):
+        if params[0].device.type == "cpu":
+            key = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
+            same = (cached is not None and isinstance(cached[0], torch.Tensor)
+                    and torch.equal(cached[0], key))
+        else:
+            key = tuple((p._version, p.data_ptr()) for p in params)
+            same = cached is not None and isinstance(cached[0], tuple) and cached[0] == key
+        if not same:
             arrays = kernel_arrays(build_table(self.meta_net))
-            self._table_cache = cached = (weights, arrays)
+            self._table_cache = cached = (key, arrays)
         return cached[1]
 
     def _follow_devices(self) -> None:
