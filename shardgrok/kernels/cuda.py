@@ -131,9 +131,10 @@ class CudaLaunches:
                                device=self.device)
         stream = torch.cuda.current_stream(self.device).cuda_stream
         bp, sl, ic, size = self._device_table(table)
-        self.ext.phase1(kind, self._segments.data_ptr(), self.chunks.data_ptr(), self.n_chunks,
-                        self.offsets.data_ptr(), self.index.data_ptr(), n, partials.data_ptr(),
-                        out.data_ptr(), bp, sl, ic, size, stream)
+        with torch.cuda.device(self.device):  # the launch goes to the current device
+            self.ext.phase1(kind, self._segments.data_ptr(), self.chunks.data_ptr(),
+                            self.n_chunks, self.offsets.data_ptr(), self.index.data_ptr(), n,
+                            partials.data_ptr(), out.data_ptr(), bp, sl, ic, size, stream)
 
     def phase2(self, kind: int, scalars: torch.Tensor, hs=None, **table) -> None:
         if (scalars.device != self.device or scalars.dtype != torch.float64
@@ -144,6 +145,7 @@ class CudaLaunches:
             raise RuntimeError("phase2 before phase1")
         stream = torch.cuda.current_stream(self.device).cuda_stream
         bp, sl, ic, size = self._device_table(table)
-        self.ext.phase2(kind, self._segments.data_ptr(), self.chunks.data_ptr(), self.n_chunks,
-                        self.n, scalars.data_ptr(), bp, sl, ic, size, stream)
+        with torch.cuda.device(self.device):
+            self.ext.phase2(kind, self._segments.data_ptr(), self.chunks.data_ptr(),
+                            self.n_chunks, self.n, scalars.data_ptr(), bp, sl, ic, size, stream)
         self._segments = None
