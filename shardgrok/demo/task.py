@@ -20,7 +20,8 @@ OPTIMIZERS = ("adamw", "grokadamw", "supergrok")
 class DemoConfig:
     """Everything a run depends on. ``run(DemoConfig(steps=50))`` is a quick smoke run."""
 
-    p: int = 97                     # modulus: the task is x * y mod p
+    p: int = 97                     # modulus: the task is op(x, y) mod p
+    op: str = "x*y"                 # the operation, a formula in x and y (demo/ops.py)
     train_fraction: float = 0.5     # share of the p*p pairs used for training
     steps: int = 4500               # step budget per optimizer
     optimizers: tuple[str, ...] = OPTIMIZERS
@@ -56,6 +57,8 @@ class DemoConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if self.p < 2:
             raise ValueError(f"p must be >= 2, got {self.p}")
+        from .ops import parse_op
+        parse_op(self.op, self.p)  # a bad formula fails here, naming what is wrong
         if not 0.0 < self.train_fraction < 1.0:
             raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
         for name in ("steps", "eval_every", "width", "depth", "heads"):
@@ -70,19 +73,23 @@ class DemoConfig:
 
 
 # ---------------------------------------------------------------------------------------- data
-def make_data(p: int, train_fraction: float, seed: int):
-    """All p*p sequences ``[x, op, y, eq]`` with label ``x * y mod p``, split at random.
+def make_data(p: int, train_fraction: float, seed: int, op: str = "x*y"):
+    """All pairs as sequences ``[x, op, y, eq]`` labelled ``op(x, y) mod p``, split at random.
 
-    Tokens ``0..p-1`` are the numbers, ``p`` is ``op`` (the multiplication sign) and ``p + 1``
-    is ``eq``. Returns ``(x_train, y_train, x_val, y_val)``.
+    ``op`` is a formula in x and y (:mod:`shardgrok.demo.ops`; ``/`` is the modular inverse and
+    pairs dividing by 0 are left out). Tokens ``0..p-1`` are the numbers, ``p`` is the operation
+    sign and ``p + 1`` is ``eq``. Returns ``(x_train, y_train, x_val, y_val)``.
     """
+    from .ops import parse_op
+
     a = torch.arange(p).repeat_interleave(p)
     b = torch.arange(p).repeat(p)
+    labels, defined = parse_op(op, p)(a, b)
+    a, b, labels = a[defined], b[defined], labels[defined]
     inputs = torch.stack([a, torch.full_like(a, p), b, torch.full_like(a, p + 1)], dim=1)
-    labels = (a * b) % p
     gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(p * p, generator=gen)
-    n_train = int(round(train_fraction * p * p))
+    perm = torch.randperm(len(labels), generator=gen)
+    n_train = int(round(train_fraction * len(labels)))
     tr, va = perm[:n_train], perm[n_train:]
     return inputs[tr], labels[tr], inputs[va], labels[va]
 
@@ -195,9 +202,29 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, file=sys.stderr)
 
 
+@dataclass
+class Recipe:
+    """How a run builds its optimizer and what it adds to the plain loop (the grokking harness,
+    benchmarks/grokking.py, describes its optimizers this way; the demo uses the defaults).
+
+    ``make_opt(model, signal)`` returns the optimizer (``signal()`` is the latest
+    ``(val - train) / train``, or None); None: :func:`make_optimizer` by name.
+    ``after_backward(model)`` runs between backward and the step (a gradient filter).
+    ``meta_every``: a SuperGrok ``meta_step`` on a validation batch every N steps (0: never).
+    """
+
+    make_opt: Callable[[nn.Module, Callable[[], Any]], Any] | None = None
+    after_backward: Callable[[nn.Module], None] | None = None
+    meta_every: int = 0
+
+
 def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tensor],
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one optimizer from ``init_state`` until val acc >= target or the step budget."""
+              log: Callable[[str], None] = print, recipe: Recipe | None = None,
+              targets: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """Train one optimizer from ``init_state`` until validation accuracy reaches every one of
+    ``targets`` (default: ``cfg.target``) or the step budget runs out."""
+    recipe = recipe or Recipe()
+    targets = tuple(sorted(targets)) if targets else (cfg.target,)
     device = torch.device(cfg.device)
     x_tr, y_tr, x_va, y_va = (t.to(device) for t in data)
     model = make_model(cfg).to(device)
@@ -209,7 +236,12 @@ def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
             return None
         return (latest["val"] - latest["train"]) / latest["train"]
 
-    opt = make_optimizer(name, model, cfg, grokking_signal)
+    if recipe.make_opt is not None:
+        opt = recipe.make_opt(model, grokking_signal)
+    else:
+        opt = make_optimizer(name, model, cfg, grokking_signal)
+    from ..optim.supergrok import SuperGrok
+    takes_losses = isinstance(opt, SuperGrok)
     warmup = max(cfg.lr_warmup, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -221,7 +253,9 @@ def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
 
     bar = _progress(cfg.steps, f"{name:>9}", cfg.progress)
     plain = cfg.progress and bar is None
-    reached, val_loss, val_acc, train_loss = None, float("nan"), 0.0, float("nan")
+    val_loss, val_acc, train_loss = float("nan"), 0.0, float("nan")
+    reached: dict[float, tuple[int, float]] = {}   # target -> (step, seconds) it was first met
+    meta_batch = (x_va[:bs], y_va[:bs])
     t0 = time.perf_counter()
     step = 0                     # optimizer updates taken so far
     history = []                 # (step, val acc, val loss, last train loss) per evaluation
@@ -238,8 +272,10 @@ def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
                 log(f"  {name:>9} step {step:>6}: train loss {train_loss:.3g}  val loss "
                     f"{val_loss:.3g}  val acc {100 * val_acc:5.1f}%  "
                     f"({time.perf_counter() - t0:.0f} s)")
-            if val_acc >= cfg.target:
-                reached = step
+            for tgt in targets:
+                if val_acc >= tgt and tgt not in reached:
+                    reached[tgt] = (step, time.perf_counter() - t0)
+            if len(reached) == len(targets):
                 break
         if step == cfg.steps:
             break
@@ -258,7 +294,12 @@ def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
         if evaluated:
             # Both losses at the same weights: the grokking signal (val - train) / train.
             latest["train"], latest["val"] = train_loss, val_loss
-        if name == "supergrok":
+        if recipe.after_backward is not None:
+            recipe.after_backward(model)
+        if recipe.meta_every and takes_losses and step % recipe.meta_every == 0:
+            xm, ym = meta_batch
+            opt.meta_step(lambda: F.cross_entropy(model(xm), ym))
+        if takes_losses:
             opt.step(train_loss=train_loss, val_loss=val_loss if evaluated else None)
         else:
             opt.step()
@@ -269,7 +310,11 @@ def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
     wall = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    return {"optimizer": name, "reached_step": reached, "steps_run": step,
+    first = reached.get(targets[0])
+    return {"optimizer": name, "reached_step": first[0] if first else None,
+            "reached": {t: reached.get(t, (None, None))[0] for t in targets},
+            "seconds_to": {t: reached.get(t, (None, None))[1] for t in targets},
+            "steps_run": step,
             "final_val_acc": val_acc, "final_val_loss": val_loss, "final_train_loss": train_loss,
             "wall_time_s": wall, "history": history}
 
@@ -292,7 +337,7 @@ def run(config: DemoConfig | dict | None = None, log: Callable[[str], None] = pr
         cfg = DemoConfig(**config)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    data = make_data(cfg.p, cfg.train_fraction, cfg.seed)
+    data = make_data(cfg.p, cfg.train_fraction, cfg.seed, cfg.op)
     init_state = {k: v.clone() for k, v in make_model(cfg).state_dict().items()}
     results = {}
     for name in cfg.optimizers:

@@ -1,0 +1,308 @@
+"""How fast do optimizers grok modular arithmetic? Steps and wall time to 95% and 99% validation
+accuracy, over operations, seeds and optimizer settings, in parallel processes.
+
+    python benchmarks/grokking.py --op "x*y" --op "x+y" --op "x-y" --seeds 0,1,2 \\
+        --opt adamw --opt "adam+ema" --opt grokadamw --opt "grokadamw:gamma=0,gradient_clipping=0" \\
+        --opt supergrok --opt "supergrok+meta:meta_every=100" --json out.json --png out.png
+
+The task and model are the demo's (shardgrok/demo/task.py): all pairs ``[x, op, y, eq]`` of
+residues mod ``--p`` labelled by the formula (``/`` is the modular inverse; pairs dividing by 0
+are left out), ``--train-fraction`` of them for training, the 2-layer transformer. Every run of
+one (operation, seed) starts from the same initial weights and sees the same batches.
+
+Optimizers, by name, with keyword overrides after a colon (Python literals:
+``"grokadamw:lamb=5,betas=(0.9,0.99)"``); every name takes ``lr``, ``betas`` and
+``weight_decay`` (defaults from ``--lr``, ``--betas``, ``--weight-decay``):
+
+    adamw            torch.optim.AdamW (decoupled weight decay)
+    adam             torch.optim.Adam (weight decay coupled into the gradient, as in Grokfast)
+    adam+ema         adam with shardgrok.gradfilter_ema (alpha=0.98, lamb=2.0 unless given)
+    grokadamw        shardgrok.GrokAdamW, its own defaults; layer_groups=True gives one param
+                     group per transformer layer (layer_index) instead of one per tensor;
+                     signal=True passes (val - train) / train as the grokking signal
+    supergrok        shardgrok.SuperGrok, its own defaults (losses passed at each evaluation);
+                     layer_groups as above
+    supergrok+meta   supergrok with meta_step on a validation batch every meta_every steps
+                     (default 100)
+
+The JSON holds the configuration, every run (its curve: step, validation accuracy and loss,
+training loss at each evaluation; steps and seconds to each target) and per (operation,
+optimizer) the medians over seeds. ``--png`` draws validation accuracy against step (needs
+matplotlib: ``pip install matplotlib``).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+SCHEMA = "shardgrok.grokking/1"
+NAMES = ("adamw", "adam", "adam+ema", "grokadamw", "supergrok", "supergrok+meta")
+# keywords the harness itself reads; the rest go to the optimizer
+HARNESS_KEYS = {"adam+ema": ("alpha", "lamb"), "grokadamw": ("layer_groups", "signal"),
+                "supergrok": ("layer_groups",), "supergrok+meta": ("layer_groups", "meta_every")}
+
+
+# ---------------------------------------------------------------------------- optimizer specs
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``"name:key=value,key=value"`` (values are Python literals) -> (name,
+    overrides). Raises ValueError naming what is wrong."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if name not in NAMES:
+        raise ValueError(f"--opt {spec!r}: unknown optimizer {name!r}; choose from "
+                         f"{', '.join(NAMES)}")
+    if not rest.strip():
+        return name, {}
+    try:
+        call = ast.parse(f"f({rest})", mode="eval").body
+    except SyntaxError:
+        raise ValueError(f"--opt {spec!r}: the overrides must read key=value,key=value with "
+                         "Python literal values") from None
+    if call.args or any(k.arg is None for k in call.keywords):
+        raise ValueError(f"--opt {spec!r}: every override must be key=value")
+    out = {}
+    for k in call.keywords:
+        try:
+            out[k.arg] = ast.literal_eval(k.value)
+        except ValueError:
+            raise ValueError(f"--opt {spec!r}: the value of {k.arg} is not a Python literal "
+                             f"({ast.unparse(k.value)})") from None
+    return name, out
+
+
+def recipe_for(name: str, overrides: dict[str, Any], cfg):
+    """The demo's Recipe for one optimizer spec."""
+    import shardgrok
+    from shardgrok.demo.task import Recipe, layer_param_groups
+
+    kw = dict(overrides)
+    own = {k: kw.pop(k) for k in HARNESS_KEYS.get(name, ()) if k in kw}
+    common = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    common.update({k: kw.pop(k) for k in ("lr", "betas", "weight_decay") if k in kw})
+
+    def params(model):
+        return layer_param_groups(model) if own.get("layer_groups") else model.parameters()
+
+    if name == "adamw":
+        return Recipe(make_opt=lambda m, s: torch.optim.AdamW(m.parameters(), **common, **kw))
+    if name in ("adam", "adam+ema"):
+        make = lambda m, s: torch.optim.Adam(m.parameters(), **common, **kw)  # noqa: E731
+        if name == "adam":
+            return Recipe(make_opt=make)
+        state: dict = {}
+        alpha, lamb = own.get("alpha", 0.98), own.get("lamb", 2.0)
+
+        def ema(model):
+            shardgrok.gradfilter_ema(model, state, alpha=alpha, lamb=lamb)
+        return Recipe(make_opt=make, after_backward=ema)
+    if name == "grokadamw":
+        def make(m, s):
+            return shardgrok.GrokAdamW(params(m), grokking_signal_fn=s if own.get("signal") else None,
+                                       **common, **kw)
+        return Recipe(make_opt=make)
+    meta_every = int(own.get("meta_every", 100)) if name == "supergrok+meta" else 0
+    return Recipe(make_opt=lambda m, s: shardgrok.SuperGrok(params(m), **common, **kw),
+                  meta_every=meta_every)
+
+
+# ---------------------------------------------------------------------------- one run
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """One (operation, seed, optimizer) run, in a worker process."""
+    from shardgrok.demo.task import DemoConfig, make_data, make_model, train_one
+
+    torch.set_num_threads(job["threads"])
+    cfg = DemoConfig(**job["config"], optimizers=("adamw",), progress=False)
+    name, overrides = parse_spec(job["spec"])
+    data = make_data(cfg.p, cfg.train_fraction, cfg.seed, cfg.op)
+    init = {k: v.clone() for k, v in make_model(cfg).state_dict().items()}
+    t0 = time.perf_counter()
+    try:
+        res = train_one(name, cfg, data, init, log=lambda s: None,
+                        recipe=recipe_for(name, overrides, cfg), targets=tuple(job["targets"]))
+        error = None
+    except Exception as e:  # a diverging or refused setting is a result too
+        res, error = {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return {
+        "op": cfg.op, "seed": cfg.seed, "spec": job["spec"], "optimizer": name,
+        "overrides": overrides, "error": error,
+        "steps_to": {str(t): res.get("reached", {}).get(t) for t in job["targets"]},
+        "seconds_to": {str(t): res.get("seconds_to", {}).get(t) for t in job["targets"]},
+        "steps_run": res.get("steps_run"), "wall_time_s": time.perf_counter() - t0,
+        "final_val_acc": res.get("final_val_acc"), "final_train_loss": res.get("final_train_loss"),
+        "curve": [{"step": s, "val_acc": a, "val_loss": vl,
+                   "train_loss": None if tl != tl else tl}
+                  for s, a, vl, tl in res.get("history", [])],
+    }
+
+
+def _median(values: list) -> float | None:
+    """Median with runs that never reached the target counted as infinitely slow (None when
+    more than half did not reach it)."""
+    if not values:
+        return None
+    v = sorted(math.inf if x is None else x for x in values)
+    m = statistics.median(v)
+    return None if math.isinf(m) else m
+
+
+def summarise(runs: list[dict], targets: list[float]) -> list[dict]:
+    rows = []
+    keys = sorted({(r["op"], r["spec"]) for r in runs}, key=lambda k: (k[0], k[1]))
+    for op, spec in keys:
+        mine = [r for r in runs if r["op"] == op and r["spec"] == spec]
+        row = {"op": op, "spec": spec, "seeds": len(mine),
+               "errors": sum(r["error"] is not None for r in mine)}
+        for t in targets:
+            row[f"median_steps_to_{t}"] = _median([r["steps_to"][str(t)] for r in mine])
+            row[f"median_seconds_to_{t}"] = _median([r["seconds_to"][str(t)] for r in mine])
+            row[f"reached_{t}"] = sum(r["steps_to"][str(t)] is not None for r in mine)
+        rows.append(row)
+    return rows
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = list(dict.fromkeys(r["op"] for r in result["runs"]))
+    specs = list(dict.fromkeys(r["spec"] for r in result["runs"]))
+    fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
+    colors = {s: f"C{i % 10}" for i, s in enumerate(specs)}
+    for ax, op in zip(axes[0], ops):
+        for r in result["runs"]:
+            if r["op"] != op or not r["curve"]:
+                continue
+            ax.plot([c["step"] for c in r["curve"]], [c["val_acc"] for c in r["curve"]],
+                    color=colors[r["spec"]], alpha=0.7, lw=1,
+                    label=r["spec"] if r["seed"] == min(x["seed"] for x in result["runs"]) else None)
+        for t in result["config"]["targets"]:
+            ax.axhline(t, color="grey", lw=0.5, ls=":")
+        ax.set_title(f"{op} mod {result['config']['p']}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation accuracy")
+        ax.set_ylim(0, 1.02)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    from shardgrok.demo.task import DemoConfig
+    d = DemoConfig()
+    ap = argparse.ArgumentParser(prog="benchmarks/grokking.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--op", action="append", help='a formula in x and y mod p, e.g. "x*y", "x/y" '
+                    '(repeatable; default x*y)')
+    ap.add_argument("--p", type=int, default=d.p, help="the modulus (%(default)s)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (%(default)s)")
+    ap.add_argument("--opt", action="append", help="an optimizer spec, name[:key=value,...] "
+                    f"(repeatable; names: {', '.join(NAMES)}; default: each name at its defaults)")
+    ap.add_argument("--steps", type=int, default=4000, help="step budget per run (%(default)s)")
+    ap.add_argument("--targets", default="0.95,0.99", help="validation accuracies (%(default)s)")
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--betas", type=float, nargs=2, default=d.betas)
+    ap.add_argument("--weight-decay", type=float, default=0.005,
+                    help="default weight decay of every optimizer (%(default)s, Grokfast's)")
+    ap.add_argument("--lr-warmup", type=int, default=d.lr_warmup)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--eval-every", type=int, default=d.eval_every)
+    ap.add_argument("--train-fraction", type=float, default=d.train_fraction)
+    ap.add_argument("--width", type=int, default=d.width)
+    ap.add_argument("--heads", type=int, default=d.heads)
+    ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)),
+                    help="parallel processes (%(default)s)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (%(default)s)")
+    ap.add_argument("--json", metavar="PATH", help="write the results here")
+    ap.add_argument("--png", metavar="PATH", help="plot validation accuracy against step here")
+    ap.add_argument("--quiet", action="store_true", help="no per-run lines")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    from shardgrok.demo.ops import parse_op
+    ops = args.op or ["x*y"]
+    specs = args.opt or list(NAMES)
+    try:
+        for op in ops:
+            parse_op(op, args.p)
+        for spec in specs:
+            parse_spec(spec)
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        targets = sorted(float(t) for t in args.targets.split(",") if t.strip())
+    except ValueError as e:
+        ap.error(str(e))
+    if not seeds or not targets or not all(0 < t <= 1 for t in targets):
+        ap.error("--seeds and --targets need at least one value each; targets in (0, 1]")
+    for name in ("steps", "jobs", "threads", "eval_every"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    base = dict(p=args.p, steps=args.steps, lr=args.lr, betas=tuple(args.betas),
+                weight_decay=args.weight_decay, lr_warmup=args.lr_warmup,
+                batch_size=args.batch_size, eval_every=args.eval_every,
+                train_fraction=args.train_fraction, width=args.width, heads=args.heads,
+                threads=None)
+    jobs = [{"config": {**base, "op": op, "seed": seed}, "spec": spec, "targets": targets,
+             "threads": args.threads}
+            for op in ops for seed in seeds for spec in specs]
+    t0 = time.perf_counter()
+    runs = []
+    ctx = mp.get_context("spawn")  # fresh interpreters: no torch thread state inherited
+    with ctx.Pool(min(args.jobs, len(jobs))) as pool:
+        for r in pool.imap_unordered(run_one, jobs):
+            runs.append(r)
+            if not args.quiet:
+                reach = ", ".join(f"{float(t):.0%}: {r['steps_to'][t] if r['steps_to'][t] is not None else '-'}"
+                                  for t in r["steps_to"])
+                print(f"[{len(runs)}/{len(jobs)}] {r['op']} seed {r['seed']} {r['spec']}: {reach}"
+                      f"  ({r['wall_time_s']:.0f} s){'  ' + r['error'] if r['error'] else ''}",
+                      flush=True)
+    runs.sort(key=lambda r: (ops.index(r["op"]), r["seed"], specs.index(r["spec"])))
+    result = {"schema": SCHEMA,
+              "command": "python benchmarks/grokking.py " + " ".join(
+                  a if a.replace("_", "").replace("-", "").replace(".", "").replace(",", "").isalnum()
+                  else repr(a) for a in (argv if argv is not None else sys.argv[1:])),
+              "config": {**base, "ops": ops, "seeds": seeds, "specs": specs, "targets": targets,
+                         "jobs": args.jobs, "threads_per_job": args.threads},
+              "machine": {"torch": torch.__version__, "python": platform.python_version(),
+                          "cpus": os.cpu_count()},
+              "wall_time_s": time.perf_counter() - t0,
+              "runs": runs, "summary": summarise(runs, targets)}
+    print(f"\n{'op':<8} {'optimizer':<44} " + " ".join(
+        f"{'steps ' + format(t, '.0%'):>10} {'s ' + format(t, '.0%'):>8}" for t in targets))
+    for row in result["summary"]:
+        cells = []
+        for t in targets:
+            st, sec = row[f"median_steps_to_{t}"], row[f"median_seconds_to_{t}"]
+            cells.append(f"{'-' if st is None else int(st):>10} {'-' if sec is None else f'{sec:.0f}':>8}")
+        print(f"{row['op']:<8} {row['spec']:<44} " + " ".join(cells))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"JSON: {args.json}")
+    if args.png:
+        try:
+            plot(result, args.png)
+            print(f"plot: {args.png}")
+        except ImportError:
+            print("plot skipped: matplotlib is not installed (pip install matplotlib)",
+                  file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

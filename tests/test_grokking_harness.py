@@ -1,0 +1,118 @@
+"""benchmarks/grokking.py: the formula parser against brute force, its errors, the optimizer
+specs, and a short run's JSON."""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shardgrok.demo.ops import parse_op
+from shardgrok.demo.task import make_data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import grokking  # noqa: E402
+
+
+def brute(formula: str, p: int) -> dict[tuple[int, int], int]:
+    """The table by Python integers: '/' by searching the inverse."""
+    out = {}
+    for x in range(p):
+        for y in range(p):
+            if formula == "x*y":
+                out[x, y] = x * y % p
+            elif formula == "x+y":
+                out[x, y] = (x + y) % p
+            elif formula == "x-y":
+                out[x, y] = (x - y) % p
+            elif formula == "x/y":
+                if y:
+                    out[x, y] = next(z for z in range(p) if z * y % p == x)
+            elif formula == "x**2+x*y+y**2":
+                out[x, y] = (x * x + x * y + y * y) % p
+            elif formula == "-(x+3)/(y*2)":
+                if y:
+                    out[x, y] = next(z for z in range(p) if z * 2 * y % p == (-(x + 3)) % p)
+    return out
+
+
+@pytest.mark.parametrize("formula", ["x*y", "x+y", "x-y", "x/y", "x**2+x*y+y**2", "-(x+3)/(y*2)"])
+def test_formulas_match_brute_force(formula):
+    p = 7
+    want = brute(formula, p)
+    x_tr, y_tr, x_va, y_va = make_data(p, 0.5, seed=0, op=formula)
+    x, y = torch.cat([x_tr, x_va]), torch.cat([y_tr, y_va])
+    got = {(int(a), int(b)): int(c) for (a, _, b, _), c in zip(x.tolist(), y.tolist())}
+    assert got == want  # every defined pair once, dividing by 0 left out
+
+
+@pytest.mark.parametrize("formula,message", [
+    ("x//y", "FloorDiv is not allowed"),
+    ("x%y", "Mod is not allowed"),
+    ("z+1", "unknown name 'z'"),
+    ("x**y", "exponent of \\*\\* must be an integer literal"),
+    ("x+", "is not a formula"),
+    ("", "must be a formula"),
+    ("1.5*x", "non-negative integers"),
+    ("__import__('os')", "Call is not allowed"),
+    ("x if y else 1", "IfExp is not allowed"),
+])
+def test_bad_formulas_say_what_is_wrong(formula, message):
+    with pytest.raises(ValueError, match=message):
+        parse_op(formula, 7)
+
+
+def test_division_needs_a_prime():
+    with pytest.raises(ValueError, match="needs p prime"):
+        parse_op("x/y", 8)
+    parse_op("x*y", 8)  # no division: any modulus
+
+
+def test_specs():
+    assert grokking.parse_spec("adamw") == ("adamw", {})
+    assert grokking.parse_spec("grokadamw:lamb=5,betas=(0.9,0.99),layer_groups=True") == (
+        "grokadamw", {"lamb": 5, "betas": (0.9, 0.99), "layer_groups": True})
+    for bad, message in [("sgd", "unknown optimizer 'sgd'"), ("adamw:lr", "key=value"),
+                         ("adamw:lr=abs(1)", "not a Python literal"), ("adamw:lr=(", "key=value")]:
+        with pytest.raises(ValueError, match=message):
+            grokking.parse_spec(bad)
+
+
+def test_bad_formula_on_the_command_line_is_a_usage_error():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--op", "x^y",
+                        "--steps", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "BitXor is not allowed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_short_run_json(tmp_path):
+    out = tmp_path / "g.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/grokking.py"), "--p", "11", "--op", "x+y",
+           "--op", "x/y", "--seeds", "0,1", "--steps", "30", "--eval-every", "10", "--width",
+           "32", "--heads", "2", "--jobs", "2", "--lr", "3e-3", "--quiet", "--json", str(out),
+           "--opt", "adamw", "--opt", "adam+ema:lamb=3", "--opt", "grokadamw:layer_groups=True",
+           "--opt", "supergrok+meta:meta_every=10,warmup_steps=5"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    d = json.loads(out.read_text())
+    assert d["schema"] == grokking.SCHEMA
+    assert d["config"]["ops"] == ["x+y", "x/y"] and d["config"]["targets"] == [0.95, 0.99]
+    assert len(d["runs"]) == 2 * 2 * 4
+    for r in d["runs"]:
+        assert r["error"] is None, r
+        assert set(r["steps_to"]) == set(r["seconds_to"]) == {"0.95", "0.99"}
+        assert r["steps_run"] <= 30 and r["curve"][0]["step"] == 0
+        assert [c["step"] for c in r["curve"]] == sorted(c["step"] for c in r["curve"])
+        assert all(0.0 <= c["val_acc"] <= 1.0 for c in r["curve"])
+        if r["steps_to"]["0.95"] is None:
+            assert r["steps_run"] == 30
+    # the same (op, seed) start from the same weights: the first evaluation agrees
+    firsts = {(r["op"], r["seed"]): set() for r in d["runs"]}
+    for r in d["runs"]:
+        firsts[r["op"], r["seed"]].add(r["curve"][0]["val_loss"])
+    assert all(len(v) == 1 for v in firsts.values())
+    assert {(row["op"], row["spec"]) for row in d["summary"]} == {(r["op"], r["spec"]) for r in d["runs"]}
+    for row in d["summary"]:
+        assert row["seeds"] == 2 and row["errors"] == 0
