@@ -15,6 +15,7 @@ reduced flags.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -108,6 +109,14 @@ class CudaLaunches:
         self._table = None      # identity is the key, and a held object's id cannot be reused)
         self._segments = None  # this step's segment table on the device (phase 2 reuses it)
 
+    # A plan on the CPU goes through here only in tests (tests/test_cuda_glue.py runs this glue
+    # over CPU tensors with an emulated extension): no stream, no device switch.
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+
+    def _on_device(self):
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def _device_table(self, arrays: dict) -> tuple[int, int, int, int]:
         bp = arrays.get("breakpoints")
         if bp is None:
@@ -123,15 +132,15 @@ class CudaLaunches:
         """Stats [n, k] then present [n] into ``out`` (the step's reduction buffer, on the GPU)."""
         if out.device != self.device or out.dtype != torch.float64 or not out.is_contiguous():
             raise RuntimeError(f"the reduction buffer must be contiguous float64 on {self.device}")
-        seg_host, present = self.plan.segment_table(hs, pinned=True)
+        seg_host, present = self.plan.segment_table(hs, pinned=self.device.type == "cuda")
         self._segments = seg_host.to(self.device, non_blocking=True)
         n = self.n
         out[n * k: n * k + n].copy_(present, non_blocking=True)
         partials = torch.empty(max(self.n_chunks, 1) * self.n_stats, dtype=torch.float64,
                                device=self.device)
-        stream = torch.cuda.current_stream(self.device).cuda_stream
+        stream = self._stream()
         bp, sl, ic, size = self._device_table(table)
-        with torch.cuda.device(self.device):  # the launch goes to the current device
+        with self._on_device():  # the launch goes to the current device
             self.ext.phase1(kind, self._segments.data_ptr(), self.chunks.data_ptr(),
                             self.n_chunks, self.offsets.data_ptr(), self.index.data_ptr(), n,
                             partials.data_ptr(), out.data_ptr(), bp, sl, ic, size, stream)
@@ -143,9 +152,9 @@ class CudaLaunches:
                                f"table on {self.device}")
         if self._segments is None:
             raise RuntimeError("phase2 before phase1")
-        stream = torch.cuda.current_stream(self.device).cuda_stream
+        stream = self._stream()
         bp, sl, ic, size = self._device_table(table)
-        with torch.cuda.device(self.device):
+        with self._on_device():
             self.ext.phase2(kind, self._segments.data_ptr(), self.chunks.data_ptr(),
                             self.n_chunks, self.n, scalars.data_ptr(), bp, sl, ic, size, stream)
         self._segments = None
