@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -32,10 +33,6 @@ def _why_unavailable() -> str | None:
                 "the reference path")
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
-    if not build.cuda_sources_present():
-        return (f"no ahead-of-time build and no CUDA sources at {build.CSRC / 'cuda'} to build "
-                "from (install from a source checkout, or build ahead of time with "
-                "SHARDGROK_BUILD_KERNELS=1)")
     return None
 
 
@@ -50,11 +47,18 @@ def cuda_extension():
             try:
                 from .. import _C_cuda as ext  # ahead-of-time build (setup.py)
                 origin = "ahead-of-time build (shardgrok._C_cuda)"
-                if ext.digest != build.cuda_digest():
+                if build.cuda_sources_present() and ext.digest != build.cuda_digest():
+                    warnings.warn("shardgrok._C_cuda was built from other sources, flags or "
+                                  "TORCH_CUDA_ARCH_LIST than those here; building just in time "
+                                  "instead", UserWarning)
                     ext = None
             except ImportError:
                 ext = None
-            if ext is None:
+            if ext is None and not build.cuda_sources_present():
+                reason = (f"no ahead-of-time build and no CUDA sources at {build.CSRC / 'cuda'} "
+                          "to build from (install from a source checkout, or build ahead of time "
+                          "with SHARDGROK_BUILD_KERNELS=1)")
+            elif ext is None:
                 try:
                     ext = build.build_cuda()
                     origin = "just-in-time build (torch.utils.cpp_extension, nvcc)"
