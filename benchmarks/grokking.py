@@ -11,29 +11,20 @@ are left out), ``--train-fraction`` of them for training, the 2-layer transforme
 one (operation, seed) starts from the same initial weights and sees the same batches.
 
 Optimizers, by name, with keyword overrides after a colon (Python literals:
-``"grokadamw:lamb=5,betas=(0.9,0.99)"``); every name takes ``lr``, ``betas`` and
-``weight_decay`` (defaults from ``--lr``, ``--betas``, ``--weight-decay``):
+``"grokadamw:lamb=5,betas=(0.9,0.99)"``): the specs of shardgrok/demo/recipes.py, which the demo
+uses too (adamw, adam, adam+ema, grokadamw, supergrok, supergrok+meta; a bare name is the
+optimizer at its own defaults). ``lr``, ``betas`` and ``weight_decay`` default to ``--lr``,
+``--betas``, ``--weight-decay``.
 
-    adamw            torch.optim.AdamW (decoupled weight decay)
-    adam             torch.optim.Adam (weight decay coupled into the gradient, as in Grokfast)
-    adam+ema         adam with shardgrok.gradfilter_ema (alpha=0.98, lamb=2.0 unless given)
-    grokadamw        shardgrok.GrokAdamW, its own defaults; layer_groups=True gives one param
-                     group per transformer layer (layer_index) instead of one per tensor;
-                     signal=True passes (val - train) / train as the grokking signal
-    supergrok        shardgrok.SuperGrok, its own defaults (losses passed at each evaluation);
-                     layer_groups as above
-    supergrok+meta   supergrok with meta_step on a validation batch every meta_every steps
-                     (default 100)
-
-The JSON holds the configuration, every run (its curve: step, validation accuracy and loss,
-training loss at each evaluation; steps and seconds to each target) and per (operation,
+The JSON holds the configuration, every run (its curve: step, validation accuracy and loss at
+each evaluation, training loss and accuracy averaged over the batches since the previous one,
+GrokAdamW's and SuperGrok's alpha, clipping coefficient and gate share at the last step; steps and seconds to each target) and per (operation,
 optimizer) the medians over seeds. ``--png`` draws validation accuracy against step (needs
-matplotlib: ``pip install matplotlib``).
+matplotlib: ``pip install -e .[demo]``).
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import multiprocessing as mp
@@ -46,74 +37,9 @@ from typing import Any
 
 import torch
 
+from shardgrok.demo.recipes import NAMES, parse_spec
+
 SCHEMA = "shardgrok.grokking/1"
-NAMES = ("adamw", "adam", "adam+ema", "grokadamw", "supergrok", "supergrok+meta")
-# keywords the harness itself reads; the rest go to the optimizer
-HARNESS_KEYS = {"adam+ema": ("alpha", "lamb"), "grokadamw": ("layer_groups", "signal"),
-                "supergrok": ("layer_groups",), "supergrok+meta": ("layer_groups", "meta_every")}
-
-
-# ---------------------------------------------------------------------------- optimizer specs
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"name"`` or ``"name:key=value,key=value"`` (values are Python literals) -> (name,
-    overrides). Raises ValueError naming what is wrong."""
-    name, _, rest = spec.partition(":")
-    name = name.strip()
-    if name not in NAMES:
-        raise ValueError(f"--opt {spec!r}: unknown optimizer {name!r}; choose from "
-                         f"{', '.join(NAMES)}")
-    if not rest.strip():
-        return name, {}
-    try:
-        call = ast.parse(f"f({rest})", mode="eval").body
-    except SyntaxError:
-        raise ValueError(f"--opt {spec!r}: the overrides must read key=value,key=value with "
-                         "Python literal values") from None
-    if call.args or any(k.arg is None for k in call.keywords):
-        raise ValueError(f"--opt {spec!r}: every override must be key=value")
-    out = {}
-    for k in call.keywords:
-        try:
-            out[k.arg] = ast.literal_eval(k.value)
-        except ValueError:
-            raise ValueError(f"--opt {spec!r}: the value of {k.arg} is not a Python literal "
-                             f"({ast.unparse(k.value)})") from None
-    return name, out
-
-
-def recipe_for(name: str, overrides: dict[str, Any], cfg):
-    """The demo's Recipe for one optimizer spec."""
-    import shardgrok
-    from shardgrok.demo.task import Recipe, layer_param_groups
-
-    kw = dict(overrides)
-    own = {k: kw.pop(k) for k in HARNESS_KEYS.get(name, ()) if k in kw}
-    common = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    common.update({k: kw.pop(k) for k in ("lr", "betas", "weight_decay") if k in kw})
-
-    def params(model):
-        return layer_param_groups(model) if own.get("layer_groups") else model.parameters()
-
-    if name == "adamw":
-        return Recipe(make_opt=lambda m, s: torch.optim.AdamW(m.parameters(), **common, **kw))
-    if name in ("adam", "adam+ema"):
-        make = lambda m, s: torch.optim.Adam(m.parameters(), **common, **kw)  # noqa: E731
-        if name == "adam":
-            return Recipe(make_opt=make)
-        state: dict = {}
-        alpha, lamb = own.get("alpha", 0.98), own.get("lamb", 2.0)
-
-        def ema(model):
-            shardgrok.gradfilter_ema(model, state, alpha=alpha, lamb=lamb)
-        return Recipe(make_opt=make, after_backward=ema)
-    if name == "grokadamw":
-        def make(m, s):
-            return shardgrok.GrokAdamW(params(m), grokking_signal_fn=s if own.get("signal") else None,
-                                       **common, **kw)
-        return Recipe(make_opt=make)
-    meta_every = int(own.get("meta_every", 100)) if name == "supergrok+meta" else 0
-    return Recipe(make_opt=lambda m, s: shardgrok.SuperGrok(params(m), **common, **kw),
-                  meta_every=meta_every)
 
 
 # ---------------------------------------------------------------------------- one run
@@ -128,8 +54,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     init = {k: v.clone() for k, v in make_model(cfg).state_dict().items()}
     t0 = time.perf_counter()
     try:
-        res = train_one(name, cfg, data, init, log=lambda s: None,
-                        recipe=recipe_for(name, overrides, cfg), targets=tuple(job["targets"]))
+        res = train_one(job["spec"], cfg, data, init, log=lambda s: None,
+                        targets=tuple(job["targets"]))
         error = None
     except Exception as e:  # a diverging or refused setting is a result too
         res, error = {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -140,9 +66,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "seconds_to": {str(t): res.get("seconds_to", {}).get(t) for t in job["targets"]},
         "steps_run": res.get("steps_run"), "wall_time_s": time.perf_counter() - t0,
         "final_val_acc": res.get("final_val_acc"), "final_train_loss": res.get("final_train_loss"),
-        "curve": [{"step": s, "val_acc": a, "val_loss": vl,
-                   "train_loss": None if tl != tl else tl}
-                  for s, a, vl, tl in res.get("history", [])],
+        "curve": res.get("history", []),
     }
 
 
@@ -214,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--targets", default="0.95,0.99", help="validation accuracies (%(default)s)")
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--betas", type=float, nargs=2, default=d.betas)
-    ap.add_argument("--weight-decay", type=float, default=0.005,
+    ap.add_argument("--weight-decay", type=float, default=d.weight_decay,
                     help="default weight decay of every optimizer (%(default)s, Grokfast's)")
     ap.add_argument("--lr-warmup", type=int, default=d.lr_warmup)
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -299,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             plot(result, args.png)
             print(f"plot: {args.png}")
         except ImportError:
-            print("plot skipped: matplotlib is not installed (pip install matplotlib)",
+            print("plot skipped: matplotlib is not installed (pip install -e .[demo])",
                   file=sys.stderr)
     return 0
 

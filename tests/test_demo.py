@@ -1,12 +1,27 @@
-"""The demo: its data is the stated task, and a short run trains all three optimizers."""
+"""The demo: its data is the stated task, a short run trains every optimizer, the command line
+writes its table, JSON and plot, and --nproc 2 (torchrun, sharded state) trains what one process
+trains."""
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from shardgrok.demo import DemoConfig, run
-from shardgrok.demo.task import make_data
+from shardgrok.demo.recipes import RECOMMENDED, parse_spec
+from shardgrok.demo.task import OPTIMIZERS, make_data
+
+TINY = ["--p", "11", "--eval-every", "10", "--width", "32", "--heads", "2", "--lr", "3e-3",
+        "--batch-size", "32"]
+SPECS = ["adamw:weight_decay=0.5", "grokadamw:gamma=0,weight_decay=0.5",
+         "supergrok+meta:meta_every=10,warmup_steps=5"]
+
+
+def demo(*args, timeout=600):
+    cmd = [sys.executable, "-m", "shardgrok.demo", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
 
 
 def test_data_is_x_times_y_mod_p_split_in_half():
@@ -18,19 +33,93 @@ def test_data_is_x_times_y_mod_p_split_in_half():
     assert len({tuple(r) for r in x.tolist()}) == 121  # every pair once
 
 
+def test_the_demo_runs_the_recommended_settings():
+    assert set(RECOMMENDED) == set(OPTIMIZERS)
+    assert DemoConfig().optimizers == tuple(RECOMMENDED[o] for o in OPTIMIZERS)
+    for name, spec in RECOMMENDED.items():
+        assert parse_spec(spec)[0] == name
+
+
 def test_short_run_trains_every_optimizer():
-    cfg = DemoConfig(p=11, steps=30, eval_every=10, width=32, heads=2, progress=False,
-                     lr=3e-3, supergrok_warmup=5)
+    cfg = DemoConfig(p=11, steps=30, eval_every=10, width=32, heads=2, progress=False, lr=3e-3,
+                     optimizers=(*OPTIMIZERS, "supergrok+meta:meta_every=10,warmup_steps=5"))
     out = run(cfg, log=lambda s: None)
-    assert list(out) == ["adamw", "grokadamw", "supergrok"]
+    assert list(out) == ["adamw", "grokadamw", "supergrok", "supergrok+meta"]
     for name, r in out.items():
         assert r["steps_run"] == 30 or r["reached_step"] is not None, name
         assert r["final_train_loss"] < 2.4, (name, r)  # below log(11): it learned something
+        steps = [h["step"] for h in r["history"]]
+        assert steps == list(range(0, r["steps_run"] + 1, 10)), name
+        assert all(0 <= h["train_acc"] <= 1 for h in r["history"][1:]), name
+    # what the optimizers decided, recorded at each evaluation
+    assert "alpha" not in out["adamw"]["history"][1]
+    g = out["grokadamw"]["history"][1]
+    assert g["alpha"] == pytest.approx(0.98) and 0 < g["clip_coef"] <= 1   # no signal: alpha_init
+    assert 0 <= out["supergrok"]["history"][1]["gate"] <= 1
 
 
-def test_command_line_json():
-    cmd = [sys.executable, "-m", "shardgrok.demo", "--steps", "5", "--eval-every", "5",
-           "--optimizers", "grokadamw", "--json", "--no-progress"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
-    result = json.loads(out[out.index("{"):])
-    assert "grokadamw" in json.dumps(result)
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        DemoConfig(optimizers=("sgd",))
+    with pytest.raises(ValueError, match="at least one"):
+        DemoConfig(optimizers=())
+    r = subprocess.run([sys.executable, "-m", "shardgrok.demo", "--optimizers", "adam"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--optimizers takes names from" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "shardgrok.demo", "--nproc", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--nproc must be >= 1" in r.stderr
+
+
+def test_command_line_table_json_and_plot(tmp_path):
+    png, js = tmp_path / "curves.png", tmp_path / "out.json"
+    out = demo("--steps", "20", *TINY, "--opt", SPECS[1], "--no-progress", "--png", str(png),
+               "--json", str(js)).stdout
+    assert "steps to 95%" in out and "grokadamw" in out and f"JSON: {js}" in out
+    d = json.loads(js.read_text())
+    assert d["schema"] == "shardgrok.demo/1" and d["world_size"] == 1
+    r = d["results"]["grokadamw"]
+    assert r["spec"] == SPECS[1] and r["steps_run"] == 20
+    assert [h["step"] for h in r["history"]] == [0, 10, 20]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plot skipped" in out
+    else:
+        assert f"plot: {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_json_on_stdout():
+    out = demo("--steps", "10", *TINY, "--optimizers", "grokadamw", "--json").stdout
+    d = json.loads(out)
+    assert list(d["results"]) == ["grokadamw"] and d["results"]["grokadamw"]["steps_run"] == 10
+
+
+def test_two_ranks_train_what_one_process_trains(tmp_path):
+    """torchrun with 2 ranks: each takes half of every batch, DDP averages the gradients, the
+    optimizers shard their state. The curves agree with one process to float rounding (the
+    gradient is summed in a different order), the steps run are the same."""
+    runs = {}
+    for n in (1, 2):
+        js = tmp_path / f"n{n}.json"
+        demo("--steps", "30", *TINY, *sum((["--opt", s] for s in SPECS), []), "--nproc", str(n),
+             "--no-progress", "--no-png", "--json", str(js))
+        runs[n] = json.loads(js.read_text())
+    assert runs[2]["world_size"] == 2
+    for label, one in runs[1]["results"].items():
+        two = runs[2]["results"][label]
+        assert two["steps_run"] == one["steps_run"] == 30, label
+        for a, b in zip(one["history"], two["history"], strict=True):
+            assert a["step"] == b["step"]
+            assert abs(a["val_acc"] - b["val_acc"]) <= 1 / 60, (label, a, b)
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3), (label, a, b)
+            if a["train_loss"] is not None:
+                assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3), (label, a, b)
+
+
+@pytest.mark.skipif(os.environ.get("SHARDGROK_DEMO_FULL") != "1",
+                    reason="the full demo (minutes); SHARDGROK_DEMO_FULL=1 runs it")
+def test_full_demo_groks():
+    out = demo("--no-progress", "--no-png", "--json", timeout=1800).stdout
+    for label, r in json.loads(out)["results"].items():
+        assert r["reached_step"] is not None, label

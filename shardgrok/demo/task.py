@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-OPTIMIZERS = ("adamw", "grokadamw", "supergrok")
+OPTIMIZERS = ("adamw", "grokadamw", "supergrok")   # the demo's three, at RECOMMENDED settings
 
 
 @dataclass
@@ -23,21 +23,17 @@ class DemoConfig:
     p: int = 97                     # modulus: the task is op(x, y) mod p
     op: str = "x*y"                 # the operation, a formula in x and y (demo/ops.py)
     train_fraction: float = 0.5     # share of the p*p pairs used for training
-    steps: int = 4500               # step budget per optimizer
+    steps: int = 3000               # step budget per optimizer
+    # optimizer specs (demo/recipes.py); a bare name in OPTIMIZERS means its RECOMMENDED spec
     optimizers: tuple[str, ...] = OPTIMIZERS
     seed: int = 0                   # data split, initial weights, batch order
     lr: float = 1e-3
-    weight_decay: float = 0.3
+    weight_decay: float = 0.005     # for specs that do not set their own (Grokfast's value)
     betas: tuple[float, float] = (0.9, 0.98)
     lr_warmup: int = 10             # linear learning-rate warmup (steps)
-    batch_size: int = 512           # 0 = full batch
+    batch_size: int = 512           # 0 = full batch; the global batch when data-parallel
     eval_every: int = 20            # validation every K steps
     target: float = 0.95            # validation accuracy that counts as "grokked"
-    alpha: float = 0.98             # Grokfast EMA momentum (GrokAdamW alpha_init, SuperGrok alpha_init)
-    lamb: float = 2.0               # Grokfast amplification
-    grok_signal: bool = False       # give GrokAdamW the (val - train) / train grokking signal
-    supergrok_warmup: int = 100     # SuperGrok warmup_steps (no amplification before)
-    layer_groups: bool = True       # one param group per transformer layer (layer_index), see below
     width: int = 128
     depth: int = 2
     heads: int = 4
@@ -46,14 +42,15 @@ class DemoConfig:
     progress: bool = True           # tqdm bar (or plain prints without tqdm)
 
     def __post_init__(self):
+        from .recipes import RECOMMENDED, parse_spec
         if isinstance(self.optimizers, str):
             self.optimizers = tuple(o.strip() for o in self.optimizers.split(",") if o.strip())
-        else:
-            self.optimizers = tuple(self.optimizers)
-        bad = [o for o in self.optimizers if o not in OPTIMIZERS]
-        if bad or not self.optimizers:
-            raise ValueError(f"optimizers must be a non-empty subset of {', '.join(OPTIMIZERS)}; "
-                             f"got {', '.join(self.optimizers) or 'none'}")
+        self.optimizers = tuple(RECOMMENDED.get(o, o) for o in self.optimizers)
+        if not self.optimizers:
+            raise ValueError("optimizers must name at least one optimizer spec (demo/recipes.py), "
+                             f"e.g. {', '.join(OPTIMIZERS)}")
+        for spec in self.optimizers:
+            parse_spec(spec)  # an unknown name or a malformed override fails here, naming it
         self.betas = tuple(float(b) for b in self.betas)
         if self.p < 2:
             raise ValueError(f"p must be >= 2, got {self.p}")
@@ -166,30 +163,29 @@ def layer_param_groups(model: Transformer) -> list[dict[str, Any]]:
     return groups
 
 
-def make_optimizer(name: str, model: nn.Module, cfg: DemoConfig, signal: Callable[[], Any]):
-    common = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), **common)
-    import shardgrok
-    params = layer_param_groups(model) if cfg.layer_groups else model.parameters()
-    if name == "grokadamw":
-        return shardgrok.GrokAdamW(params, alpha_init=cfg.alpha, lamb=cfg.lamb,
-                                   grokking_signal_fn=signal if cfg.grok_signal else None,
-                                   **common)
-    if name == "supergrok":
-        return shardgrok.SuperGrok(params, alpha_init=cfg.alpha, lamb=cfg.lamb,
-                                   warmup_steps=cfg.supergrok_warmup, **common)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-
-
 # ---------------------------------------------------------------------------------------- training
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(loss, accuracy) on the whole set, without autograd."""
+def _sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(summed loss, number correct) over a set, without autograd."""
     model.eval()
     logits = model(x)
     model.train()
-    return F.cross_entropy(logits, y).item(), (logits.argmax(-1) == y).float().mean().item()
+    return (F.cross_entropy(logits, y, reduction="sum").item(),
+            (logits.argmax(-1) == y).sum().item())
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(mean loss, accuracy) on the whole set, without autograd."""
+    loss, correct = _sums(model, x, y)
+    return loss / len(y), correct / len(y)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -204,31 +200,62 @@ def _progress(total: int, desc: str, enabled: bool):
 
 @dataclass
 class Recipe:
-    """How a run builds its optimizer and what it adds to the plain loop (the grokking harness,
-    benchmarks/grokking.py, describes its optimizers this way; the demo uses the defaults).
+    """How a run builds its optimizer and what it adds to the plain loop
+    (:func:`shardgrok.demo.recipes.recipe_for` makes one from a spec).
 
     ``make_opt(model, signal)`` returns the optimizer (``signal()`` is the latest
-    ``(val - train) / train``, or None); None: :func:`make_optimizer` by name.
+    ``(val - train) / train``, or None).
     ``after_backward(model)`` runs between backward and the step (a gradient filter).
     ``meta_every``: a SuperGrok ``meta_step`` on a validation batch every N steps (0: never).
     """
 
-    make_opt: Callable[[nn.Module, Callable[[], Any]], Any] | None = None
+    make_opt: Callable[[nn.Module, Callable[[], Any]], Any]
     after_backward: Callable[[nn.Module], None] | None = None
     meta_every: int = 0
 
 
-def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tensor],
-              log: Callable[[str], None] = print, recipe: Recipe | None = None,
+def _num(x: float) -> float | None:
+    return None if x != x else x
+
+
+def _diagnostics(opt) -> dict[str, float]:
+    """What the last step of GrokAdamW / SuperGrok decided: the EMA's alpha, the clipping
+    coefficient (1: no clipping), SuperGrok's share of tensors whose cosine gate let the slow
+    gradient in. Empty for torch's optimizers."""
+    if not hasattr(opt, "get_state_summary"):
+        return {}
+    s = opt.get_state_summary()
+    out = {"alpha": s.get("alpha", s.get("cached_alpha")), "clip_coef": s.get("last_clip_coef")}
+    if "gate_engaged_fraction" in s:
+        out["gate"] = s["gate_engaged_fraction"]
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def train_one(spec: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tensor],
+              log: Callable[[str], None] = print,
               targets: tuple[float, ...] | None = None) -> dict[str, Any]:
-    """Train one optimizer from ``init_state`` until validation accuracy reaches every one of
-    ``targets`` (default: ``cfg.target``) or the step budget runs out."""
-    recipe = recipe or Recipe()
+    """Train one optimizer spec (demo/recipes.py) from ``init_state`` until validation accuracy
+    reaches every one of ``targets`` (default: ``cfg.target``) or the step budget runs out.
+
+    In a process group of several ranks (torchrun) the run is data-parallel: the model is
+    wrapped in DistributedDataParallel, each rank takes its share of every global batch (the
+    same batches as one process), the optimizer shards its state, and each rank evaluates its
+    share of the validation set; the counts are summed, so every rank sees the same accuracy and
+    stops at the same step."""
+    from .recipes import parse_spec, recipe_for
+
+    name = parse_spec(spec)[0]
+    recipe = recipe_for(spec, cfg)
     targets = tuple(sorted(targets)) if targets else (cfg.target,)
+    rank, world = _world()
     device = torch.device(cfg.device)
     x_tr, y_tr, x_va, y_va = (t.to(device) for t in data)
     model = make_model(cfg).to(device)
     model.load_state_dict(init_state)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     latest = {"train": None, "val": None}
 
     def grokking_signal():
@@ -236,10 +263,7 @@ def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
             return None
         return (latest["val"] - latest["train"]) / latest["train"]
 
-    if recipe.make_opt is not None:
-        opt = recipe.make_opt(model, grokking_signal)
-    else:
-        opt = make_optimizer(name, model, cfg, grokking_signal)
+    opt = recipe.make_opt(model, grokking_signal)
     from ..optim.supergrok import SuperGrok
     takes_losses = isinstance(opt, SuperGrok)
     warmup = max(cfg.lr_warmup, 0)
@@ -248,29 +272,45 @@ def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
 
     n_train = x_tr.shape[0]
     bs = n_train if cfg.batch_size == 0 else min(cfg.batch_size, n_train)
+    if bs < world:
+        raise ValueError(f"batch_size ({bs}) must be at least the number of ranks ({world})")
     gen = torch.Generator().manual_seed(cfg.seed + 1)   # same batch order for every optimizer
     order, pos = torch.randperm(n_train, generator=gen), 0
+    x_va_mine, y_va_mine = x_va[rank::world], y_va[rank::world]
 
-    bar = _progress(cfg.steps, f"{name:>9}", cfg.progress)
-    plain = cfg.progress and bar is None
-    val_loss, val_acc, train_loss = float("nan"), 0.0, float("nan")
+    bar = _progress(cfg.steps, f"{name:>9}", cfg.progress and rank == 0)
+    plain = cfg.progress and rank == 0 and bar is None
+    val_loss, val_acc, train_loss, train_acc = float("nan"), 0.0, float("nan"), float("nan")
+    since = [0.0, 0.0, 0.0]      # training loss sum, correct, examples since the last evaluation
     reached: dict[float, tuple[int, float]] = {}   # target -> (step, seconds) it was first met
     meta_batch = (x_va[:bs], y_va[:bs])
     t0 = time.perf_counter()
     step = 0                     # optimizer updates taken so far
-    history = []                 # (step, val acc, val loss, last train loss) per evaluation
+    history = []                 # one dict per evaluation
     while True:
         evaluated = step % cfg.eval_every == 0 or step == cfg.steps
         if evaluated:
-            # Validation at the current weights, i.e. after `step` updates.
-            val_loss, val_acc = evaluate(model, x_va, y_va)
-            history.append((step, val_acc, val_loss, train_loss))
+            # Validation at the current weights, i.e. after `step` updates; training loss and
+            # accuracy are the means over the batches since the previous evaluation.
+            counts = torch.tensor([*_sums(model, x_va_mine, y_va_mine), len(y_va_mine), *since],
+                                  dtype=torch.float64)
+            if world > 1:
+                torch.distributed.all_reduce(counts)
+            vl, vc, vn, tl, tc, tn = counts.tolist()
+            val_loss, val_acc = vl / vn, vc / vn
+            if tn:
+                train_loss, train_acc = tl / tn, tc / tn
+            since = [0.0, 0.0, 0.0]
+            history.append({"step": step, "val_acc": val_acc, "val_loss": val_loss,
+                            "train_loss": _num(train_loss), "train_acc": _num(train_acc),
+                            **(_diagnostics(opt) if step else {})})
             if bar is not None:
-                bar.set_postfix_str(f"train loss {train_loss:.3g}  val loss {val_loss:.3g}  "
-                                    f"val acc {100 * val_acc:5.1f}%", refresh=False)
+                bar.set_postfix_str(f"train acc {100 * train_acc:5.1f}%  val acc "
+                                    f"{100 * val_acc:5.1f}%  val loss {val_loss:.3g}",
+                                    refresh=False)
             elif plain and step % (cfg.eval_every * 25) == 0:
-                log(f"  {name:>9} step {step:>6}: train loss {train_loss:.3g}  val loss "
-                    f"{val_loss:.3g}  val acc {100 * val_acc:5.1f}%  "
+                log(f"  {name:>9} step {step:>6}: train acc {100 * train_acc:5.1f}%  val acc "
+                    f"{100 * val_acc:5.1f}%  val loss {val_loss:.3g}  "
                     f"({time.perf_counter() - t0:.0f} s)")
             for tgt in targets:
                 if val_acc >= tgt and tgt not in reached:
@@ -280,27 +320,32 @@ def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
         if step == cfg.steps:
             break
         if bs == n_train:
-            xb, yb = x_tr, y_tr
+            idx = torch.arange(n_train)
         else:
             if pos + bs > n_train:
                 order, pos = torch.randperm(n_train, generator=gen), 0
-            idx = order[pos:pos + bs].to(device)
+            idx = order[pos:pos + bs]
             pos += bs
-            xb, yb = x_tr[idx], y_tr[idx]
+        idx = idx[rank::world].to(device)   # this rank's share of the global batch
+        xb, yb = x_tr[idx], y_tr[idx]
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xb), yb)
+        logits = net(xb)
+        loss = F.cross_entropy(logits, yb)
         loss.backward()
-        train_loss = loss.item()
+        batch_loss = loss.item()
+        since[0] += batch_loss * len(yb)
+        since[1] += (logits.detach().argmax(-1) == yb).sum().item()
+        since[2] += len(yb)
         if evaluated:
             # Both losses at the same weights: the grokking signal (val - train) / train.
-            latest["train"], latest["val"] = train_loss, val_loss
+            latest["train"], latest["val"] = batch_loss, val_loss
         if recipe.after_backward is not None:
             recipe.after_backward(model)
         if recipe.meta_every and takes_losses and step % recipe.meta_every == 0:
-            xm, ym = meta_batch
+            xm, ym = meta_batch   # the unwrapped module: no DDP hooks in the look-ahead
             opt.meta_step(lambda: F.cross_entropy(model(xm), ym))
         if takes_losses:
-            opt.step(train_loss=train_loss, val_loss=val_loss if evaluated else None)
+            opt.step(train_loss=batch_loss, val_loss=val_loss if evaluated else None)
         else:
             opt.step()
         sched.step()
@@ -311,12 +356,19 @@ def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
     if bar is not None:
         bar.close()
     first = reached.get(targets[0])
-    return {"optimizer": name, "reached_step": first[0] if first else None,
+    return {"optimizer": name, "spec": spec, "reached_step": first[0] if first else None,
             "reached": {t: reached.get(t, (None, None))[0] for t in targets},
             "seconds_to": {t: reached.get(t, (None, None))[1] for t in targets},
-            "steps_run": step,
+            "steps_run": step, "world_size": world,
             "final_val_acc": val_acc, "final_val_loss": val_loss, "final_train_loss": train_loss,
-            "wall_time_s": wall, "history": history}
+            "final_train_acc": train_acc, "wall_time_s": wall, "history": history}
+
+
+def labels(specs: tuple[str, ...]) -> list[str]:
+    """A short name per spec: the optimizer's name where it is unique, else the whole spec."""
+    from .recipes import parse_spec
+    names = [parse_spec(s)[0] for s in specs]
+    return [n if names.count(n) == 1 else s for n, s in zip(names, specs)]
 
 
 def run(config: DemoConfig | dict | None = None, log: Callable[[str], None] = print
@@ -324,10 +376,10 @@ def run(config: DemoConfig | dict | None = None, log: Callable[[str], None] = pr
     """Train every optimizer of ``config`` from the same initial weights, one after another.
 
     ``config`` is a :class:`DemoConfig`, a dict of its fields, or None (the defaults). Returns
-    ``{optimizer: {"reached_step": int | None, "final_val_acc": float, "wall_time_s": float,
-    "steps_run": int, ...}}`` in the order trained; ``reached_step`` is the number of updates
-    after which validation accuracy first reached ``config.target`` (None: not within
-    ``config.steps``).
+    ``{label: {"reached_step": int | None, "final_val_acc": float, "wall_time_s": float,
+    "steps_run": int, "history": [...], ...}}`` in the order trained (label: see
+    :func:`labels`); ``reached_step`` is the number of updates after which validation accuracy
+    first reached ``config.target`` (None: not within ``config.steps``).
     """
     if config is None:
         cfg = DemoConfig()
@@ -340,10 +392,11 @@ def run(config: DemoConfig | dict | None = None, log: Callable[[str], None] = pr
     data = make_data(cfg.p, cfg.train_fraction, cfg.seed, cfg.op)
     init_state = {k: v.clone() for k, v in make_model(cfg).state_dict().items()}
     results = {}
-    for name in cfg.optimizers:
-        res = train_one(name, cfg, data, init_state, log=log)
-        results[name] = res
-        if cfg.progress:
+    for label, spec in zip(labels(cfg.optimizers), cfg.optimizers):
+        res = train_one(spec, cfg, data, init_state, log=log)
+        res["label"] = label
+        results[label] = res
+        if cfg.progress and _world()[0] == 0:
             log(describe(res, cfg))
     return results
 
@@ -351,8 +404,9 @@ def run(config: DemoConfig | dict | None = None, log: Callable[[str], None] = pr
 def describe(res: dict[str, Any], cfg: DemoConfig) -> str:
     """One line: when the optimizer reached the target, or that it did not."""
     pct = f"{100 * cfg.target:g}%"
+    who = res.get("label", res["optimizer"])
     if res["reached_step"] is not None:
-        return (f"{res['optimizer']}: reached {pct} validation accuracy at step "
-                f"{res['reached_step']} ({res['wall_time_s']:.1f} s)")
-    return (f"{res['optimizer']}: did not reach {pct} within {cfg.steps} steps (final validation "
+        return (f"{who}: reached {pct} validation accuracy at step {res['reached_step']} "
+                f"({res['seconds_to'][cfg.target]:.1f} s)")
+    return (f"{who}: did not reach {pct} within {cfg.steps} steps (final validation "
             f"accuracy {100 * res['final_val_acc']:.1f}%, {res['wall_time_s']:.1f} s)")

@@ -1,0 +1,113 @@
+"""Optimizers by name with keyword overrides, shared by the demo and benchmarks/grokking.py.
+
+A spec is ``"name"`` or ``"name:key=value,key=value"`` (Python literals), for example
+``"grokadamw:gamma=0,gradient_clipping=0,weight_decay=1.0"``. Every name takes ``lr``, ``betas``
+and ``weight_decay`` (defaults from the run's :class:`~shardgrok.demo.task.DemoConfig`); the
+other keywords go to the optimizer, except those the loop reads itself (:data:`LOOP_KEYS`):
+
+    adamw            torch.optim.AdamW (decoupled weight decay)
+    adam             torch.optim.Adam (weight decay coupled into the gradient, as in Grokfast)
+    adam+ema         adam with shardgrok.gradfilter_ema (alpha=0.98, lamb=2.0 unless given)
+    grokadamw        shardgrok.GrokAdamW at its own defaults; layer_groups=True gives one param
+                     group per transformer layer (layer_index) instead of one per tensor;
+                     signal=True passes (val - train) / train as the grokking signal
+    supergrok        shardgrok.SuperGrok at its own defaults (the loop passes both losses at
+                     each evaluation, the training loss every step); layer_groups as above
+    supergrok+meta   supergrok with meta_step on a validation batch every meta_every steps
+                     (default 100)
+
+A bare name is the optimizer at its own defaults (the seeds'), not the recommended settings:
+those are :data:`RECOMMENDED`, measured in docs/grokking.md.
+"""
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import torch
+
+NAMES = ("adamw", "adam", "adam+ema", "grokadamw", "supergrok", "supergrok+meta")
+# keywords the loop reads itself; the rest go to the optimizer
+LOOP_KEYS = {"adam+ema": ("alpha", "lamb"), "grokadamw": ("layer_groups", "signal"),
+             "supergrok": ("layer_groups",), "supergrok+meta": ("layer_groups", "meta_every")}
+
+# The demo's settings, from the study in docs/grokking.md (section "Recommended settings"): the
+# best median steps to 95% over the sweep on x*y mod 97, checked on x+y and x-y, 3 seeds each.
+RECOMMENDED = {
+    "adamw": "adamw:weight_decay=2.0",
+    "grokadamw": "grokadamw:gamma=0,gradient_clipping=0,weight_decay=2.0",
+    "supergrok": "supergrok:kappa=0,gamma=0,gradient_clipping=0,weight_decay=2.0",
+}
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``"name:key=value,key=value"`` -> (name, overrides). Raises ValueError
+    naming what is wrong."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if name not in NAMES:
+        raise ValueError(f"optimizer spec {spec!r}: unknown optimizer {name!r}; choose from "
+                         f"{', '.join(NAMES)}")
+    if not rest.strip():
+        return name, {}
+    try:
+        call = ast.parse(f"f({rest})", mode="eval").body
+    except SyntaxError:
+        raise ValueError(f"optimizer spec {spec!r}: the overrides must read key=value,key=value "
+                         "with Python literal values") from None
+    if call.args or any(k.arg is None for k in call.keywords):
+        raise ValueError(f"optimizer spec {spec!r}: every override must be key=value")
+    out = {}
+    for k in call.keywords:
+        try:
+            out[k.arg] = ast.literal_eval(k.value)
+        except ValueError:
+            raise ValueError(f"optimizer spec {spec!r}: the value of {k.arg} is not a Python "
+                             f"literal ({ast.unparse(k.value)})") from None
+    return name, out
+
+
+def recipe_for(spec: str, cfg):
+    """The training loop's :class:`~shardgrok.demo.task.Recipe` for one spec.
+
+    In a job with more than one rank AdamW is torch's ZeroRedundancyOptimizer over AdamW, so its
+    state is sharded like GrokAdamW's and SuperGrok's (which shard by themselves)."""
+    import shardgrok
+    from .task import Recipe, layer_param_groups
+
+    name, overrides = parse_spec(spec)
+    kw = dict(overrides)
+    own = {k: kw.pop(k) for k in LOOP_KEYS.get(name, ()) if k in kw}
+    common = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    common.update({k: kw.pop(k) for k in ("lr", "betas", "weight_decay") if k in kw})
+
+    def params(model):
+        return layer_param_groups(model) if own.get("layer_groups") else model.parameters()
+
+    def torch_opt(cls, model):
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+            return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **common, **kw)
+        return cls(model.parameters(), **common, **kw)
+
+    if name == "adamw":
+        return Recipe(make_opt=lambda m, s: torch_opt(torch.optim.AdamW, m))
+    if name in ("adam", "adam+ema"):
+        make = lambda m, s: torch_opt(torch.optim.Adam, m)  # noqa: E731
+        if name == "adam":
+            return Recipe(make_opt=make)
+        state: dict = {}
+        alpha, lamb = own.get("alpha", 0.98), own.get("lamb", 2.0)
+
+        def ema(model):
+            shardgrok.gradfilter_ema(model, state, alpha=alpha, lamb=lamb)
+        return Recipe(make_opt=make, after_backward=ema)
+    if name == "grokadamw":
+        def make(m, s):
+            return shardgrok.GrokAdamW(params(m), grokking_signal_fn=s if own.get("signal") else None,
+                                       **common, **kw)
+        return Recipe(make_opt=make)
+    meta_every = int(own.get("meta_every", 100)) if name == "supergrok+meta" else 0
+    return Recipe(make_opt=lambda m, s: shardgrok.SuperGrok(params(m), **common, **kw),
+                  meta_every=meta_every)
