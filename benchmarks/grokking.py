@@ -122,6 +122,59 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = None) -> str:
+    """The tables of docs/grokking.md from result files' runs: per operation and spec the
+    medians over seeds of steps and seconds to each target, how many seeds reached it, and the
+    median final validation accuracy; with ``versus``, the ratio of each spec's median steps and
+    seconds to the first target over those of each listed spec (>1: the listed spec is slower)."""
+    rows = summarise(runs, targets)
+    def fmt(x, d=0):
+        return "-" if x is None else f"{x:,.{d}f}"
+    head = ["operation", "optimizer", "seeds"]
+    for t in targets:
+        head += [f"steps to {t:.0%}", f"s to {t:.0%}", f"reached {t:.0%}"]
+    head.append("final val acc")
+    t0 = targets[0]
+    for v in versus or []:
+        head.append(f"{v}: steps / s ratio")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by = {(r["op"], r["spec"]): r for r in rows}
+    for r in rows:
+        mine = [x for x in runs if x["op"] == r["op"] and x["spec"] == r["spec"]]
+        acc = statistics.median(x["final_val_acc"] or 0.0 for x in mine)
+        cells = [r["op"], f"`{r['spec']}`", str(r["seeds"])]
+        for t in targets:
+            cells += [fmt(r[f"median_steps_to_{t}"]), fmt(r[f"median_seconds_to_{t}"]),
+                      f"{r[f'reached_{t}']}/{r['seeds']}"]
+        errors = [x["error"] for x in mine if x["error"]]
+        cells.append(f"error ({errors[0]})" if len(errors) == len(mine) else f"{100 * acc:.1f}%")
+        for v in versus or []:
+            o = by.get((r["op"], v))
+            a, b = r[f"median_steps_to_{t0}"], o and o[f"median_steps_to_{t0}"]
+            sa, sb = r[f"median_seconds_to_{t0}"], o and o[f"median_seconds_to_{t0}"]
+            cells.append(f"{b / a:.2f}x / {sb / sa:.2f}x" if a and b and sa and sb else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(paths: list[str], versus: list[str] | None, png: str | None) -> int:
+    """``--report``: the markdown tables (and plot) of result files, without training."""
+    runs, targets, config = [], None, None
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        if d.get("schema") != SCHEMA:
+            raise SystemExit(f"--report {path}: not a {SCHEMA} file (schema {d.get('schema')!r})")
+        runs += d["runs"]
+        targets = targets or d["config"]["targets"]
+        config = config or d["config"]
+    print(markdown(runs, targets, versus))
+    if png:
+        plot({"runs": runs, "config": config}, png)
+        print(f"plot: {png}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     from shardgrok.demo.task import DemoConfig
@@ -152,12 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", metavar="PATH", help="write the results here")
     ap.add_argument("--png", metavar="PATH", help="plot validation accuracy against step here")
     ap.add_argument("--quiet", action="store_true", help="no per-run lines")
+    ap.add_argument("--report", nargs="+", metavar="JSON",
+                    help="no training: print the markdown tables of these result files (their "
+                         "runs pooled; with --png, their plot)")
+    ap.add_argument("--versus", action="append", metavar="SPEC",
+                    help="with --report: a column of the ratio of this spec's median steps and "
+                         "seconds to the first target over each row's (repeatable)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.report:
+        return report(args.report, args.versus, args.png)
     from shardgrok.demo.ops import parse_op
     ops = args.op or ["x*y"]
     specs = args.opt or list(NAMES)

@@ -116,3 +116,38 @@ def test_short_run_json(tmp_path):
     assert {(row["op"], row["spec"]) for row in d["summary"]} == {(r["op"], r["spec"]) for r in d["runs"]}
     for row in d["summary"]:
         assert row["seeds"] == 2 and row["errors"] == 0
+
+
+def test_medians_count_unreached_runs_as_slowest():
+    runs = [{"op": "x*y", "spec": "adamw", "seed": s, "error": None, "final_val_acc": 1.0,
+             "steps_to": {"0.95": st}, "seconds_to": {"0.95": sec}}
+            for s, (st, sec) in enumerate([(100, 10.0), (300, 20.0), (None, None)])]
+    row, = grokking.summarise(runs, [0.95])
+    assert row["median_steps_to_0.95"] == 300 and row["median_seconds_to_0.95"] == 20.0
+    assert row["reached_0.95"] == 2
+    runs[1]["steps_to"]["0.95"] = runs[1]["seconds_to"]["0.95"] = None   # most did not reach it
+    row, = grokking.summarise(runs, [0.95])
+    assert row["median_steps_to_0.95"] is None and row["reached_0.95"] == 1
+
+
+def test_report_tables_from_json(tmp_path):
+    """--report: the docs' tables from result files, with the ratio to a baseline spec."""
+    def run(spec, seed, steps, secs):
+        return {"op": "x+y", "spec": spec, "seed": seed, "error": None, "final_val_acc": 0.99,
+                "steps_to": {"0.95": steps}, "seconds_to": {"0.95": secs}, "curve": []}
+    d = {"schema": grokking.SCHEMA, "config": {"targets": [0.95], "p": 11},
+         "runs": [run("adamw", 0, 400, 40.0), run("adamw", 1, 600, 50.0),
+                  run("grokadamw", 0, 200, 30.0), run("grokadamw", 1, 300, 20.0)]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(d))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
+                          str(path), "--versus", "adamw"], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines()[2:]}
+    assert "| 500 | 45 | 2/2 |" in rows["`adamw`"] and "1.00x / 1.00x" in rows["`adamw`"]
+    assert "| 250 | 25 | 2/2 |" in rows["`grokadamw`"] and "2.00x / 1.80x" in rows["`grokadamw`"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "other"}))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
+                        str(bad)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "not a shardgrok.grokking/1 file" in r.stderr
