@@ -102,7 +102,8 @@ def plot(result: dict, path: str) -> None:
 
     ops = list(dict.fromkeys(r["op"] for r in result["runs"]))
     specs = list(dict.fromkeys(r["spec"] for r in result["runs"]))
-    fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
+    rows = -(-len(specs) // 2)
+    fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4 + 0.18 * rows), squeeze=False)
     colors = {s: f"C{i % 10}" for i, s in enumerate(specs)}
     for ax, op in zip(axes[0], ops):
         for r in result["runs"]:
@@ -117,17 +118,23 @@ def plot(result: dict, path: str) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("validation accuracy")
         ax.set_ylim(0, 1.02)
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()
+    rows = -(-len(names) // 2)   # the legend below the panels, two columns
+    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.035 * rows + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
 
 
-def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = None) -> str:
+def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = None,
+             only: list[str] | None = None) -> str:
     """The tables of docs/grokking.md from result files' runs: per operation and spec the
     medians over seeds of steps and seconds to each target, how many seeds reached it, and the
     median final validation accuracy; with ``versus``, the ratio of each spec's median steps and
-    seconds to the first target over those of each listed spec (>1: the listed spec is slower)."""
-    rows = summarise(runs, targets)
+    seconds to the first target over those of each listed spec (>1: the listed spec is slower);
+    with ``only``, just those specs' rows."""
+    every = summarise(runs, targets)
+    by = {(r["op"], r["spec"]): r for r in every}
+    rows = [r for r in every if not only or r["spec"] in only]
     def fmt(x, d=0):
         return "-" if x is None else f"{x:,.{d}f}"
     head = ["operation", "optimizer", "seeds"]
@@ -138,7 +145,6 @@ def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = 
     for v in versus or []:
         head.append(f"{v}: steps / s ratio")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    by = {(r["op"], r["spec"]): r for r in rows}
     for r in rows:
         mine = [x for x in runs if x["op"] == r["op"] and x["spec"] == r["spec"]]
         acc = statistics.median(x["final_val_acc"] or 0.0 for x in mine)
@@ -152,12 +158,16 @@ def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = 
             o = by.get((r["op"], v))
             a, b = r[f"median_steps_to_{t0}"], o and o[f"median_steps_to_{t0}"]
             sa, sb = r[f"median_seconds_to_{t0}"], o and o[f"median_seconds_to_{t0}"]
-            cells.append(f"{b / a:.2f}x / {sb / sa:.2f}x" if a and b and sa and sb else "-")
+            if a and b and sa and sb:
+                cells.append(f"{b / a:.2f}x / {sb / sa:.2f}x")
+            else:
+                cells.append("-" if not a else f"{v}: median not reached")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def report(paths: list[str], versus: list[str] | None, png: str | None) -> int:
+def report(paths: list[str], versus: list[str] | None, only: list[str] | None,
+           png: str | None) -> int:
     """``--report``: the markdown tables (and plot) of result files, without training."""
     runs, targets, config = [], None, None
     for path in paths:
@@ -168,7 +178,11 @@ def report(paths: list[str], versus: list[str] | None, png: str | None) -> int:
         runs += d["runs"]
         targets = targets or d["config"]["targets"]
         config = config or d["config"]
-    print(markdown(runs, targets, versus))
+    known = {r["spec"] for r in runs}
+    for spec in (versus or []) + (only or []):
+        if spec not in known:
+            raise SystemExit(f"--report: no run of {spec!r} in {', '.join(paths)}")
+    print(markdown(runs, targets, versus, only))
     if png:
         plot({"runs": runs, "config": config}, png)
         print(f"plot: {png}")
@@ -211,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--versus", action="append", metavar="SPEC",
                     help="with --report: a column of the ratio of this spec's median steps and "
                          "seconds to the first target over each row's (repeatable)")
+    ap.add_argument("--only", action="append", metavar="SPEC",
+                    help="with --report: only this spec's rows (repeatable)")
     return ap
 
 
@@ -218,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.report:
-        return report(args.report, args.versus, args.png)
+        return report(args.report, args.versus, args.only, args.png)
     from shardgrok.demo.ops import parse_op
     ops = args.op or ["x*y"]
     specs = args.opt or list(NAMES)

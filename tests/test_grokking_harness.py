@@ -146,6 +146,10 @@ def test_report_tables_from_json(tmp_path):
     rows = {line.split("|")[2].strip(): line for line in out.splitlines()[2:]}
     assert "| 500 | 45 | 2/2 |" in rows["`adamw`"] and "1.00x / 1.00x" in rows["`adamw`"]
     assert "| 250 | 25 | 2/2 |" in rows["`grokadamw`"] and "2.00x / 1.80x" in rows["`grokadamw`"]
+    only = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
+                           str(path), "--only", "grokadamw", "--versus", "adamw"],
+                          capture_output=True, text=True, check=True, timeout=120).stdout
+    assert len(only.splitlines()) == 3 and "2.00x / 1.80x" in only   # the ratio still to adamw
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"schema": "other"}))
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
