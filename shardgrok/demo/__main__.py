@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+from .recipes import RECOMMENDED
 from .task import OPTIMIZERS, DemoConfig, run
 
 SCHEMA = "shardgrok.demo/1"
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "accuracy.")
     ap.add_argument("--steps", type=int, default=d.steps, help="step budget per optimizer (%(default)s)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                    help="comma-separated subset of " + ",".join(OPTIMIZERS) + ", each at its "
+                    help="comma-separated names from " + ",".join(RECOMMENDED) + ", each at its "
                          "recommended settings (%(default)s)")
     ap.add_argument("--opt", action="append", metavar="SPEC",
                     help='an optimizer spec instead of --optimizers, repeatable, e.g. '
@@ -95,10 +96,11 @@ def parse_args(argv=None) -> tuple[DemoConfig, argparse.Namespace]:
         specs = tuple(a.opt)
     else:
         specs = tuple(o.strip() for o in a.optimizers.split(",") if o.strip())
-        bad = [o for o in specs if o not in OPTIMIZERS]
+        bad = [o for o in specs if o not in RECOMMENDED]
         if bad:
-            ap.error(f"--optimizers takes names from {', '.join(OPTIMIZERS)} (got "
+            ap.error(f"--optimizers takes names from {', '.join(RECOMMENDED)} (got "
                      f"{', '.join(bad)}); give other settings with --opt SPEC")
+        specs = tuple(RECOMMENDED[o] for o in specs)
     try:
         cfg = DemoConfig(steps=a.steps, optimizers=specs, op=a.op, p=a.p, seed=a.seed, lr=a.lr,
                          weight_decay=a.weight_decay, betas=tuple(a.betas),

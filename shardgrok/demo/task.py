@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .recipes import RECOMMENDED, parse_spec
+
 OPTIMIZERS = ("adamw", "grokadamw", "supergrok")   # the demo's three, at RECOMMENDED settings
 
 
@@ -24,8 +26,8 @@ class DemoConfig:
     op: str = "x*y"                 # the operation, a formula in x and y (demo/ops.py)
     train_fraction: float = 0.5     # share of the p*p pairs used for training
     steps: int = 3000               # step budget per optimizer
-    # optimizer specs (demo/recipes.py); a bare name in OPTIMIZERS means its RECOMMENDED spec
-    optimizers: tuple[str, ...] = OPTIMIZERS
+    # optimizer specs (demo/recipes.py; a bare name is the optimizer at the seeds' defaults)
+    optimizers: tuple[str, ...] = tuple(RECOMMENDED[o] for o in OPTIMIZERS)
     seed: int = 0                   # data split, initial weights, batch order
     lr: float = 1e-3
     weight_decay: float = 0.005     # for specs that do not set their own (Grokfast's value)
@@ -42,10 +44,9 @@ class DemoConfig:
     progress: bool = True           # tqdm bar (or plain prints without tqdm)
 
     def __post_init__(self):
-        from .recipes import RECOMMENDED, parse_spec
         if isinstance(self.optimizers, str):
-            self.optimizers = tuple(o.strip() for o in self.optimizers.split(",") if o.strip())
-        self.optimizers = tuple(RECOMMENDED.get(o, o) for o in self.optimizers)
+            raise TypeError("optimizers must be a tuple of optimizer specs, not a string")
+        self.optimizers = tuple(self.optimizers)
         if not self.optimizers:
             raise ValueError("optimizers must name at least one optimizer spec (demo/recipes.py), "
                              f"e.g. {', '.join(OPTIMIZERS)}")
@@ -242,7 +243,7 @@ def train_one(spec: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
     same batches as one process), the optimizer shards its state, and each rank evaluates its
     share of the validation set; the counts are summed, so every rank sees the same accuracy and
     stops at the same step."""
-    from .recipes import parse_spec, recipe_for
+    from .recipes import recipe_for
 
     name = parse_spec(spec)[0]
     recipe = recipe_for(spec, cfg)
@@ -366,7 +367,6 @@ def train_one(spec: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
 
 def labels(specs: tuple[str, ...]) -> list[str]:
     """A short name per spec: the optimizer's name where it is unique, else the whole spec."""
-    from .recipes import parse_spec
     names = [parse_spec(s)[0] for s in specs]
     return [n if names.count(n) == 1 else s for n, s in zip(names, specs)]
 
