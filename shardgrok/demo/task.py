@@ -34,12 +34,15 @@ class DemoConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     lr_warmup: int = 10             # linear learning-rate warmup (steps)
     batch_size: int = 512           # 0 = full batch; the global batch when data-parallel
+    # the global batch as this many equal micro-batches, each one rank's share when
+    # data-parallel: one process and `micro_batches` ranks then take the same steps bit for bit
+    micro_batches: int = 1
     eval_every: int = 20            # validation every K steps
     target: float = 0.95            # validation accuracy that counts as "grokked"
     width: int = 128
     depth: int = 2
     heads: int = 4
-    threads: int | None = 2         # torch.set_num_threads; None leaves torch's choice
+    threads: int | None = 1         # torch.set_num_threads per process; None: torch's choice
     device: str = "cpu"
     progress: bool = True           # tqdm bar (or plain prints without tqdm)
 
@@ -59,7 +62,7 @@ class DemoConfig:
         parse_op(self.op, self.p)  # a bad formula fails here, naming what is wrong
         if not 0.0 < self.train_fraction < 1.0:
             raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
-        for name in ("steps", "eval_every", "width", "depth", "heads"):
+        for name in ("steps", "eval_every", "width", "depth", "heads", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 0:
@@ -273,16 +276,24 @@ def train_one(spec: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
 
     n_train = x_tr.shape[0]
     bs = n_train if cfg.batch_size == 0 else min(cfg.batch_size, n_train)
-    if bs < world:
-        raise ValueError(f"batch_size ({bs}) must be at least the number of ranks ({world})")
+    micro = cfg.micro_batches
+    if world > 1 and world != micro:
+        raise ValueError(f"micro_batches ({micro}) must equal the number of ranks ({world}) in a "
+                         "data-parallel run: each rank takes one micro-batch of every batch")
+    if bs % micro:
+        raise ValueError(f"the batch ({bs} examples) must divide into micro_batches ({micro}) "
+                         "equal parts")
     gen = torch.Generator().manual_seed(cfg.seed + 1)   # same batch order for every optimizer
     order, pos = torch.randperm(n_train, generator=gen), 0
-    x_va_mine, y_va_mine = x_va[rank::world], y_va[rank::world]
+    # Sums are kept per micro-batch (one row each; a rank fills its own) and added row by row
+    # after the all-reduce, so one process and the ranks add the same numbers in the same order.
+    val_parts = [(x_va[k::micro], y_va[k::micro]) for k in range(micro)]
+    rows = range(micro) if world == 1 else [rank]
 
     bar = _progress(cfg.steps, f"{name:>9}", cfg.progress and rank == 0)
     plain = cfg.progress and rank == 0 and bar is None
     val_loss, val_acc, train_loss, train_acc = float("nan"), 0.0, float("nan"), float("nan")
-    since = [0.0, 0.0, 0.0]      # training loss sum, correct, examples since the last evaluation
+    since = torch.zeros(micro, 3, dtype=torch.float64)   # training loss sum, correct, examples
     reached: dict[float, tuple[int, float]] = {}   # target -> (step, seconds) it was first met
     meta_batch = (x_va[:bs], y_va[:bs])
     t0 = time.perf_counter()
@@ -293,15 +304,18 @@ def train_one(spec: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
         if evaluated:
             # Validation at the current weights, i.e. after `step` updates; training loss and
             # accuracy are the means over the batches since the previous evaluation.
-            counts = torch.tensor([*_sums(model, x_va_mine, y_va_mine), len(y_va_mine), *since],
-                                  dtype=torch.float64)
+            counts = torch.zeros(micro, 6, dtype=torch.float64)
+            for k in rows:
+                xv, yv = val_parts[k]
+                counts[k] = torch.tensor([*_sums(model, xv, yv), len(yv), *since[k].tolist()],
+                                         dtype=torch.float64)
             if world > 1:
                 torch.distributed.all_reduce(counts)
-            vl, vc, vn, tl, tc, tn = counts.tolist()
+            vl, vc, vn, tl, tc, tn = [sum(col) for col in zip(*counts.tolist())]
             val_loss, val_acc = vl / vn, vc / vn
             if tn:
                 train_loss, train_acc = tl / tn, tc / tn
-            since = [0.0, 0.0, 0.0]
+            since.zero_()
             history.append({"step": step, "val_acc": val_acc, "val_loss": val_loss,
                             "train_loss": _num(train_loss), "train_acc": _num(train_acc),
                             **(_diagnostics(opt) if step else {})})
@@ -327,19 +341,33 @@ def train_one(spec: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
                 order, pos = torch.randperm(n_train, generator=gen), 0
             idx = order[pos:pos + bs]
             pos += bs
-        idx = idx[rank::world].to(device)   # this rank's share of the global batch
-        xb, yb = x_tr[idx], y_tr[idx]
+        parts = idx.chunk(micro)
+        mine = parts[rank:rank + 1] if world > 1 else parts   # this rank's share of the batch
         opt.zero_grad(set_to_none=True)
-        logits = net(xb)
-        loss = F.cross_entropy(logits, yb)
-        loss.backward()
-        batch_loss = loss.item()
-        since[0] += batch_loss * len(yb)
-        since[1] += (logits.detach().argmax(-1) == yb).sum().item()
-        since[2] += len(yb)
+        batch_loss = 0.0
+        for k, part in zip(rows, mine):
+            part = part.to(device)
+            xb, yb = x_tr[part], y_tr[part]
+            logits = net(xb)
+            loss = F.cross_entropy(logits, yb)
+            # One process scales each micro-batch's loss by 1/micro and sums the gradients; DDP
+            # scales each rank's by 1/world and sums them: the same products and one sum, so
+            # the same bits (the 1/micro scaling is exact for powers of two).
+            (loss / len(mine)).backward()
+            batch_loss += loss.item()
+            since[k] += torch.tensor([loss.item() * len(yb),
+                                      (logits.detach().argmax(-1) == yb).sum().item(), len(yb)],
+                                     dtype=torch.float64)
+        batch_loss /= len(mine)   # sum, then divide: as SuperGrok averages the ranks' losses
         if evaluated:
-            # Both losses at the same weights: the grokking signal (val - train) / train.
-            latest["train"], latest["val"] = batch_loss, val_loss
+            # Both losses at the same weights: the grokking signal (val - train) / train, of
+            # the whole batch's loss (every rank computes the same signal).
+            train = batch_loss
+            if world > 1:
+                t = torch.tensor([batch_loss], dtype=torch.float64)
+                torch.distributed.all_reduce(t)
+                train = t.item() / world
+            latest["train"], latest["val"] = train, val_loss
         if recipe.after_backward is not None:
             recipe.after_backward(model)
         if recipe.meta_every and takes_losses and step % recipe.meta_every == 0:
