@@ -166,8 +166,34 @@ def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = 
     return "\n".join(lines)
 
 
+def diagnostics(runs: list[dict], only: list[str] | None = None) -> str:
+    """What GrokAdamW and SuperGrok decided, from the curves: per operation and spec the median
+    over seeds of the alpha and clipping coefficient at the last evaluation and their smallest
+    values over the run, the training loss and accuracy at the end."""
+    keys = sorted({(r["op"], r["spec"]) for r in runs if not only or r["spec"] in only})
+    head = ["operation", "optimizer", "alpha at the end", "smallest alpha",
+            "clip coefficient at the end", "smallest clip coefficient", "training loss at the end",
+            "training accuracy at the end"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    for op, spec in keys:
+        curves = [r["curve"] for r in runs if r["op"] == op and r["spec"] == spec and r["curve"]]
+        tagged = [[c for c in cv if "alpha" in c] for cv in curves]
+        tagged = [t for t in tagged if t]
+        if not tagged:
+            continue
+        vals = [med([t[-1]["alpha"] for t in tagged]), med([min(c["alpha"] for c in t) for t in tagged]),
+                med([t[-1]["clip_coef"] for t in tagged]),
+                med([min(c["clip_coef"] for c in t) for t in tagged]),
+                med([cv[-1]["train_loss"] for cv in curves if cv[-1]["train_loss"] is not None]),
+                med([cv[-1]["train_acc"] for cv in curves if cv[-1]["train_acc"] is not None])]
+        cells = [op, f"`{spec}`"] + ["-" if v is None else f"{v:.3g}" for v in vals]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(paths: list[str], versus: list[str] | None, only: list[str] | None,
-           png: str | None) -> int:
+           png: str | None, diag: bool = False) -> int:
     """``--report``: the markdown tables (and plot) of result files, without training."""
     runs, targets, config = [], None, None
     for path in paths:
@@ -182,7 +208,7 @@ def report(paths: list[str], versus: list[str] | None, only: list[str] | None,
     for spec in (versus or []) + (only or []):
         if spec not in known:
             raise SystemExit(f"--report: no run of {spec!r} in {', '.join(paths)}")
-    print(markdown(runs, targets, versus, only))
+    print(diagnostics(runs, only) if diag else markdown(runs, targets, versus, only))
     if png:
         plot({"runs": runs, "config": config}, png)
         print(f"plot: {png}")
@@ -227,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "seconds to the first target over each row's (repeatable)")
     ap.add_argument("--only", action="append", metavar="SPEC",
                     help="with --report: only this spec's rows (repeatable)")
+    ap.add_argument("--diagnostics", action="store_true",
+                    help="with --report: GrokAdamW's and SuperGrok's alpha and clipping "
+                         "coefficient from the curves, instead of the steps")
     return ap
 
 
@@ -234,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.report:
-        return report(args.report, args.versus, args.only, args.png)
+        return report(args.report, args.versus, args.only, args.png, args.diagnostics)
     from shardgrok.demo.ops import parse_op
     ops = args.op or ["x*y"]
     specs = args.opt or list(NAMES)

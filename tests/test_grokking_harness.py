@@ -150,6 +150,20 @@ def test_report_tables_from_json(tmp_path):
                            str(path), "--only", "grokadamw", "--versus", "adamw"],
                           capture_output=True, text=True, check=True, timeout=120).stdout
     assert len(only.splitlines()) == 3 and "2.00x / 1.80x" in only   # the ratio still to adamw
+    # --diagnostics: alpha and clipping from the curves (medians over seeds)
+    d["runs"][2]["curve"] = [{"step": 0, "train_loss": None, "train_acc": None},
+                             {"step": 10, "alpha": 0.9, "clip_coef": 0.2, "train_loss": 2.0,
+                              "train_acc": 0.5},
+                             {"step": 20, "alpha": 0.5, "clip_coef": 0.4, "train_loss": 1.0,
+                              "train_acc": 0.75}]
+    d["runs"][3]["curve"] = [{"step": 10, "alpha": 0.7, "clip_coef": 0.6, "train_loss": 3.0,
+                              "train_acc": 0.25}]
+    path.write_text(json.dumps(d))
+    diag = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
+                           str(path), "--diagnostics"], capture_output=True, text=True,
+                          check=True, timeout=120).stdout
+    assert diag.splitlines()[2] == "| x+y | `grokadamw` | 0.6 | 0.6 | 0.5 | 0.4 | 2 | 0.5 |"
+    assert len(diag.splitlines()) == 3   # adamw records no alpha: no row
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"schema": "other"}))
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",

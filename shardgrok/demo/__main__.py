@@ -11,8 +11,13 @@ sequence; each run stops as soon as validation accuracy reaches 95% (checked eve
 Each optimizer runs at the settings recommended by the study in docs/grokking.md
 (``shardgrok/demo/recipes.py``, ``RECOMMENDED``); ``--opt SPEC`` runs other settings, in the
 syntax of benchmarks/grokking.py. ``--nproc N`` runs the same training data-parallel on N CPU
-ranks under torchrun: DistributedDataParallel, each rank a share of every batch, optimizer state
-sharded (GrokAdamW and SuperGrok by themselves, AdamW through torch's ZeroRedundancyOptimizer).
+ranks under torchrun: DistributedDataParallel, each rank one of the N micro-batches of every
+batch, optimizer state sharded (GrokAdamW and SuperGrok by themselves, AdamW through torch's
+ZeroRedundancyOptimizer). One process averages the gradients of the same micro-batches
+(``--micro-batches``, default 2), and each process runs one torch thread by default (float sums
+depend on the thread count), so ``--nproc 2`` takes the same steps as the plain demo bit for
+bit; a meta-step's gradient is summed over the ranks' shards in another order and agrees to
+rounding.
 
 Output: a progress bar per optimizer, a table of the steps and wall time to 95%, a PNG of
 training and validation accuracy against step (``--png``, needs matplotlib from the ``demo``
