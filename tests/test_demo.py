@@ -118,7 +118,13 @@ def test_two_ranks_train_what_one_process_trains(tmp_path):
         two = runs[2]["results"][label]
         assert two["steps_run"] == one["steps_run"] == 30, label
         if "meta" not in label:
-            assert two["history"] == one["history"], label
+            # The reported clipping coefficient is fp64 from per-tensor sums added over the
+            # shards in another order: equal to its last bits (the fp32 updates are the same).
+            strip = lambda h: [{k: v for k, v in e.items() if k != "clip_coef"} for e in h]  # noqa: E731
+            assert strip(two["history"]) == strip(one["history"]), label
+            for a, b in zip(one["history"], two["history"]):
+                if "clip_coef" in a:
+                    assert a["clip_coef"] == pytest.approx(b["clip_coef"], rel=1e-12), label
             continue
         for a, b in zip(one["history"], two["history"], strict=True):
             assert a["step"] == b["step"]

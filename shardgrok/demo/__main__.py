@@ -15,9 +15,10 @@ ranks under torchrun: DistributedDataParallel, each rank one of the N micro-batc
 batch, optimizer state sharded (GrokAdamW and SuperGrok by themselves, AdamW through torch's
 ZeroRedundancyOptimizer). One process averages the gradients of the same micro-batches
 (``--micro-batches``, default 2), and each process runs one torch thread by default (float sums
-depend on the thread count), so ``--nproc 2`` takes the same steps as the plain demo bit for
-bit; a meta-step's gradient is summed over the ranks' shards in another order and agrees to
-rounding.
+depend on the thread count), so ``--nproc 2`` takes the same steps as the plain demo, its
+curves equal bit for bit (the reported fp64 clipping coefficient aside, whose per-tensor sums are
+added over the shards in another order); a meta-step's gradient is summed over the ranks'
+shards in another order and agrees to rounding.
 
 Output: a progress bar per optimizer, a table of the steps and wall time to 95%, a PNG of
 training and validation accuracy against step (``--png``, needs matplotlib from the ``demo``
