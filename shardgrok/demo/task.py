@@ -241,11 +241,13 @@ def train_one(spec: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
     """Train one optimizer spec (demo/recipes.py) from ``init_state`` until validation accuracy
     reaches every one of ``targets`` (default: ``cfg.target``) or the step budget runs out.
 
-    In a process group of several ranks (torchrun) the run is data-parallel: the model is
-    wrapped in DistributedDataParallel, each rank takes its share of every global batch (the
-    same batches as one process), the optimizer shards its state, and each rank evaluates its
-    share of the validation set; the counts are summed, so every rank sees the same accuracy and
-    stops at the same step."""
+    The batch is split into ``cfg.micro_batches`` equal parts whose mean gradient is the step's.
+    In a process group of several ranks (torchrun; one rank per micro-batch) the run is
+    data-parallel: the model is wrapped in DistributedDataParallel, rank r takes part r of every
+    batch (the same batches as one process), the optimizer shards its state, and each rank
+    evaluates its part of the validation set; the sums are added in the same order as one
+    process adds them, so every rank sees the same accuracy, stops at the same step, and (at the
+    same thread count) trains what one process trains bit for bit."""
     from .recipes import recipe_for
 
     name = parse_spec(spec)[0]
