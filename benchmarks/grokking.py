@@ -18,8 +18,8 @@ optimizer at its own defaults). ``lr``, ``betas`` and ``weight_decay`` default t
 
 The JSON holds the configuration, every run (its curve: step, validation accuracy and loss at
 each evaluation, training loss and accuracy averaged over the batches since the previous one,
-GrokAdamW's and SuperGrok's alpha, clipping coefficient and gate share at the last step; steps and seconds to each target) and per (operation,
-optimizer) the medians over seeds. ``--png`` draws validation accuracy against step (needs
+GrokAdamW's and SuperGrok's alpha, clipping coefficient and gate share at the last step; steps
+and seconds to each target) and per (operation, optimizer) the medians over seeds. ``--png`` draws validation accuracy against step (needs
 matplotlib: ``pip install -e .[demo]``).
 """
 from __future__ import annotations
