@@ -193,7 +193,7 @@ def diagnostics(runs: list[dict], only: list[str] | None = None) -> str:
 
 
 def report(paths: list[str], versus: list[str] | None, only: list[str] | None,
-           png: str | None, diag: bool = False) -> int:
+           png: str | None, diag: bool = False, pool_ops: bool = False) -> int:
     """``--report``: the markdown tables (and plot) of result files, without training."""
     runs, targets, config = [], None, None
     for path in paths:
@@ -204,6 +204,8 @@ def report(paths: list[str], versus: list[str] | None, only: list[str] | None,
         runs += d["runs"]
         targets = targets or d["config"]["targets"]
         config = config or d["config"]
+    if pool_ops:   # one row per spec over every operation and seed
+        runs = [{**r, "op": "all"} for r in runs]
     known = {r["spec"] for r in runs}
     for spec in (versus or []) + (only or []):
         if spec not in known:
@@ -253,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "seconds to the first target over each row's (repeatable)")
     ap.add_argument("--only", action="append", metavar="SPEC",
                     help="with --report: only this spec's rows (repeatable)")
+    ap.add_argument("--pool-ops", action="store_true",
+                    help="with --report: medians over every operation and seed together")
     ap.add_argument("--diagnostics", action="store_true",
                     help="with --report: GrokAdamW's and SuperGrok's alpha and clipping "
                          "coefficient from the curves, instead of the steps")
@@ -263,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.report:
-        return report(args.report, args.versus, args.only, args.png, args.diagnostics)
+        return report(args.report, args.versus, args.only, args.png, args.diagnostics,
+                      args.pool_ops)
     from shardgrok.demo.ops import parse_op
     ops = args.op or ["x*y"]
     specs = args.opt or list(NAMES)

@@ -150,6 +150,13 @@ def test_report_tables_from_json(tmp_path):
                            str(path), "--only", "grokadamw", "--versus", "adamw"],
                           capture_output=True, text=True, check=True, timeout=120).stdout
     assert len(only.splitlines()) == 3 and "2.00x / 1.80x" in only   # the ratio still to adamw
+    d["runs"].append(run("adamw", 0, 800, 60.0) | {"op": "x*y"})
+    path.write_text(json.dumps(d))
+    pooled = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
+                             str(path), "--pool-ops", "--only", "adamw"], capture_output=True,
+                            text=True, check=True, timeout=120).stdout
+    assert pooled.splitlines()[2].startswith("| all | `adamw` | 3 | 600 | 50 | 3/3 |")
+    d["runs"].pop()
     # --diagnostics: alpha and clipping from the curves (medians over seeds)
     d["runs"][2]["curve"] = [{"step": 0, "train_loss": None, "train_acc": None},
                              {"step": 10, "alpha": 0.9, "clip_coef": 0.2, "train_loss": 2.0,
