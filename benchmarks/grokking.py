@@ -128,8 +128,8 @@ def plot(result: dict, path: str) -> None:
 def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = None,
              only: list[str] | None = None) -> str:
     """The tables of docs/grokking.md from result files' runs: per operation and spec the
-    medians over seeds of steps and seconds to each target, how many seeds reached it, and the
-    median final validation accuracy; with ``versus``, the ratio of each spec's median steps and
+    medians over seeds of steps and seconds to each target, how many seeds reached it, the
+    median final validation accuracy and wall time per step (of the whole run); with ``versus``, the ratio of each spec's median steps and
     seconds to the first target over those of each listed spec (>1: the listed spec is slower);
     with ``only``, just those specs' rows."""
     every = summarise(runs, targets)
@@ -140,7 +140,7 @@ def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = 
     head = ["operation", "optimizer", "seeds"]
     for t in targets:
         head += [f"steps to {t:.0%}", f"s to {t:.0%}", f"reached {t:.0%}"]
-    head.append("final val acc")
+    head += ["final val acc", "ms per step"]
     t0 = targets[0]
     for v in versus or []:
         head.append(f"{v}: steps / s ratio")
@@ -154,6 +154,8 @@ def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = 
                       f"{r[f'reached_{t}']}/{r['seeds']}"]
         errors = [x["error"] for x in mine if x["error"]]
         cells.append(f"error ({errors[0]})" if len(errors) == len(mine) else f"{100 * acc:.1f}%")
+        per_step = [1000 * x["wall_time_s"] / x["steps_run"] for x in mine if x.get("steps_run")]
+        cells.append(f"{statistics.median(per_step):.0f}" if per_step else "-")
         for v in versus or []:
             o = by.get((r["op"], v))
             a, b = r[f"median_steps_to_{t0}"], o and o[f"median_steps_to_{t0}"]

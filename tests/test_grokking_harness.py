@@ -134,6 +134,7 @@ def test_report_tables_from_json(tmp_path):
     """--report: the docs' tables from result files, with the ratio to a baseline spec."""
     def run(spec, seed, steps, secs):
         return {"op": "x+y", "spec": spec, "seed": seed, "error": None, "final_val_acc": 0.99,
+                "wall_time_s": secs, "steps_run": steps,
                 "steps_to": {"0.95": steps}, "seconds_to": {"0.95": secs}, "curve": []}
     d = {"schema": grokking.SCHEMA, "config": {"targets": [0.95], "p": 11},
          "runs": [run("adamw", 0, 400, 40.0), run("adamw", 1, 600, 50.0),
@@ -146,6 +147,7 @@ def test_report_tables_from_json(tmp_path):
     rows = {line.split("|")[2].strip(): line for line in out.splitlines()[2:]}
     assert "| 500 | 45 | 2/2 |" in rows["`adamw`"] and "1.00x / 1.00x" in rows["`adamw`"]
     assert "| 250 | 25 | 2/2 |" in rows["`grokadamw`"] and "2.00x / 1.80x" in rows["`grokadamw`"]
+    assert "| 99.0% | 92 |" in rows["`adamw`"]   # ms per step: median of 100 and 83.3
     only = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
                            str(path), "--only", "grokadamw", "--versus", "adamw"],
                           capture_output=True, text=True, check=True, timeout=120).stdout

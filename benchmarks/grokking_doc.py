@@ -1,0 +1,102 @@
+"""Keep docs/grokking.md's tables what ``benchmarks/grokking.py --report`` prints.
+
+Each ``grokking.py --report`` command in a ```bash block of the page is run (without ``--png``)
+and the first markdown table after the block is replaced by its output (kept at the table's
+indentation). ``--check`` changes nothing and exits 1 when a table differs from its command's
+output, which the tests use.
+
+    python benchmarks/grokking_doc.py            # rewrite the tables
+    python benchmarks/grokking_doc.py --check    # are they current?
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "grokking.md"
+
+
+def report_commands(block: list[str]) -> list[list[str]]:
+    """The ``--report`` commands of one bash block, as argument lists without ``--png``."""
+    text = "\n".join(line.strip() for line in block)
+    text = text.replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.split(" # ")[0].strip()
+        if line.startswith("#") or "benchmarks/grokking.py" not in line or "--report" not in line:
+            continue
+        args = []
+        for arg in shlex.split(line)[2:]:   # after "python benchmarks/grokking.py"
+            args += sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(arg)) if "*" in arg else [arg]
+        while "--png" in args:
+            i = args.index("--png")
+            del args[i:i + 2]
+        out.append(args)
+    return out
+
+
+def render(args: list[str]) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "grokking.py"), *args]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{' '.join(args)} failed:\n{r.stderr}")
+    return [line for line in r.stdout.splitlines() if line.startswith("|")]
+
+
+def sync(lines: list[str]) -> tuple[list[str], list[str]]:
+    """(the page with its tables re-rendered, the commands whose table differed)."""
+    out, stale, i = [], [], 0
+    while i < len(lines):
+        line = lines[i]
+        out.append(line)
+        i += 1
+        if line.strip() != "```bash":
+            continue
+        block = []
+        while i < len(lines) and lines[i].strip() != "```":
+            block.append(lines[i])
+            out.append(lines[i])
+            i += 1
+        cmds = report_commands(block)
+        if not cmds:
+            continue
+        if len(cmds) > 1:
+            raise SystemExit(f"docs/grokking.md: one --report command per block, got {len(cmds)}")
+        # copy up to the next table, then replace the table
+        while i < len(lines) and not lines[i].lstrip().startswith("|"):
+            out.append(lines[i])
+            i += 1
+        start = i
+        while i < len(lines) and lines[i].lstrip().startswith("|"):
+            i += 1
+        old = lines[start:i]
+        indent = re.match(r"\s*", old[0]).group(0) if old else ""
+        new = [indent + row for row in render(cmds[0])]
+        if new != old:
+            stale.append(" ".join(cmds[0]))
+        out.extend(new)
+    return out, stale
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if a table is stale")
+    a = ap.parse_args(argv)
+    lines = DOC.read_text().splitlines()
+    new, stale = sync(lines)
+    if a.check:
+        for cmd in stale:
+            print(f"stale table: grokking.py {cmd}")
+        return 1 if stale else 0
+    DOC.write_text("\n".join(new) + "\n")
+    print(f"{DOC.relative_to(ROOT)}: {len(stale)} table(s) rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
