@@ -356,8 +356,9 @@ def train_one(spec: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
             # scales each rank's by 1/world and sums them: the same products and one sum, so
             # the same bits (the 1/micro scaling is exact for powers of two).
             (loss / len(mine)).backward()
-            batch_loss += loss.item()
-            since[k] += torch.tensor([loss.item() * len(yb),
+            value = loss.item()
+            batch_loss += value
+            since[k] += torch.tensor([value * len(yb),
                                       (logits.detach().argmax(-1) == yb).sum().item(), len(yb)],
                                      dtype=torch.float64)
         batch_loss /= len(mine)   # sum, then divide: as SuperGrok averages the ranks' losses
