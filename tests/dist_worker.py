@@ -248,9 +248,7 @@ def meta(args):
 # ---------------------------------------------------------------- checkpoints
 @scenario
 def checkpoint_save(args):
-    for kind in S.KINDS:
-        S.save_checkpoint(kind, args.ckpt, RANK, WORLD, shard=True)
-    return {}
+    return {kind: S.save_checkpoint(kind, args.ckpt, RANK, WORLD, shard=True) for kind in S.KINDS}
 
 
 @scenario
@@ -382,6 +380,8 @@ def main():
     import fsdp_cases  # noqa: F401  (registers the FSDP scenarios)
     if any(n.startswith("ds_") for n in args.scenarios.split(",")):
         import ds_cases  # noqa: F401  (DeepSpeed: imported only when asked for)
+    if any(n.startswith("ds_offload") for n in args.scenarios.split(",")):
+        import ds_offload_cases  # noqa: F401  (DeepSpeed ZeRO-Offload, tests/test_deepspeed_offload.py)
     for name in args.scenarios.split(","):
         try:
             result = {"ok": SCENARIOS[name](args)}

@@ -161,8 +161,9 @@ def naive_run(kind: str, *, dead: bool = True, groups=default_groups, signal: bo
 
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(kind: str, directory: str, rank: int = 0, world: int = 1,
-                    shard: bool = False) -> None:
-    """Train SPLIT steps; write this rank's shard, the gathered full state and the model."""
+                    shard: bool = False) -> dict:
+    """Train SPLIT steps; write this rank's shard, the gathered full state, rank 0's
+    ``state_dict()`` after ``consolidate_state_dict()`` and the model."""
     model = toy(DTYPE)
     opt = make(kind, model, rank, world, shard)
     train(kind, model, opt, range(SPLIT), rank, world)
@@ -173,12 +174,20 @@ def save_checkpoint(kind: str, directory: str, rank: int = 0, world: int = 1,
     if rank == 0:
         torch.save(full, os.path.join(directory, f"{kind}.w{world}.full.pt"))
         torch.save(model.state_dict(), os.path.join(directory, f"{kind}.w{world}.model.pt"))
+    if shard:  # what a rank-0-only saver (HF Trainer) gets after consolidate_state_dict()
+        opt.consolidate_state_dict(to=0)
+        sd = opt.state_dict()
+        if rank == 0:
+            torch.save(sd, os.path.join(directory, f"{kind}.w{world}.consolidated.pt"))
+        return {"shard_elsewhere": "sharding" in sd["param_groups"][0]["shardgrok"]}
+    return {}
 
 
 def _source(source: str) -> tuple[int, str]:
     """"w4full" -> (4, "full"): a checkpoint saved at world size 4, as a gathered full state
-    ("full") or as every rank's shard ("shards")."""
-    m = re.fullmatch(r"w(\d+)(full|shards)", source)
+    ("full"), as every rank's shard ("shards") or as rank 0's ``state_dict()`` after
+    ``consolidate_state_dict()`` ("consolidated")."""
+    m = re.fullmatch(r"w(\d+)(full|shards|consolidated)", source)
     assert m, source
     return int(m.group(1)), m.group(2)
 
@@ -188,7 +197,7 @@ def load_optimizer_state(kind: str, directory: str, source: str):
     if how == "shards":
         files = sorted(glob.glob(os.path.join(directory, f"{kind}.w{world}.shard*.pt")))
         return shardgrok.consolidate_state_dict([torch.load(f, weights_only=True) for f in files])
-    return torch.load(os.path.join(directory, f"{kind}.w{world}.full.pt"), weights_only=True)
+    return torch.load(os.path.join(directory, f"{kind}.w{world}.{how}.pt"), weights_only=True)
 
 
 def resume(kind: str, directory: str, source: str, rank: int = 0, world: int = 1,

@@ -49,7 +49,7 @@ def world4(ckpt, tmp_path_factory):
 def world2(world4, ckpt, tmp_path_factory):
     # after world4: resumes from the checkpoint saved at world size 4
     _, res = launch(2, tmp_path_factory.mktemp("w2"), MAIN, ckpt,
-                    "--resume-from", "w4full,w4shards")
+                    "--resume-from", "w4full,w4shards,w4consolidated")
     return res
 
 
@@ -170,7 +170,8 @@ def test_sharded_meta_gradient_matches_single_process(jobs, world):
 
 
 # ---------------------------------------------------------------- checkpoints
-@pytest.mark.parametrize("world,source", [(4, "w1full"), (2, "w4full"), (2, "w4shards")])
+@pytest.mark.parametrize("world,source", [(4, "w1full"), (2, "w4full"), (2, "w4shards"),
+                                          (2, "w4consolidated")])
 def test_resume_across_world_sizes_is_exact(jobs, oracle, world, source):
     runs = ok(jobs[world], "resume")
     for kind in S.KINDS:
@@ -180,7 +181,7 @@ def test_resume_across_world_sizes_is_exact(jobs, oracle, world, source):
             assert got["record"][-1]["global_step"] == S.STEPS
 
 
-@pytest.mark.parametrize("source", ["w4shards", "w4full", "w2full"])
+@pytest.mark.parametrize("source", ["w4shards", "w4full", "w2full", "w2consolidated"])
 def test_resume_on_one_process_from_sharded_checkpoint(jobs, ckpt, oracle, source):
     for kind in S.KINDS:
         got = S.resume(kind, str(ckpt), source)
@@ -191,13 +192,22 @@ def test_full_state_dict_equals_single_process_state(jobs, ckpt):
     """The state gathered at world size 4 is the single-process state at the same step."""
     for kind in S.KINDS:
         single = torch.load(ckpt / f"{kind}.w1.full.pt", weights_only=True)
-        for source in ("w4full", "w4shards"):
+        for source in ("w4full", "w4shards", "w4consolidated"):
             full = S.load_optimizer_state(kind, str(ckpt), source)
             assert "sharding" not in full["param_groups"][0]["shardgrok"]
             for i, st in single["state"].items():
                 for key, v in st.items():
                     assert full["state"][i][key].shape == v.shape
                     assert float((full["state"][i][key] - v).abs().max()) < TOL, (i, key)
+
+
+def test_consolidate_state_dict_makes_rank_0s_state_dict_whole(jobs):
+    """After consolidate_state_dict(to=0), rank 0's state_dict() is the full state (checked
+    against one process above); every other rank's is still its shard."""
+    for world in (2, 4):
+        for rank, res in enumerate(ok(jobs[world], "checkpoint_save")):
+            for kind in S.KINDS:
+                assert res[kind]["shard_elsewhere"] == (rank != 0), (world, rank, kind)
 
 
 def test_wrong_shard_is_refused(jobs):

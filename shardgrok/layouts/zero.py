@@ -251,7 +251,10 @@ class ZeroLayout(LocalLayout):
                     f"size {theirs['world_size']} and this optimizer is rank {mine['rank']} of "
                     f"{mine['world_size']}; merge all ranks' shards with "
                     "shardgrok.consolidate_state_dict(shards) (or save full_state_dict()) and "
-                    "load the result")
+                    "load the result. A saver that keeps only rank 0's state_dict() (Hugging "
+                    "Face Trainer, accelerate's save_state) needs optimizer."
+                    "consolidate_state_dict() on every rank before it saves; "
+                    "shardgrok.integrations.transformers.GrokCallback does that for Trainer")
             return sd
         params = [ref.param for ref in self.tensors(optimizer)]
         check_full_state(sd, params)

@@ -96,6 +96,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         self._param_groups_full: list[dict] = []
         self._step_number = 0  # the optimizer step the current step() call belongs to
         self._engine_checked = False
+        self._consolidated = None  # whole m, v, mu for state_dict() (consolidate_state_dict)
         super().__init__(params, defaults)
         self._layout.verify(self)
         self._built = True
@@ -117,6 +118,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 raise ValueError(f"{name} optimizes real floating-point tensors; got a parameter "
                                  f"of dtype {p.dtype} (view complex parameters as real with "
                                  "torch.view_as_real)")
+        self._consolidated = None
         if self._layout is None:
             self._layout = select_layout(params, *self._shard_args)
             self._reducer = self._layout.reducer
@@ -254,6 +256,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 plan.plan.release()
 
     def _step_once(self, closure, inputs):
+        self._consolidated = None  # it would describe the state before this step
         self._follow_engine(stepping=True)
         new_round = self._layout.new_round(self)
         self._step_number = self._global_step + 1 if new_round else self._global_step
@@ -489,9 +492,37 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         self._follow_engine()
         sd = super().state_dict()
         extra = self._extra_state()
-        self._layout.export_state(self, sd, extra)
+        if self._consolidated is not None:  # the whole state, gathered since the last step
+            sd["state"] = {i: {**st, **self._consolidated[i]} for i, st in sd["state"].items()}
+        else:
+            self._layout.export_state(self, sd, extra)
         sd["param_groups"][0][CHECKPOINT_KEY] = extra
         return sd
+
+    def consolidate_state_dict(self, to: int | None = 0) -> None:
+        """Gather the whole m, v and mu onto group rank ``to`` (``None``: every rank), so that
+        the next :meth:`state_dict` there is the full, world-size-independent state dict
+        instead of this rank's shard. For savers that call ``state_dict()`` on one rank only
+        (Hugging Face Trainer, ``torch.save`` under ``if rank == 0``); the name and the
+        protocol are torch's ``ZeroRedundancyOptimizer``'s. Collective under ZeRO sharding:
+        every rank calls it. The gathered state stays on rank ``to``'s CPU (the whole optimizer
+        state) until the next step, :meth:`load_state_dict` or ``add_param_group``, so a
+        ``state_dict()`` taken after a step never mixes in an older one.
+
+        Nothing to do, and nothing done, when the state is not ZeRO-sharded: one process,
+        ``shard=False``, DeepSpeed (its engine saves every rank's partition) and FSDP (saved
+        per rank with torch.distributed.checkpoint)."""
+        from ..layouts import ZeroLayout
+        self._follow_engine()
+        if to is not None:
+            V.integer(0, self._reducer.world_size - 1)("to", to)
+        self._consolidated = None
+        if not isinstance(self._layout, ZeroLayout) or self._layout.engine is not None:
+            return
+        full = self.full_state_dict(to=to)
+        if full is not None:
+            self._consolidated = {i: {k: st[k] for k in STATE_KEYS[1:]}
+                                  for i, st in full["state"].items()}
 
     def full_state_dict(self, to: int | None = 0) -> dict[str, Any] | None:
         """The whole optimizer state, independent of the world size (what a single process's
@@ -511,6 +542,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         size, each rank slicing its own range; this rank's own ZeRO shard; or, under FSDP, what
         torch.distributed.checkpoint restored."""
         self._follow_engine()
+        self._consolidated = None
         extra = checked_extra(state_dict)
         rest = self._layout.import_state(self, without_extra(state_dict), extra)
         super().load_state_dict(rest)
