@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import scenarios as S
-from helpers import batch, toy
+from helpers import backward, batch, toy
 from worker_registry import Ctx, collective_calls, error_of, scenario
 
 BF16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -192,4 +192,80 @@ def fsdp1_wrong_group(args):
         out["default"] = str(e)
     opt = shardgrok.GrokAdamW(model.parameters(), process_group=pg)  # the right group: fine
     out["right_group_tensors"] = len(opt._tensors())
+    return out
+
+
+# ---------------------------------------------------------------- FSDP1 checkpoints (DCP)
+FSDP1_DCP_KINDS = ("adamw",) + S.KINDS  # torch's AdamW: the control
+
+
+def adamw_train(model, opt, steps) -> None:
+    """The control's schedule: the batches of helpers.backward, plain steps."""
+    for t in steps:
+        backward(model, t)
+        opt.step()
+
+
+def _fsdp1_make(kind, model):
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return S.make(kind, model, Ctx.rank, Ctx.world, shard=True, groups=S.one_group)
+
+
+def _fsdp1_train(kind, model, opt, steps):
+    if kind == "adamw":
+        adamw_train(model, opt, steps)
+        return []
+    return S.train(kind, model, opt, steps, Ctx.rank, Ctx.world)
+
+
+def _fsdp1_sd(model, opt):
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+
+
+@scenario
+def fsdp1_dcp(args):
+    """FSDP1 (both use_orig_params) saved with torch.distributed.checkpoint after SPLIT steps and
+    resumed into a fresh model and optimizer (other weights) at the same world size, for
+    torch's AdamW and ours. First the plain ``dcp.load``: it fails for every optimizer (see
+    docs/distributed.md); then the load with ``flatten_sharded_tensors=False``, and the
+    remaining steps."""
+    from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
+    out = {}
+    for orig in (False, True):
+        for kind in FSDP1_DCP_KINDS:
+            path = os.path.join(args.ckpt, f"fsdp1-dcp-{kind}-orig{orig}")
+            model = fsdp1(orig)(toy(S.DTYPE, dead=False))
+            opt = _fsdp1_make(kind, model)
+            _fsdp1_train(kind, model, opt, range(S.SPLIT))
+            saved = _fsdp1_sd(model, opt)
+            # the tensors this rank holds no element of (what trips the plain load)
+            none_here = [k for k, v in saved["model"].items() if not v.local_shards()]
+            dcp.save(saved, checkpoint_id=path)
+            del model, opt, saved
+
+            model = fsdp1(orig)(toy(S.DTYPE, seed=123, dead=False))
+            opt = _fsdp1_make(kind, model)
+            try:
+                dcp.load(_fsdp1_sd(model, opt), checkpoint_id=path)
+                plain = None
+            except CheckpointException as e:
+                plain = str(e)
+            sd = _fsdp1_sd(model, opt)
+            dcp.load(sd, checkpoint_id=path,
+                     planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
+            set_model_state_dict(model, sd["model"])
+            set_optimizer_state_dict(model, opt, sd["optim"])
+            # per optimizer parameter (original tensors with use_orig_params=True): the local
+            # piece's size and what state this rank has for it after the load
+            state = [(p.numel(), sorted(st), float(st["step"]) if "step" in st else None)
+                     for g in opt.param_groups for p in g["params"]
+                     for st in [opt.state.get(p, {})]]
+            restored = {"global_step": None if kind == "adamw" else opt.get_global_step(),
+                        "cached_alpha": opt.get_cached_alpha() if kind == "supergrok" else None}
+            record = _fsdp1_train(kind, model, opt, range(S.SPLIT, S.STEPS))
+            out[f"{kind}.orig{orig}"] = {"plain_load": plain, "none_here": none_here,
+                                         "state": state,
+                                         "params": fsdp1_params(model), "record": record,
+                                         **restored}
     return out

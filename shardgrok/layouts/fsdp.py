@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checkpoint import STATE_KEYS
 from ..comm import GroupReducer, MeshReducer
 from .base import Segment, TensorRef, local_tensor, verify_same_on_every_rank
 from .local import PerTensorLayout, check_val_loss, tensor_layers
@@ -170,6 +171,41 @@ class FSDP1Layout(_EngineSharded):
                 f"(elements held {held.tolist()[:6]} vs sizes {want.tolist()[:6]}). Pass "
                 "process_group= the group FSDP1 shards over; HYBRID_SHARD is not supported "
                 "(use FSDP2's HSDP)")
+
+    def import_state(self, optimizer, sd, extra) -> dict:
+        """Put back the state FSDP1 leaves out for empty pieces (``use_orig_params=True``).
+
+        torch's ``FSDP.optim_state_dict_to_load`` (which ``set_optimizer_state_dict`` calls)
+        gives a rank no state at all for an original parameter it holds no element of
+        (torch/distributed/fsdp/_optim_utils.py, ``_shard_orig_param_state`` returns ``{}``
+        and ``_flatten_optim_state_dict`` drops it): it expects torch.optim's lazy state,
+        which AdamW never creates for such a piece (its gradient is None). Ours is eager and
+        read for every tensor, so the load would leave ``state[p]`` empty and the next step
+        fail. The piece gets its eager state back: empty m, v, mu, and the tensor's step
+        count from the ranks that hold part of it (one small all-reduce over the group,
+        done on every rank whenever the optimizer has such pieces, so all ranks call it).
+        """
+        saved = [k for g in sd["param_groups"] for k in g["params"]]
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        pieces = [(k, p) for k, p in zip(saved, params) if not is_flat_param(p)]
+        if not pieces:
+            return sd
+        state = dict(sd["state"])
+        counts = torch.zeros(2 * len(pieces), dtype=torch.float64)
+        for j, (k, _) in enumerate(pieces):
+            st = state.get(k)
+            if st and "step" in st:
+                counts[2 * j], counts[2 * j + 1] = float(st["step"]), 1.0
+        self.reducer.all_reduce_(counts)
+        for j, (k, p) in enumerate(pieces):
+            if p.numel() == 0 and not state.get(k):
+                held = float(counts[2 * j + 1])
+                step = float(counts[2 * j]) / held if held else 0.0
+                dtype = optimizer.state_dtype_for(p)
+                state[k] = {"step": torch.tensor(step),
+                            **{key: torch.zeros(0, dtype=dtype, device=p.device)
+                               for key in STATE_KEYS[1:]}}
+        return {**sd, "state": state}
 
     def tensors(self, optimizer) -> list[TensorRef]:
         refs, i = [], 0
