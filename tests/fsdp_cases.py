@@ -85,6 +85,32 @@ def fsdp1_exact(args):
 
 
 @scenario
+def fsdp2_after_the_optimizer(args):
+    """accelerate's FSDP2 path, step by step (accelerate itself runs it only on accelerators):
+    the optimizer is built on the plain model, its parameters are swapped for placeholders
+    that remember their data_ptr, fully_shard shards the model, and accelerate's own
+    fsdp2_switch_optimizer_parameters puts the DTensors in."""
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+    out = {}
+    for kind in S.KINDS:
+        model = toy(S.DTYPE)
+        opt = S.make(kind, model, Ctx.rank, Ctx.world, shard=True)
+        old = {name: p.data_ptr() for name, p in model.named_parameters()}
+        for group in opt.param_groups:
+            for i, p in enumerate(group["params"]):
+                group["params"][i] = torch.empty(1, dtype=p.dtype)
+                group["params"][i].data_ptr = p.data_ptr()
+        del p
+        fsdp2()(model)
+        new = dict(model.named_parameters())
+        fsdp2_switch_optimizer_parameters(opt, {old[n]: new[n] for n in old})
+        record = S.train(kind, model, opt, range(S.STEPS), Ctx.rank, Ctx.world)
+        out[kind] = {"params": S.params(model), "record": record,
+                     "dtensor_state": type(opt.state[new["a.weight"]]["exp_avg"]).__name__}
+    return out
+
+
+@scenario
 def fsdp2_nometa(args):
     """SuperGrok without meta-steps (tests/oracle.py has none), for the oracle comparison."""
     return _run("supergrok", wrap=fsdp2(), meta=False)

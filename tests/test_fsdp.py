@@ -15,7 +15,7 @@ from multirank import (assert_matches_oracle, assert_same_run, launch, max_diff,
 AT4 = ("fsdp2_exact", "fsdp2_nometa", "hsdp_exact", "fsdp2_state", "fsdp2_meta", "fsdp2_dcp_save",
        "fsdp_bad_args", "fsdp1_wrong_group")
 AT2 = ("fsdp2_exact", "fsdp1_exact", "fsdp1_nometa", "fsdp2_state", "fsdp2_bf16", "fsdp2_meta",
-       "fsdp2_dcp_resume")
+       "fsdp2_dcp_resume", "fsdp2_after_the_optimizer")
 # Same casts, same result: measured 0.0 at world size 2 (the bf16 products are the same and
 # the fp32 average of two equal gradients is exact); the fp32 run differs by ~1e-3.
 BF16_TOL = 1e-6
@@ -42,6 +42,15 @@ def jobs(ckpt, tmp_path_factory):
 @pytest.mark.parametrize("kind", S.KINDS)
 def test_fsdp2_matches_single_process(jobs, oracle, world, kind):
     for res in ok(jobs[world], "fsdp2_exact"):
+        assert_same_run(res[kind], oracle[kind])
+
+
+@pytest.mark.parametrize("kind", S.KINDS)
+def test_fsdp2_applied_after_the_optimizer_like_accelerate(jobs, oracle, kind):
+    """accelerate's FSDP2 plugin swaps the optimizer's parameters for DTensors after it was
+    built: the optimizer starts again on them before its first step."""
+    for res in ok(jobs[2], "fsdp2_after_the_optimizer"):
+        assert res[kind]["dtensor_state"] == "DTensor"
         assert_same_run(res[kind], oracle[kind])
 
 

@@ -174,6 +174,8 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             current = [p for g in self.param_groups for p in g["params"]]
             # ZeRO 1/2 put flat partitions in; ZeRO 3 empties the groups between its steps
             if len(current) != len(self._own_ids) or not all(id(p) in self._own_ids for p in current):
+                if self._adopt_sharded_parameters():
+                    return
                 from ..integrations.deepspeed import attach
                 attach(self)
                 self._plans.clear()
@@ -187,6 +189,35 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             self._engine_checked = True
         elif stepping:
             self._engine_checked = True
+
+    def _adopt_sharded_parameters(self) -> bool:
+        """accelerate's FSDP2 path shards the model after the optimizer was built and puts the
+        DTensor parameters into the param groups one for one (``fsdp2_switch_optimizer_
+        parameters``): before any step, start again on them (the layout FSDP2's placements
+        ask for, fresh state). False when the groups hold anything else."""
+        groups = [g["params"] for g in self.param_groups]
+        if (not all(ps and all(is_dtensor(p) for p in ps) for ps in groups)
+                or [len(ps) for ps in groups] != [len(ps) for ps in self._group_params]):
+            return False
+        if self._global_step:
+            raise RuntimeError(f"{type(self).__name__}'s parameters were replaced by sharded "
+                               "ones after it took steps; shard the model before training")
+        self._group_params = [list(ps) for ps in groups]
+        self._own_ids = {id(p) for ps in self._group_params for p in ps}
+        self._layout = select_layout(self._group_params[0], *self._shard_args)
+        self._reducer = self._layout.reducer
+        self.state.clear()
+        self._plans.clear()
+        self._consolidated = None
+        for gi in range(len(groups)):
+            self._layout.add_group(self, gi)
+        self._layout.verify(self)
+        for ps in self._group_params:
+            for p in ps:
+                self._init_state(p)
+        self._param_groups_full = self.param_groups
+        self._own_groups_key = self._groups_key()
+        return True
 
     def _groups_key(self) -> tuple:
         """What identifies the param groups' lists, cheaply: per group the list object, its
