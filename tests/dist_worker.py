@@ -381,7 +381,7 @@ def main():
     if any(n.startswith("ds_") for n in args.scenarios.split(",")):
         import ds_cases  # noqa: F401  (DeepSpeed: imported only when asked for)
     if any(n.startswith("ds_offload") for n in args.scenarios.split(",")):
-        import ds_offload_cases  # noqa: F401  (DeepSpeed ZeRO-Offload, tests/test_deepspeed_offload.py)
+        import ds_offload_cases  # noqa: F401  (ZeRO-Offload: tests/test_deepspeed_offload.py)
     for name in args.scenarios.split(","):
         try:
             result = {"ok": SCENARIOS[name](args)}
