@@ -413,8 +413,11 @@ class _Stage3View(_WholeModelView):
 
 
 def optimizer_of(obj):
-    """The GrokAdamW / SuperGrok inside a DeepSpeed engine or ZeRO optimizer (``engine``,
-    ``engine.optimizer``), e.g. to call ``set_losses`` or ``get_state_summary``."""
+    """The GrokAdamW / SuperGrok inside the wrappers frameworks put around it, following
+    ``.optimizer``: a DeepSpeed engine or ZeRO optimizer (``engine``, ``engine.optimizer``),
+    accelerate's ``AcceleratedOptimizer`` (what ``accelerator.prepare`` and Hugging Face
+    Trainer hold), or the optimizer itself; e.g. to call ``set_losses``,
+    ``consolidate_state_dict`` or ``get_state_summary``."""
     from ..optim.base import GrokOptimizerBase
     seen = obj
     for _ in range(8):
