@@ -249,7 +249,10 @@ def test_low_precision_within_one_storage_ulp(ext, name, dtype, clip):
         scale = torch.maximum(torch.maximum(b.double().abs(), z.detach().double().abs()),
                               torch.tensor(1e-2, dtype=torch.float64))
         err = (a.double() - b.double()).abs() / storage_ulp(scale, dtype)
-        assert float(err.max()) <= 1.0, f"{float(err.max()):.2f} ulp"
+        # The reference path rounds every op to the storage dtype (state too, state_dtype=dtype)
+        # and the kernel once: on an AMD EPYC host (avx512_bf16) fp16 with clipping reached
+        # 2.00 ulp in an element, at 6c63f9e as well (torch's CPU fp16 ops differ by host).
+        assert float(err.max()) <= 2.0, f"{float(err.max()):.2f} ulp"
         n_diff += int((a != b).sum())
         n_all += a.numel()
         assert not torch.equal(a, z)
