@@ -116,6 +116,18 @@ def oracle(kind: str, meta: bool = True, steps=range(S.STEPS)) -> dict:
     return {"params": [p.detach().clone() for p in model.parameters()], "record": record}
 
 
+def train_bf16(engine, steps) -> list[float]:
+    """Train a bf16 engine on the exactness batches; the losses."""
+    losses = []
+    for t in steps:
+        x, y = batch(t, S.DTYPE)
+        loss = ((engine(x.to(torch.bfloat16)).float() - y) ** 2).mean() * 20
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
 @scenario
 def ds_exact(args):
     out = {}
@@ -225,13 +237,7 @@ def ds_bf16(args):
         for kind in S.KINDS:
             try:
                 model, engine = engine_for(kind, stage, bf16={"enabled": True})
-                losses = []
-                for t in range(S.STEPS):
-                    x, y = batch(t, S.DTYPE)
-                    loss = ((engine(x.to(torch.bfloat16)).float() - y) ** 2).mean() * 20
-                    engine.backward(loss)
-                    engine.step()
-                    losses.append(loss.item())
+                losses = train_bf16(engine, range(S.STEPS))
                 out[f"{kind}.{stage}"] = {"losses": losses, "params": full_params(model, stage),
                                           "global_step": shardgrok.optimizer_of(engine).get_global_step()}
             except NotImplementedError as e:

@@ -118,13 +118,7 @@ def _meta_net(engine):
 def _bf16_run(kind, stage, offload):
     model, engine = D.engine_for(kind, stage, bf16={"enabled": True},
                                  **offload_extra(stage, offload=offload))
-    losses = []
-    for t in range(S.SPLIT):
-        x, y = batch(t, S.DTYPE)
-        loss = ((engine(x.to(torch.bfloat16)).float() - y) ** 2).mean() * 20
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    losses = D.train_bf16(engine, range(S.SPLIT))
     summary = shardgrok.optimizer_of(engine).get_state_summary()
     return {"params": D.full_params(model, stage), "losses": losses,
             "backend": summary["backend"], "global_step": summary["global_step"],

@@ -83,6 +83,22 @@ def assert_backend(record: list[dict], want: str | None = None) -> None:
     assert [r["backend"] for r in record] == [want] * len(record)
 
 
+def assert_same_steps(got: list[dict], want: list[dict], coefs: bool = True) -> None:
+    """Every step of an engine run as of ``want``: the kernel, the global step, the gate
+    decisions, alpha and (``coefs``) the clip coefficients."""
+    import pytest
+    assert_backend(got)
+    assert_backend(want)
+    for t, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g["global_step"] == w["global_step"], t
+        assert g["gate_engaged"] == w["gate_engaged"], t
+        for key in ("alpha", "cached_alpha"):
+            assert (g[key] is None) == (w[key] is None)
+            assert g[key] is None or g[key] == pytest.approx(w[key], rel=1e-12), (t, key)
+        if coefs:
+            assert g["last_clip_coefs"] == pytest.approx(w["last_clip_coefs"], rel=1e-6), t
+
+
 def assert_matches_oracle(got: dict, want: dict, tol: float, backend: str | None = None) -> None:
     """A run (scenarios.run) against the independent oracle's (scenarios.naive_run): parameters
     within ``tol`` max abs; for SuperGrok also every step's gate decisions and clip coefficients

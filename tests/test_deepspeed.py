@@ -16,7 +16,7 @@ pytest.importorskip("deepspeed")
 
 import ds_cases as D  # noqa: E402
 import scenarios as S  # noqa: E402
-from multirank import (assert_backend, assert_matches_oracle, launch, max_diff, meta_gradient_error,  # noqa: E402
+from multirank import (assert_backend, assert_same_steps, assert_matches_oracle, launch, max_diff, meta_gradient_error,  # noqa: E402
                        ok)
 
 AT2 = ("ds_exact", "ds_ways", "ds_bad_config", "ds_checkpoint", "ds_bf16", "ds_meta",
@@ -41,19 +41,6 @@ def oracle():
     return {kind: D.oracle(kind) for kind in S.KINDS}
 
 
-def same_steps(got, want, coefs: bool):
-    assert_backend(got)
-    assert_backend(want)
-    for t, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert g["global_step"] == w["global_step"], t
-        assert g["gate_engaged"] == w["gate_engaged"], t
-        for key in ("alpha", "cached_alpha"):
-            assert (g[key] is None) == (w[key] is None)
-            assert g[key] is None or g[key] == pytest.approx(w[key], rel=1e-12), (t, key)
-        if coefs:
-            assert g["last_clip_coefs"] == pytest.approx(w["last_clip_coefs"], rel=1e-6), t
-
-
 @pytest.mark.parametrize("world,stage", [(2, 0), (2, 1), (2, 2), (2, 3), (4, 2), (4, 3)])
 @pytest.mark.parametrize("kind", S.KINDS)
 def test_config_entry_matches_single_process(jobs, oracle, world, stage, kind):
@@ -63,7 +50,7 @@ def test_config_entry_matches_single_process(jobs, oracle, world, stage, kind):
         got = res[f"{kind}.{stage}"]
         assert max_diff(got["params"], want["params"]) < 1e-6
         # stage 0 has no ZeRO optimizer to report DeepSpeed's clip coefficient
-        same_steps(got["record"], want["record"], coefs=stage > 0)
+        assert_same_steps(got["record"], want["record"], coefs=stage > 0)
     if stage > 0:  # ZeRO shards the optimizer state: each rank holds about 1/N of it
         total = sum(p.numel() for p in want["params"])
         assert all(r[f"{kind}.{stage}"]["sharded_state"] < total for r in runs)
@@ -107,7 +94,7 @@ def test_engine_checkpoint_resumes_exactly(jobs, oracle, stage, kind):
         got = res[f"{kind}-{stage}"]
         assert got["after"] == got["before"] and got["after"]["global_step"] == S.SPLIT
         assert max_diff(got["params"], want["params"]) < 1e-6
-        same_steps(got["record"], want["record"][S.SPLIT:], coefs=stage > 0)
+        assert_same_steps(got["record"], want["record"][S.SPLIT:], coefs=stage > 0)
 
 
 @pytest.mark.parametrize("kind", S.KINDS)

@@ -19,7 +19,8 @@ pytest.importorskip("deepspeed")
 import ds_cases as D  # noqa: E402
 import ds_offload_cases as O  # noqa: E402
 import scenarios as S  # noqa: E402
-from multirank import assert_backend, launch, max_diff, ok  # noqa: E402
+from multirank import assert_backend, launch, max_diff, ok
+from multirank import assert_same_steps as same_steps  # noqa: E402
 
 SCENARIOS = ("ds_offload", "ds_offload_ways", "ds_offload_example")
 # fp32, the same schedule. Measured against the run without offload and one process: 0 for
@@ -46,20 +47,6 @@ def oracle():
         out[kind, S.STEPS] = D.oracle(kind)
     out["supergrok", "nometa"] = D.oracle("supergrok", meta=False)
     return out
-
-
-def same_steps(got, want):
-    """Every step of ``got`` as of ``want`` (as in tests/test_deepspeed.py): the kernel, the
-    global step, the gate decisions, alpha and the clip coefficients."""
-    assert_backend(got)
-    assert_backend(want)
-    for t, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert g["global_step"] == w["global_step"], t
-        assert g["gate_engaged"] == w["gate_engaged"], t
-        for key in ("alpha", "cached_alpha"):
-            assert (g[key] is None) == (w[key] is None)
-            assert g[key] is None or g[key] == pytest.approx(w[key], rel=1e-12), (t, key)
-        assert g["last_clip_coefs"] == pytest.approx(w["last_clip_coefs"], rel=1e-6), t
 
 
 def assert_offloaded(state, kind):
