@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
+import warnings
 from typing import Any
 
 import torch
@@ -87,6 +89,74 @@ def group_backend(group: dist.ProcessGroup | None) -> str:
     return backend
 
 
+# ------------------------------------------------------------------ letting go of our tensors
+# Why every collective here waits for the backend to let go (issue 12, the abort at exit).
+# A CPU backend (gloo, mpi) runs each collective on a worker thread, and that thread drops the
+# collective's Work, which holds the tensors it was handed (and, for a view, its root), a moment
+# after the caller has returned. In torch 2.13 a C++ reference to a tensor made in Python holds
+# its Python object too (checked: a view raises its root's sys.getrefcount), so the thread that
+# drops it must take the GIL. If the main thread has meanwhile begun finalizing the interpreter
+# (a script that just ends, as a Trainer's or an accelerate user's does), CPython ends the
+# waiting thread with pthread_exit inside that destructor, which is noexcept: std::terminate,
+# "terminate called without an active exception". Returning only once the backend has let go
+# leaves nothing of ours for a backend thread to drop at exit. DDP's all-reduces inside
+# backward() have the same exposure with any optimizer, torch AdamW included; that one is
+# torch's, and shutdown_distributed() closes it (docs/distributed.md, "To leave").
+
+#: how long a collective waits for the backend's thread to let go of its tensors before it
+#: stops waiting (for that backend, for the rest of the process) with a warning
+SETTLE_TIMEOUT_S = 1.0
+_CAN_SETTLE = hasattr(torch.Tensor, "_use_count")
+_settle_off: set[str] = set()
+_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
+
+
+def _handed(tensors, backend: str = "") -> list[tuple[torch.Tensor, int]]:
+    """The CPU tensors about to be handed to a collective, each with its root when it is a view
+    (a backend's own views of it hold that), paired with their use counts now. CUDA tensors are
+    left out: NCCL's watchdog releases its Work on its own schedule (about every 100 ms), too
+    slow to wait for at every collective."""
+    if not _CAN_SETTLE or backend in _settle_off:
+        return []
+    pairs = []
+    for t in tensors:
+        if t.device.type != "cpu":
+            continue
+        pairs.append((t, t._use_count()))
+        base = t._base
+        if base is not None:
+            pairs.append((base, base._use_count()))
+    return pairs
+
+
+def _still_held(pairs) -> bool:
+    return any(t._use_count() > n for t, n in pairs)
+
+
+def settle(pairs, backend: str = "") -> None:
+    """Return once no thread of the backend holds any tensor of ``pairs`` (from
+    :func:`_handed` before the collective) any more: their use counts are back where they were.
+    Usually they already are; otherwise the backend's thread is waiting for the GIL to drop them,
+    and it gets it here (this releases the GIL while it waits: tens of microseconds)."""
+    if not pairs or not _still_held(pairs):
+        return
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    tries = 0
+    while _still_held(pairs):
+        if time.monotonic() > deadline:
+            _settle_off.add(backend)
+            warnings.warn(f"shardgrok: the {backend or 'process group'} backend still held a "
+                          f"collective's tensors {SETTLE_TIMEOUT_S:g} s after it completed; no "
+                          "longer waiting for it (docs/distributed.md, 'To leave')",
+                          RuntimeWarning, stacklevel=3)
+            return
+        if tries < 200:
+            _yield()  # releases the GIL; the backend's thread is usually right there to take it
+        else:
+            time.sleep(1e-4)
+        tries += 1
+
+
 def _all_gather_single(out: torch.Tensor, send: torch.Tensor, group) -> None:
     # torch 2.13 names it all_gather_single; earlier releases all_gather_into_tensor (looked up
     # per call, so a wrapper installed on torch.distributed sees it)
@@ -152,12 +222,20 @@ class GroupReducer:
         dev = self.device_for(t.device, group)
         return t if t.device == dev else t.to(dev)
 
+    def _run(self, collective, tensors, *args, group, backend_of=_OWN, **kwargs) -> None:
+        """``collective(*args, group=group, **kwargs)``, returning once the backend's worker
+        thread has let go of ``tensors`` (what it was handed): see :func:`settle`."""
+        backend = self._backend(backend_of)
+        pairs = _handed(tensors, backend)
+        collective(*args, group=group, **kwargs)
+        settle(pairs, backend)
+
     def all_reduce_(self, buf: torch.Tensor, scalars: int = 0) -> torch.Tensor:
         """Sum ``buf`` over the group. Its last ``scalars`` entries are per-rank inputs (losses,
         signals, flags) that must be summed over every data-parallel rank; the rest are
         per-tensor sums over the shard group. Here the two groups are the same."""
         work = self._on_device(buf)
-        dist.all_reduce(work, group=self.group)
+        self._run(dist.all_reduce, (work,), work, group=self.group)
         if work is not buf:
             buf.copy_(work)
         return buf
@@ -166,7 +244,7 @@ class GroupReducer:
         """Sum only the last ``scalars`` entries of ``buf`` over ``group``."""
         if scalars:
             tail = self._on_device(buf[buf.numel() - scalars:].clone(), group)
-            dist.all_reduce(tail, group=group)
+            self._run(dist.all_reduce, (tail,), tail, group=group, backend_of=group)
             buf[buf.numel() - scalars:] = tail.to(buf.device)
         return buf
 
@@ -212,7 +290,7 @@ class GroupReducer:
         for flat, a, e in pieces:
             buf[at:at + e - a].copy_(flat[a:e])
             at += e - a
-        dist.all_reduce(buf, group=self.group)
+        self._run(dist.all_reduce, (buf,), buf, group=self.group)
         if scale != 1.0:
             buf.mul_(scale)
         at = 0
@@ -234,7 +312,7 @@ class GroupReducer:
         o, s = self._on_device(out), self._on_device(send)
         # the single-tensor form: NCCL's list form stages through a flat buffer of its own (an
         # extra bucket and a device copy per call)
-        _all_gather_single(o, s, group=self.group)
+        self._run(_all_gather_single, (o, s), o, s, group=self.group)
         if o is not out:
             out.copy_(o)
 
@@ -245,12 +323,12 @@ class GroupReducer:
         data = list(pickle.dumps(obj))
         size = torch.tensor([len(data)], dtype=torch.int64, device=device)
         sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
-        dist.all_gather(sizes, size, group=self.group)
+        self._run(dist.all_gather, (size, *sizes), sizes, size, group=self.group)
         width = int(max(sizes))
         buf = torch.zeros(width, dtype=torch.uint8, device=device)
         buf[:len(data)] = torch.tensor(data, dtype=torch.uint8)
         bufs = [torch.empty_like(buf) for _ in range(self.world_size)]
-        dist.all_gather(bufs, buf, group=self.group)
+        self._run(dist.all_gather, (buf, *bufs), bufs, buf, group=self.group)
         return [pickle.loads(bytes(b[:int(n)].tolist())) for b, n in zip(bufs, sizes)]
 
     def _global(self, group_rank: int) -> int:
@@ -263,7 +341,7 @@ class GroupReducer:
             with torch.no_grad():
                 for t in tensors:
                     work = self._on_device(t.data)
-                    dist.broadcast(work, src=src, group=self.group)
+                    self._run(dist.broadcast, (work,), work, src=src, group=self.group)
                     if work is not t.data:
                         t.data.copy_(work)
 
