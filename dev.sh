@@ -21,6 +21,11 @@ fi
 # kernel (about a minute on 2 cores); every later process reuses them from here.
 case "$VENV" in /*) venv_dir="$VENV" ;; *) venv_dir="$PWD/$VENV" ;; esac
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$venv_dir/torch_extensions}"
+# As if the environment were activated: every process, and every subprocess a test starts, then
+# finds the same pinned ninja. A system ninja of another version keeps a log ninja of the pinned
+# version reads as stale, and each switch between the two rebuilt the whole kernel (~40 s, a few
+# times per suite run).
+export PATH="$venv_dir/bin:$PATH"
 
 cmd="${1:-}"
 shift || true
