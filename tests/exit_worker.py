@@ -35,6 +35,9 @@ ap.add_argument("--switch-interval", type=float, default=None)
 ap.add_argument("--no-settle", action="store_true",
                 help="experiments only: collectives return without waiting for the backend to "
                      "let go of their tensors (the behaviour before the fix)")
+ap.add_argument("--then-shutdown", action="store_true",
+                help="end the way the launch scripts do: drop the model and the optimizer, then "
+                     "shardgrok.shutdown_distributed() (the control for torch's own exposure)")
 args = ap.parse_args()
 
 if args.no_settle:
@@ -113,4 +116,7 @@ held = sum(train_step(check=True) for _ in range(args.steps - 1))
 # finish before the interpreter finalizes and hide the race this script is about
 print(f"exit_worker rank {rank}: collectives {n_collectives} held {held}", flush=True)
 train_step(check=False)
-# ... and the script ends right after the last step: no destroy_process_group
+if args.then_shutdown:
+    del model, net, opt
+    shardgrok.shutdown_distributed()
+# ... else the script ends right after the last step: no destroy_process_group
