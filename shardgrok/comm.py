@@ -114,8 +114,8 @@ _yield = getattr(os, "sched_yield", lambda: time.sleep(0))
 def _handed(tensors, backend: str = "") -> list[tuple[torch.Tensor, int]]:
     """The CPU tensors about to be handed to a collective, each with its root when it is a view
     (a backend's own views of it hold that), paired with their use counts now. CUDA tensors are
-    left out: NCCL's watchdog releases its Work on its own schedule (about every 100 ms), too
-    slow to wait for at every collective."""
+    left out: NCCL's watchdog thread releases its Work on its own schedule, too slow to wait
+    for at every collective."""
     if not _CAN_SETTLE or backend in _settle_off:
         return []
     pairs = []
@@ -137,7 +137,8 @@ def settle(pairs, backend: str = "") -> None:
     """Return once no thread of the backend holds any tensor of ``pairs`` (from
     :func:`_handed` before the collective) any more: their use counts are back where they were.
     Usually they already are; otherwise the backend's thread is waiting for the GIL to drop them,
-    and it gets it here (this releases the GIL while it waits: tens of microseconds)."""
+    and it gets it here (this releases the GIL while it waits: benchmarks/settle.py measured
+    about 50 microseconds per collective on average)."""
     if not pairs or not _still_held(pairs):
         return
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
@@ -222,12 +223,13 @@ class GroupReducer:
         dev = self.device_for(t.device, group)
         return t if t.device == dev else t.to(dev)
 
-    def _run(self, collective, tensors, *args, group, backend_of=_OWN, **kwargs) -> None:
-        """``collective(*args, group=group, **kwargs)``, returning once the backend's worker
-        thread has let go of ``tensors`` (what it was handed): see :func:`settle`."""
-        backend = self._backend(backend_of)
+    def _run(self, collective, tensors, *args, group=_OWN, **kwargs) -> None:
+        """``collective(*args, group=group, **kwargs)`` (this reducer's group unless given),
+        returning once the backend's worker thread has let go of ``tensors`` (what it was
+        handed): see :func:`settle`."""
+        backend = self._backend(group)
         pairs = _handed(tensors, backend)
-        collective(*args, group=group, **kwargs)
+        collective(*args, group=self.group if group is _OWN else group, **kwargs)
         settle(pairs, backend)
 
     def all_reduce_(self, buf: torch.Tensor, scalars: int = 0) -> torch.Tensor:
@@ -235,7 +237,7 @@ class GroupReducer:
         signals, flags) that must be summed over every data-parallel rank; the rest are
         per-tensor sums over the shard group. Here the two groups are the same."""
         work = self._on_device(buf)
-        self._run(dist.all_reduce, (work,), work, group=self.group)
+        self._run(dist.all_reduce, (work,), work)
         if work is not buf:
             buf.copy_(work)
         return buf
@@ -244,7 +246,7 @@ class GroupReducer:
         """Sum only the last ``scalars`` entries of ``buf`` over ``group``."""
         if scalars:
             tail = self._on_device(buf[buf.numel() - scalars:].clone(), group)
-            self._run(dist.all_reduce, (tail,), tail, group=group, backend_of=group)
+            self._run(dist.all_reduce, (tail,), tail, group=group)
             buf[buf.numel() - scalars:] = tail.to(buf.device)
         return buf
 
@@ -290,7 +292,7 @@ class GroupReducer:
         for flat, a, e in pieces:
             buf[at:at + e - a].copy_(flat[a:e])
             at += e - a
-        self._run(dist.all_reduce, (buf,), buf, group=self.group)
+        self._run(dist.all_reduce, (buf,), buf)
         if scale != 1.0:
             buf.mul_(scale)
         at = 0
@@ -312,7 +314,7 @@ class GroupReducer:
         o, s = self._on_device(out), self._on_device(send)
         # the single-tensor form: NCCL's list form stages through a flat buffer of its own (an
         # extra bucket and a device copy per call)
-        self._run(_all_gather_single, (o, s), o, s, group=self.group)
+        self._run(_all_gather_single, (o, s), o, s)
         if o is not out:
             out.copy_(o)
 
@@ -323,12 +325,12 @@ class GroupReducer:
         data = list(pickle.dumps(obj))
         size = torch.tensor([len(data)], dtype=torch.int64, device=device)
         sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
-        self._run(dist.all_gather, (size, *sizes), sizes, size, group=self.group)
+        self._run(dist.all_gather, (size, *sizes), sizes, size)
         width = int(max(sizes))
         buf = torch.zeros(width, dtype=torch.uint8, device=device)
         buf[:len(data)] = torch.tensor(data, dtype=torch.uint8)
         bufs = [torch.empty_like(buf) for _ in range(self.world_size)]
-        self._run(dist.all_gather, (buf, *bufs), bufs, buf, group=self.group)
+        self._run(dist.all_gather, (buf, *bufs), bufs, buf)
         return [pickle.loads(bytes(b[:int(n)].tolist())) for b, n in zip(bufs, sizes)]
 
     def _global(self, group_rank: int) -> int:
@@ -341,7 +343,7 @@ class GroupReducer:
             with torch.no_grad():
                 for t in tensors:
                     work = self._on_device(t.data)
-                    self._run(dist.broadcast, (work,), work, src=src, group=self.group)
+                    self._run(dist.broadcast, (work,), work, src=src)
                     if work is not t.data:
                         t.data.copy_(work)
 

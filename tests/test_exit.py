@@ -13,7 +13,6 @@ held some).
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import subprocess
@@ -26,6 +25,7 @@ import pytest
 import torch
 
 import shardgrok.comm as C
+from multirank import worker_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "exit_worker.py"
@@ -34,19 +34,13 @@ needs_use_count = pytest.mark.skipif(not C._CAN_SETTLE,
                                      reason="this torch has no Tensor._use_count")
 
 
-def _env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items()
-         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    e.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
-    return e
-
-
 @needs_use_count
 def test_ddp_script_that_just_ends_exits_cleanly():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(WORKER), "--steps", "8", "--switch-interval", "1.0"]
+    env = dict(worker_env(), PYTHONFAULTHANDLER="1")
     for attempt in range(2):
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env(), cwd=ROOT)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
         where = f"run {attempt}: exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
         assert "terminate called" not in p.stderr, where
         assert p.returncode == 0, where
