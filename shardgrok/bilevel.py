@@ -26,39 +26,11 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from . import metanet as M
-from .layouts.base import local_tensor
+from .placement import host_copy, local_tensor
 from .reference import ACC
 
 if TYPE_CHECKING:
     from .optim.supergrok import SuperGrok
-
-
-def host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A new CPU copy of ``t``. From CUDA it is page-locked and queued on the current stream
-    without a host sync: device work queued after it (the look-ahead overwriting ``t``, the
-    copy back) is ordered after it, but the host must call :func:`host_ready` before reading
-    it."""
-    t = t.detach()
-    if t.device.type == "cpu":
-        return t.clone(memory_format=torch.contiguous_format)
-    cuda = t.device.type == "cuda"
-    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=cuda)
-    out.copy_(t, non_blocking=cuda)
-    return out
-
-
-def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` moved to the CPU as :func:`host_copy` does, or ``t`` itself if it is there already
-    (for a tensor just made, whose device memory goes when it does)."""
-    if t is None or t.device.type == "cpu":
-        return t
-    return host_copy(t)
-
-
-def host_ready() -> None:
-    """Wait for the copies :func:`host_copy` queued, before the host reads them."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.current_stream().synchronize()
 
 
 def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],

@@ -31,17 +31,6 @@ CHECKPOINT_FORMAT = 1
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "mu")
 
 
-def to_cpu(obj: Any) -> Any:
-    """A copy of a (nested) state dict with every tensor on the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
 def extra_of(sd: dict[str, Any]) -> dict[str, Any] | None:
     """The ``"shardgrok"`` entry of a state dict (None if it has none)."""
     groups = sd.get("param_groups") if isinstance(sd, dict) else None

@@ -33,7 +33,7 @@ import warnings
 
 import torch
 
-from ..bilevel import host_copy, host_ready, to_host
+from ..placement import host_copy, host_ready, to_host
 from ..comm import GroupReducer, ReplicatedReducer
 from ..layouts.base import Segment, TensorRef
 from ..layouts.local import autograd_validation_grads, averaged_validation_grads, whole

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..placement import to_device
 from . import build
 
 _state: dict = {"tried": False, "ext": None, "reason": None, "origin": None}
@@ -82,16 +83,6 @@ def status() -> dict:
         info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         info["arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the GPUs present"
     return info
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` (a host tensor) on ``device`` without a host sync: through pinned memory, copied
-    on the current stream (torch's pinned allocator keeps the host block until the copy ends)."""
-    if device.type == "cpu" or t.device == device:
-        return t
-    if not t.is_pinned():
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 class CudaLaunches:

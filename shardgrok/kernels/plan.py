@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layouts.fsdp import is_dtensor
+from ..placement import is_dtensor, to_device
 
 
 class KernelUnsupported(Exception):
@@ -49,7 +49,6 @@ class TensorInfo:
             return t
         key = (name, device)
         if key not in self._copies:
-            from .cuda import to_device
             self._copies[key] = to_device(t, device)
         return self._copies[key]
 

@@ -13,7 +13,8 @@ index they belong to). The math never looks past a segment; the reduction never 
 """
 from ..comm import LocalReducer, default_reducer
 from .base import Layout, Segment, TensorRef
-from .fsdp import FSDP1Layout, FSDP2Layout, is_dtensor, is_fsdp1
+from ..placement import is_dtensor
+from .fsdp import FSDP1Layout, FSDP2Layout, is_fsdp1
 from .local import LocalLayout
 from .zero import ZeroLayout
 

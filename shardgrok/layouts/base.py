@@ -6,13 +6,6 @@ from typing import Any, Callable, Protocol
 import torch
 
 
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The storage this rank holds for ``t``: a DTensor's local shard, else ``t`` itself
-    (detached, so in-place updates are not recorded by autograd)."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t.detach()
-
-
 @dataclass(frozen=True)
 class TensorRef:
     """One original parameter tensor of the model: its global index (optimizer order, the same

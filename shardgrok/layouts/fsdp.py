@@ -20,12 +20,9 @@ import torch
 
 from ..checkpoint import STATE_KEYS
 from ..comm import GroupReducer, MeshReducer
-from .base import Segment, TensorRef, local_tensor, verify_same_on_every_rank
+from ..placement import is_dtensor, local_tensor
+from .base import Segment, TensorRef, verify_same_on_every_rank
 from .local import PerTensorLayout, check_val_loss, tensor_layers
-
-
-def is_dtensor(p: torch.Tensor) -> bool:
-    return hasattr(p, "device_mesh") and hasattr(p, "placements") and hasattr(p, "to_local")
 
 
 def is_flat_param(p: torch.Tensor) -> bool:

@@ -25,13 +25,10 @@ import torch
 from .. import _validation as V
 from ..checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, checked_extra,
                           without_extra)
-from ..checkpoint import to_cpu as _to_cpu
 from .. import kernels as K
-from ..kernels.cuda import to_device
 from ..kernels.plan import FusedPlan, KernelUnsupported, TensorInfo
 from ..layouts import Segment, TensorRef, select_layout
-from ..layouts.base import local_tensor
-from ..layouts.fsdp import is_dtensor
+from ..placement import is_dtensor, local_tensor, to_cpu, to_device
 from ..reference import ACC
 
 
@@ -565,7 +562,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         if to is not None:
             V.integer(0, self._reducer.world_size - 1)("to", to)
         sd = self._layout.full_state(self, self.state_dict(), to)
-        return None if sd is None else _to_cpu(sd)
+        return None if sd is None else to_cpu(sd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`: a full one (:meth:`full_state_dict`,

@@ -7,7 +7,7 @@ import torch
 
 from .. import _validation as V
 from .. import reference as R
-from ..kernels.cuda import to_device
+from ..placement import to_device
 from .base import GrokOptimizerBase, StepInputs
 
 SignalFn = Callable[[], Any]

@@ -11,7 +11,7 @@ from .. import reference as R
 from ..bilevel import meta_gradient
 from ..metanet import SimpleMetaNet, check_elementwise, masked_grad, rescale_of
 from ..metanet_table import build_table, is_tabulable, kernel_arrays
-from ..kernels.cuda import to_device
+from ..placement import to_device
 from .base import GrokOptimizerBase, StepInputs
 from .grokadamw import GROKADAMW_SPECS
 
