@@ -69,7 +69,7 @@ def main(argv=None):
     for label, opt, losses in cases:
         step = (lambda o=opt, kw=losses: o.step(**(kw or {})))
         step()
-        plan = opt._fused_plan()
+        plan = opt._driver.plan(opt)
         aux = opt._kernel_inputs(plan) if losses else {}
         kind = opt.KERNEL_KIND
         p1 = median_ms(lambda: (plan.resolve(), plan.plan.phase1(kind, **aux)))

@@ -75,7 +75,7 @@ def test_sums_follow_the_host_model_bit_for_bit(cuda_ext, ext):
     opt = make_opt("grokadamw", params, "kernel")
     for p, g in zip(params, normal_grads(params, 0)):
         p.grad = g.cuda()
-    plan = opt._fused_plan()
+    plan = opt._driver.plan(opt)
     assert plan.resolve()
     n = len(sizes)
     buf = torch.zeros(2 * n, dtype=torch.float64, device="cuda")

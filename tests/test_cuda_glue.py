@@ -116,7 +116,7 @@ def run_glue(ext, name, sizes, steps, **kw):
     for t in range(steps):
         for p, g in zip(params, normal_grads(params, t)):
             p.grad = g
-        plan = opt._fused_plan()
+        plan = opt._driver.plan(opt)
         if plan.cuda is None:  # route this plan's phases through the glue
             plan.cuda = CudaLaunches(emulated, ext, plan.plan, plan.n_tensors, plan.device)
         opt.step()
@@ -159,7 +159,7 @@ def test_glue_with_tensors_without_gradients(ext):
     for t in range(2):
         grads = normal_grads(params, t)
         params[0].grad, params[1].grad, params[2].grad = grads[0], None, grads[2]
-        plan = opt._fused_plan()
+        plan = opt._driver.plan(opt)
         if plan.cuda is None:
             plan.cuda = CudaLaunches(emulated, ext, plan.plan, plan.n_tensors, plan.device)
         opt.step()

@@ -41,7 +41,7 @@ from torch import nn
 
 import shardgrok.kernels as K
 from shardgrok import GrokAdamW, SimpleMetaNet, SuperGrok
-from shardgrok.metanet_table import build_table, is_tabulable, kernel_arrays
+from shardgrok.metanet.table import build_table, is_tabulable, kernel_arrays
 
 from helpers import meta_net
 

@@ -26,7 +26,7 @@ from shardgrok import reference as R
 from shardgrok.metanet import SimpleMetaNet
 
 from helpers import meta_net
-from shardgrok.metanet_table import build_table, evaluate, kernel_arrays
+from shardgrok.metanet.table import build_table, evaluate, kernel_arrays
 
 F32 = torch.float32
 F64 = torch.float64

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import scenarios as S
 import shardgrok
-import shardgrok.bilevel
+import shardgrok.metanet.bilevel
 import shardgrok.comm as C
 from dist_worker import AllocationTracker
 from helpers import batch, toy, two_groups
@@ -152,13 +152,13 @@ def test_meta_step_keeps_its_copy_on_the_host_and_restores_exactly(shard, reques
     params = [p for g in opt.param_groups for p in g["params"]]
     before = [p.detach().clone() for p in params]
     copies = []
-    original = shardgrok.bilevel.host_copy
+    original = shardgrok.metanet.bilevel.host_copy
 
     def recording(t):
         c = original(t)
         copies.append((t, c))
         return c
-    monkeypatch.setattr(shardgrok.bilevel, "host_copy", recording)
+    monkeypatch.setattr(shardgrok.metanet.bilevel, "host_copy", recording)
     moved = []
 
     def closure():
@@ -213,8 +213,8 @@ def test_cuda_meta_step_saves_to_pinned_host_memory(monkeypatch):
     model, opt, val = _meta_setup(device="cuda")
     before = [p.detach().clone() for p in model.parameters()]
     copies = []
-    original = shardgrok.bilevel.host_copy
-    monkeypatch.setattr(shardgrok.bilevel, "host_copy",
+    original = shardgrok.metanet.bilevel.host_copy
+    monkeypatch.setattr(shardgrok.metanet.bilevel, "host_copy",
                         lambda t: copies.append(original(t)) or copies[-1])
     opt.meta_step(val)
     assert copies and all(c.device.type == "cpu" and c.is_pinned() for c in copies)

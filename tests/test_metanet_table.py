@@ -1,4 +1,4 @@
-"""The meta-net's piecewise-linear table (shardgrok/metanet_table.py) against the MLP itself.
+"""The meta-net's piecewise-linear table (shardgrok/metanet/table.py) against the MLP itself.
 
 The oracle is ``net.net`` run as a plain MLP, in float64 for the table's exactness and in float32
 for the rounding level the fp32 kernel arrays are held to.
@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from shardgrok.metanet import SimpleMetaNet
-from shardgrok.metanet_table import (KernelArrays, PiecewiseLinear, branchless_search,
+from shardgrok.metanet.table import (KernelArrays, PiecewiseLinear, branchless_search,
                                      build_table, evaluate, is_tabulable, kernel_arrays)
 
 F64 = torch.float64

@@ -22,9 +22,14 @@ those are :data:`RECOMMENDED`, measured in docs/grokking.md.
 from __future__ import annotations
 
 import ast
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
+from torch import nn
+
+from ..gradfilters import gradfilter_ema
+from ..optim import GrokAdamW, SuperGrok
 
 NAMES = ("adamw", "adam", "adam+ema", "grokadamw", "supergrok", "supergrok+meta")
 # keywords the loop reads itself; the rest go to the optimizer
@@ -40,6 +45,36 @@ RECOMMENDED = {
     "supergrok": "supergrok:kappa=0,alpha_init=0.9,weight_decay=3.0",
     "supergrok+meta": "supergrok+meta:weight_decay=3.0,meta_every=20",
 }
+
+
+@dataclass
+class Recipe:
+    """How a run builds its optimizer and what it adds to the plain loop
+    (:func:`recipe_for` makes one from a spec).
+
+    ``make_opt(model, signal)`` returns the optimizer (``signal()`` is the latest
+    ``(val - train) / train``, or None).
+    ``after_backward(model)`` runs between backward and the step (a gradient filter).
+    ``meta_every``: a SuperGrok ``meta_step`` on a validation batch every N steps (0: never).
+    """
+
+    make_opt: Callable[[nn.Module, Callable[[], Any]], Any]
+    after_backward: Callable[[nn.Module], None] | None = None
+    meta_every: int = 0
+
+
+def layer_param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Param groups with ``layer_index``: embeddings 0, block i at i + 1, final LN + head last.
+
+    GrokAdamW and SuperGrok decay beta1 per layer, ``beta1 * (1 - gamma)^l``; without groups
+    ``l`` is the tensor's position (30 tensors here: beta1 ~0.05 for the head).
+    """
+    groups = [{"params": [model.tok.weight, model.pos.weight], "layer_index": 0}]
+    for i, block in enumerate(model.blocks):
+        groups.append({"params": list(block.parameters()), "layer_index": i + 1})
+    groups.append({"params": [*model.ln_f.parameters(), *model.head.parameters()],
+                   "layer_index": len(model.blocks) + 1})
+    return groups
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -70,12 +105,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def recipe_for(spec: str, cfg):
-    """The training loop's :class:`~shardgrok.demo.task.Recipe` for one spec.
+    """The training loop's :class:`Recipe` for one spec.
 
     In a job with more than one rank AdamW is torch's ZeroRedundancyOptimizer over AdamW, so its
     state is sharded like GrokAdamW's and SuperGrok's (which shard by themselves)."""
-    import shardgrok
-    from .task import Recipe, layer_param_groups
 
     name, overrides = parse_spec(spec)
     kw = dict(overrides)
@@ -103,13 +136,13 @@ def recipe_for(spec: str, cfg):
         alpha, lamb = own.get("alpha", 0.98), own.get("lamb", 2.0)
 
         def ema(model):
-            shardgrok.gradfilter_ema(model, state, alpha=alpha, lamb=lamb)
+            gradfilter_ema(model, state, alpha=alpha, lamb=lamb)
         return Recipe(make_opt=make, after_backward=ema)
     if name == "grokadamw":
         def make(m, s):
-            return shardgrok.GrokAdamW(params(m), grokking_signal_fn=s if own.get("signal") else None,
+            return GrokAdamW(params(m), grokking_signal_fn=s if own.get("signal") else None,
                                        **common, **kw)
         return Recipe(make_opt=make)
     meta_every = int(own.get("meta_every", 100)) if name == "supergrok+meta" else 0
-    return Recipe(make_opt=lambda m, s: shardgrok.SuperGrok(params(m), **common, **kw),
+    return Recipe(make_opt=lambda m, s: SuperGrok(params(m), **common, **kw),
                   meta_every=meta_every)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .recipes import RECOMMENDED, parse_spec
+from .recipes import RECOMMENDED, parse_spec, recipe_for
 
 OPTIMIZERS = ("adamw", "grokadamw", "supergrok")   # the demo's three, at RECOMMENDED settings
 
@@ -152,21 +152,6 @@ def make_model(cfg: DemoConfig) -> Transformer:
     return Transformer(cfg.p + 2, cfg.p, 4, cfg.width, cfg.depth, cfg.heads)
 
 
-# ---------------------------------------------------------------------------------------- optimizers
-def layer_param_groups(model: Transformer) -> list[dict[str, Any]]:
-    """Param groups with ``layer_index``: embeddings 0, block i at i + 1, final LN + head last.
-
-    GrokAdamW and SuperGrok decay beta1 per layer, ``beta1 * (1 - gamma)^l``; without groups
-    ``l`` is the tensor's position (30 tensors here: beta1 ~0.05 for the head).
-    """
-    groups = [{"params": [model.tok.weight, model.pos.weight], "layer_index": 0}]
-    for i, block in enumerate(model.blocks):
-        groups.append({"params": list(block.parameters()), "layer_index": i + 1})
-    groups.append({"params": [*model.ln_f.parameters(), *model.head.parameters()],
-                   "layer_index": len(model.blocks) + 1})
-    return groups
-
-
 # ---------------------------------------------------------------------------------------- training
 def _world() -> tuple[int, int]:
     """(rank, world size) of the default process group, (0, 1) without one."""
@@ -202,22 +187,6 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, file=sys.stderr)
 
 
-@dataclass
-class Recipe:
-    """How a run builds its optimizer and what it adds to the plain loop
-    (:func:`shardgrok.demo.recipes.recipe_for` makes one from a spec).
-
-    ``make_opt(model, signal)`` returns the optimizer (``signal()`` is the latest
-    ``(val - train) / train``, or None).
-    ``after_backward(model)`` runs between backward and the step (a gradient filter).
-    ``meta_every``: a SuperGrok ``meta_step`` on a validation batch every N steps (0: never).
-    """
-
-    make_opt: Callable[[nn.Module, Callable[[], Any]], Any]
-    after_backward: Callable[[nn.Module], None] | None = None
-    meta_every: int = 0
-
-
 def _num(x: float) -> float | None:
     return None if x != x else x
 
@@ -248,8 +217,6 @@ def train_one(spec: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
     evaluates its part of the validation set; the sums are added in the same order as one
     process adds them, so every rank sees the same accuracy, stops at the same step, and (at the
     same thread count) trains what one process trains bit for bit."""
-    from .recipes import recipe_for
-
     name = parse_spec(spec)[0]
     recipe = recipe_for(spec, cfg)
     targets = tuple(sorted(targets)) if targets else (cfg.target,)

@@ -39,15 +39,6 @@ class _EngineSharded(PerTensorLayout):
 
     sharded = True
 
-    def state_like(self, p):
-        return p
-
-    def post_step(self, optimizer) -> None:
-        pass
-
-    def meta_params(self, optimizer) -> list[torch.Tensor]:
-        return [p for g in optimizer.param_groups for p in g["params"]]
-
     def validation_grads(self, optimizer, val_closure):
         params = self.meta_params(optimizer)
         train = [p.grad for p in params]
@@ -71,12 +62,6 @@ class _EngineSharded(PerTensorLayout):
             out.append(torch.zeros_like(s.param).reshape(-1) if v is None
                        else s.take(local_tensor(v)))
         return out
-
-    def export_state(self, optimizer, sd, extra) -> None:
-        pass
-
-    def import_state(self, optimizer, sd, extra) -> dict:
-        return sd
 
     def full_state(self, optimizer, sd, to):
         raise TypeError(

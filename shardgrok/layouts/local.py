@@ -1,10 +1,12 @@
+"""Whole tensors on this process (:class:`LocalLayout`, the single-process path and the oracle),
+what the per-tensor layouts share, and the meta-step's validation gradients by autograd."""
 from __future__ import annotations
 
 import torch
 
 from ..checkpoint import check_full_state
 from ..comm import LocalReducer
-from .base import Segment, TensorRef
+from .base import Layout, Segment, TensorRef
 
 
 def tensor_layers(optimizer: torch.optim.Optimizer):
@@ -38,28 +40,11 @@ def whole(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class PerTensorLayout:
+class PerTensorLayout(Layout):
     """Shared by the layouts where each optimizer parameter is one original tensor."""
-
-    #: the engine object driving the optimizer, when one swaps its parameters (DeepSpeed)
-    engine = None
-
-    def groups(self, optimizer) -> list[dict]:
-        return optimizer.param_groups
-
-    def new_round(self, optimizer) -> bool:
-        return True
 
     def tensors(self, optimizer) -> list[TensorRef]:
         return [TensorRef(i, layer, gi, p) for i, layer, gi, _, p in tensor_layers(optimizer)]
-
-    def plan_pieces(self, optimizer) -> list:
-        """Every local piece, with or without a gradient now (the kernel's cached plan)."""
-        return self.pieces(optimizer, with_grad=False)
-
-    def plan_key(self, optimizer) -> tuple:
-        """What, beyond the param groups and the state, the plan depends on."""
-        return ()
 
     def _with_grad(self, optimizer, with_grad: bool):
         name = type(optimizer).__name__
@@ -80,27 +65,11 @@ class LocalLayout(PerTensorLayout):
     def __init__(self, reducer=None):
         self.reducer = reducer or LocalReducer()
 
-    def add_group(self, optimizer, group_index: int) -> None:
-        pass
-
-    def verify(self, optimizer, groups: range | None = None) -> None:
-        pass
-
-    def state_like(self, p: torch.Tensor) -> torch.Tensor:
-        return p
-
     def pieces(self, optimizer, with_grad: bool = True) -> list[Segment]:
         return [Segment(ref.index, ref.layer, ref.group, p, p.grad, optimizer.state[p], p, whole)
                 for ref, p in self._with_grad(optimizer, with_grad)]
 
-    def post_step(self, optimizer) -> None:
-        pass
-
     # ------------------------------------------------------------------ meta-step
-    def meta_params(self, optimizer) -> list[torch.Tensor]:
-        """The parameters the meta-step's look-ahead moves and restores."""
-        return [p for g in optimizer.param_groups for p in g["params"]]
-
     def validation_grads(self, optimizer, val_closure):
         tensors = [p for p in self.meta_params(optimizer) if p.grad is not None]
         return autograd_validation_grads(tensors, val_closure)
@@ -109,9 +78,6 @@ class LocalLayout(PerTensorLayout):
         return averaged_validation_grads(self.reducer, raw, segs)
 
     # ------------------------------------------------------------------ checkpoints
-    def export_state(self, optimizer, sd, extra) -> None:
-        pass
-
     def import_state(self, optimizer, sd, extra) -> dict:
         if extra.get("sharding") is not None:
             s = extra["sharding"]
@@ -120,9 +86,6 @@ class LocalLayout(PerTensorLayout):
                 f"{s['world_size']} and this optimizer is not sharded; merge all ranks' shards "
                 "with shardgrok.consolidate_state_dict(shards) and load the result")
         check_full_state(sd, [ref.param for ref in self.tensors(optimizer)])
-        return sd
-
-    def full_state(self, optimizer, sd, to):
         return sd
 
 

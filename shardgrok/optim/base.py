@@ -1,24 +1,13 @@
-"""What GrokAdamW and SuperGrok share: argument checks, eager state, the two-phase step with its
-one reduction, the backend choice, the non-finite policy, and the checkpoint extras.
+"""What GrokAdamW and SuperGrok share, apart from the step itself: argument checks, param groups
+and their eager state, the layout they are placed by (and its switch when an engine takes the
+optimizer over), inspection, checkpoints and pickling.
 
-A step (DESIGN.md §2)::
-
-    phase 1   per-tensor partial sums of this rank's pieces, writes nothing
-              (kernel: one call over every segment of a cached plan; reference: per segment)
-    buf     = [stats | present | flags | scalars]   # losses / signals / failure / bad input
-    reducer.all_reduce_(buf)                         # the one collective (identity on one process)
-    if a rank failed: raise everywhere; if non-finite: skip or raise  # nothing written yet
-    table   = per-tensor scalars [n, len(COLUMNS)] decided from the reduced sums, as tensors
-    phase 2   the update in place from that table (kernel: one call; reference: per segment)
-    layout.post_step(opt)                            # ZeRO-1 all-gather where needed
-
-The backend rule is in :mod:`shardgrok.kernels`.
+``step()`` hands over to :class:`shardgrok.optim.step.StepDriver`, which runs the two-phase step
+with its one reduction and calls back into the subclass for the math.
 """
 from __future__ import annotations
 
-import sys
-import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -26,10 +15,12 @@ from .. import _validation as V
 from ..checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, checked_extra,
                           without_extra)
 from .. import kernels as K
-from ..kernels.plan import FusedPlan, KernelUnsupported, TensorInfo
-from ..layouts import Segment, TensorRef, select_layout
-from ..placement import is_dtensor, local_tensor, to_cpu, to_device
+from ..kernels.plan import FusedPlan, TensorInfo
+from ..layouts import EngineWatch, LayoutSwitch, Segment, ZeroLayout, select_layout
+from ..layouts.select import on_build
+from ..placement import is_dtensor, local_tensor, to_cpu
 from ..reference import ACC
+from .step import StepDriver
 
 
 #: the dtypes ``state_dtype=`` may name; None picks per parameter (:meth:`state_dtype_for`)
@@ -37,16 +28,15 @@ STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _LOW = (torch.bfloat16, torch.float16)
 
 
-class StepInputs:
-    """Scalars a rank contributes to the reduction, and why its own inputs were rejected."""
-
-    def __init__(self, values: list[float], bad: str | None = None, cause: BaseException | None = None):
-        self.values = values
-        self.bad = bad
-        self.cause = cause
-
-
 class GrokOptimizerBase(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` whose state may be sharded and whose step is two-phase.
+
+    A subclass names its hyperparameter checks (``SPECS``), the per-tensor sums its phase 1
+    produces (``STATS``), the scalar inputs it reduces (``N_VALUES``) and its kernel
+    (``KERNEL_KIND``), and implements the math hooks :class:`~shardgrok.optim.step.StepDriver`
+    calls: ``_phase1``/``_kernel_phase1``, ``_decide``, ``_phase2``/``_kernel_phase2``.
+    """
+
     #: group hyperparameter -> check; run at construction, in add_param_group and at every step
     SPECS: dict[str, V.Check] = {}
     #: names of the per-tensor partial sums phase 1 produces
@@ -71,12 +61,8 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                              f"{allowed}, got {state_dtype!r}")
         self.state_dtype = state_dtype
         self.backend = K.choose_backend(backend)
-        self._plans: dict[tuple, Any] = {}   # plan key -> FusedPlan, or the reason for none
-        self._stepping_plan = None            # the plan of the step under way
-        self._warned_fallback = False
-        if "deepspeed" in sys.modules:  # let ZeRO accept us, however DeepSpeed got us
-            from ..integrations.deepspeed import register
-            register()
+        self._driver = StepDriver()
+        on_build(self)
         self.nonfinite = nonfinite
         self._shard_args = (shard, process_group)
         self._layout = None       # chosen from the first param group's tensors
@@ -88,20 +74,36 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         # the parameters as given, per group in order, and the whole group list: an engine may
         # swap the parameters (DeepSpeed's flat partitions) and narrow the list per call
         self._group_params: list[list[torch.Tensor]] = []
-        self._own_ids: set[int] = set()
-        self._own_groups_key: tuple | None = None  # _groups_key() when _own_ids last matched
         self._param_groups_full: list[dict] = []
         self._step_number = 0  # the optimizer step the current step() call belongs to
-        self._engine_checked = False
         self._consolidated = None  # whole m, v, mu for state_dict() (consolidate_state_dict)
         super().__init__(params, defaults)
         self._layout.verify(self)
+        self._engine_watch = EngineWatch(self)
         self._built = True
 
     @property
     def is_sharded(self) -> bool:
         """True when m, v and mu are split over the ranks of a process group."""
         return self._layout.sharded
+
+    # What a layout reads of the optimizer (shardgrok.layouts.base.Layout).
+    @property
+    def given_params(self) -> list[list[torch.Tensor]]:
+        """The parameters per group as the optimizer was built with them (an engine may put
+        others into ``param_groups``: DeepSpeed's flat partitions)."""
+        return self._group_params
+
+    @property
+    def all_param_groups(self) -> list[dict]:
+        """Every param group (DeepSpeed's ZeRO 1/2 narrows ``param_groups`` to the one group it
+        steps during each call)."""
+        return self._param_groups_full
+
+    @property
+    def shard_args(self) -> tuple:
+        """``(shard, process_group)`` as given at construction."""
+        return self._shard_args
 
     # ------------------------------------------------------------------ param groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -121,7 +123,6 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             self._reducer = self._layout.reducer
         super().add_param_group({**param_group, "params": params})
         self._group_params.append(list(params))
-        self._own_ids.update(id(p) for p in params)
         self._param_groups_full = self.param_groups
         gi = len(self.param_groups) - 1
         try:
@@ -130,11 +131,13 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             self._layout.add_group(self, gi)
         except Exception:
             self.param_groups.pop()  # leave the optimizer as it was
-            self._own_ids.difference_update(id(p) for p in self._group_params.pop())
+            self._group_params.pop()
             raise
         for p in self.param_groups[-1]["params"]:
             self._init_state(p)
-        self._plans.clear()
+        if self._built:
+            self._engine_watch.forget(self)
+        self._driver.clear()
 
     def state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
         """The dtype of optimizer parameter ``p``'s m, v and mu: ``state_dtype`` if one was
@@ -157,227 +160,42 @@ class GrokOptimizerBase(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ engines
     def _follow_engine(self, stepping: bool = False) -> None:
-        """Notice an engine driving this optimizer and adapt: DeepSpeed ZeRO 1-3 replace our
-        parameters with their flat partitions (switch to the layout that maps them back to the
-        original tensors); DeepSpeed without ZeRO keeps and checkpoints a replicated optimizer
-        (stop sharding). Checked at step, state_dict and load_state_dict, which the engine
-        calls; the search for a driving engine is settled by the first step."""
-        if self._layout.engine is not None:
-            return
-        # The full check is per tensor: run it only when a group's list looks different from
-        # the last one that passed (an engine puts new lists in; ZeRO 3 empties them).
-        groups_seen = self._groups_key()
-        if groups_seen != self._own_groups_key:
-            current = [p for g in self.param_groups for p in g["params"]]
-            # ZeRO 1/2 put flat partitions in; ZeRO 3 empties the groups between its steps
-            if len(current) != len(self._own_ids) or not all(id(p) in self._own_ids for p in current):
-                if self._adopt_sharded_parameters():
-                    return
-                from ..integrations.deepspeed import attach
-                attach(self)
-                self._plans.clear()
-                return
-            self._own_groups_key = groups_seen
-        if self._engine_checked or "deepspeed" not in sys.modules or not self.is_sharded:
-            return
-        from ..integrations.deepspeed import engine_driving
-        if engine_driving(self) is not None:
-            self._unshard()
-            self._engine_checked = True
-        elif stepping:
-            self._engine_checked = True
+        """Notice an engine driving this optimizer and switch to the layout it asks for
+        (:mod:`shardgrok.layouts.select`). Checked at step, state_dict, load_state_dict and
+        meta-step, which an engine calls."""
+        switch = self._engine_watch.check(self, self._layout, stepping)
+        if switch is not None:
+            self._use_layout(switch)
 
-    def _adopt_sharded_parameters(self) -> bool:
-        """accelerate's FSDP2 path shards the model after the optimizer was built and puts the
-        DTensor parameters into the param groups one for one (``fsdp2_switch_optimizer_
-        parameters``): before any step, start again on them (the layout FSDP2's placements
-        ask for, fresh state). False when the groups hold anything else."""
-        groups = [g["params"] for g in self.param_groups]
-        if (not all(ps and all(is_dtensor(p) for p in ps) for ps in groups)
-                or [len(ps) for ps in groups] != [len(ps) for ps in self._group_params]):
-            return False
+    def _use_layout(self, switch: LayoutSwitch) -> None:
+        """Start again on ``switch.layout``, before any step, with fresh state."""
         if self._global_step:
-            raise RuntimeError(f"{type(self).__name__}'s parameters were replaced by sharded "
-                               "ones after it took steps; shard the model before training")
-        self._group_params = [list(ps) for ps in groups]
-        self._own_ids = {id(p) for ps in self._group_params for p in ps}
-        self._layout = select_layout(self._group_params[0], *self._shard_args)
-        self._reducer = self._layout.reducer
+            raise RuntimeError(switch.too_late.format(name=type(self).__name__))
+        self._layout = switch.layout
+        self._reducer = switch.layout.reducer
         self.state.clear()
-        self._plans.clear()
+        self._driver.clear()
         self._consolidated = None
-        for gi in range(len(groups)):
-            self._layout.add_group(self, gi)
-        self._layout.verify(self)
-        for ps in self._group_params:
-            for p in ps:
-                self._init_state(p)
-        self._param_groups_full = self.param_groups
-        self._own_groups_key = self._groups_key()
-        return True
-
-    def _groups_key(self) -> tuple:
-        """What identifies the param groups' lists, cheaply: per group the list object, its
-        length and its first and last tensor (a list edited in place elsewhere goes unseen)."""
-        return tuple((id(ps), len(ps), id(ps[0]) if ps else 0, id(ps[-1]) if ps else 0)
-                     for ps in (g["params"] for g in self.param_groups))
-
-    def _unshard(self) -> None:
-        """Keep the whole state on every rank (before any step); the ranks' losses and signals
-        are still averaged."""
-        from ..comm import ReplicatedReducer
-        from ..layouts import LocalLayout
-        if self._global_step:
-            raise RuntimeError(f"{type(self).__name__} took steps before its engine took it over")
-        self._layout = LocalLayout(ReplicatedReducer(self._reducer.group))
-        self._reducer = self._layout.reducer
-        self.state.clear()
-        self._plans.clear()
-        for ps in self._group_params:
-            for p in ps:
-                self._init_state(p)
+        if switch.params is not None:
+            self._group_params = [list(ps) for ps in switch.params]
+            for gi in range(len(switch.params)):
+                self._layout.add_group(self, gi)
+            self._layout.verify(self)
+            self._param_groups_full = self.param_groups
+            self._engine_watch.forget(self)
+        for p in switch.owners:
+            self._init_state(p)
 
     # ------------------------------------------------------------------ the step
-    def _tensors(self) -> list[TensorRef]:
+    def _tensors(self) -> list:
         return self._layout.tensors(self)
 
     def _groups(self) -> list[dict]:
-        """All param groups. Usually ``param_groups``; DeepSpeed's ZeRO 1/2 narrows that list to
-        the one group it steps, so the layout keeps the whole list."""
+        """All param groups (the layout's view: an engine may narrow ``param_groups``)."""
         return self._layout.groups(self)
 
-    def _fused_plan(self) -> FusedPlan | None:
-        """This step's kernel plan, or None for the reference path (the rule in
-        :mod:`shardgrok.kernels`). Plans are cached by what they depend on."""
-        if self.backend == "reference":
-            return None
-        key = (self._layout.plan_key(self), self._groups_key(),
-               tuple(g.get("layer_index") for g in self.param_groups))
-        plan = self._plans.get(key)
-        if plan is None:
-            self._follow_devices()
-            ext = K.cpu_extension()
-            try:
-                if ext is None:
-                    raise KernelUnsupported(f"the CPU kernel is unavailable: {K.unavailable_reason()}")
-                plan = FusedPlan(ext, self, self._layout)
-            except KernelUnsupported as e:
-                plan = str(e)
-            if len(self._plans) > 16:  # DeepSpeed alternates a few keys; anything else is churn
-                self._plans.clear()
-            self._plans[key] = plan
-        if isinstance(plan, str):
-            if self.backend == "kernel":
-                raise RuntimeError(f"{type(self).__name__}(backend='kernel'): {plan}")
-            if not self._warned_fallback:
-                self._warned_fallback = True
-                K.warn_fallback(type(self).__name__, plan, stacklevel=5)
-            return None
-        return plan
-
-    def _step(self, closure: Callable[[], Any] | None, inputs: Callable[[], StepInputs]):
-        try:
-            return self._step_once(closure, inputs)
-        finally:
-            plan, self._stepping_plan = self._stepping_plan, None
-            if plan is not None:  # however the step ended: the plan lets go of the gradients
-                plan.plan.release()
-
-    def _step_once(self, closure, inputs):
-        self._consolidated = None  # it would describe the state before this step
-        self._follow_engine(stepping=True)
-        new_round = self._layout.new_round(self)
-        self._step_number = self._global_step + 1 if new_round else self._global_step
-        red = self._reducer
-        k = len(self.STATS)
-        loss, failure, plan, segs = None, None, None, []
-        try:
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            for group in self.param_groups:
-                V.validate(self.SPECS, group)
-            plan = self._fused_plan()
-            if plan is not None and not plan.resolve():  # the gradients, checked
-                self._plans.clear()  # a parameter's storage moved (p.data = ...)
-                plan = self._fused_plan()
-                if plan is not None and not plan.resolve():
-                    raise RuntimeError("a parameter's storage moved while building the plan")
-            self._stepping_plan = plan
-            if plan is not None:
-                info = plan.info
-                local_in = inputs()
-                # phase 1 writes its sums and the present flags straight into the buffer
-                buf = self._reduction_buffer(info.n, k, None, local_in, plan.device)
-                aux = self._kernel_phase1(plan, buf)
-            else:
-                self._follow_devices()  # the kernel's path does it when it (re)builds a plan
-                refs = self._tensors()
-                info = TensorInfo(refs)
-                segs = self._layout.pieces(self)
-                local_in = inputs()
-                stats, aux = self._phase1(segs, info.n)
-                buf = self._reduction_buffer(info.n, k, None, local_in, self._step_device())
-                buf[: info.n * k] = stats.reshape(-1)
-                buf[info.n * k: info.n * (k + 1)] = 0.0
-                buf[[info.n * k + s.index for s in segs]] = 1.0
-        except Exception as e:
-            if red.world_size == 1:
-                raise
-            # Still join the reduction, so the other ranks learn of the failure and raise too
-            # instead of waiting in the next collective.
-            failure, segs, aux, plan = e, [], None, None
-            info = TensorInfo(self._tensors())
-            local_in = StepInputs([0.0] * self.N_VALUES)
-            buf = self._reduction_buffer(info.n, k, failure, local_in, self._step_device())
-            buf[: info.n * (k + 1)] = 0.0
-        n = info.n
-        red.all_reduce_(buf, scalars=2 + self.N_VALUES)
-        stats = buf[: n * k].view(n, k)
-        # The step's one host sync: the present flags, the failure and bad-input counts, the
-        # reduced scalar inputs and whether every sum is finite, in one copy (none on the CPU).
-        head = torch.cat([buf[n * k:], torch.isfinite(stats).all().to(ACC).view(1)]).cpu()
-        present = head[:n] > 0
-        n_failed, n_bad = float(head[n]), float(head[n + 1])
-        values = head[n + 2:-1].tolist()
-        finite = bool(head[-1])
-
-        if n_failed:
-            if failure is not None:
-                raise failure
-            raise RuntimeError(f"{type(self).__name__}.step() failed on {int(n_failed)} other "
-                               "rank(s) (their own errors say why); no parameter or state was "
-                               "changed on this rank")
-        if n_bad or not finite:
-            shapes = plan.shapes if plan is not None else {s.index: tuple(s.param.shape) for s in segs}
-            self._reject(self._describe_bad(local_in, stats, shapes), local_in.cause)
-            return loss
-        if plan is not None:
-            steps = plan.plan.bump_steps(present)
-        else:
-            steps = self._bump_steps(refs, present)
-        if new_round:  # DeepSpeed calls step() once per param group: count the first call
-            self._global_step += 1
-        table, self._last_report = self._decide(info, stats, present, values, steps,
-                                                buf[n * k: n * k + n] > 0)
-        self._last_report["backend"] = "kernel" if plan is not None else "reference"
-        if plan is not None:
-            self._kernel_phase2(plan, table, aux)
-        else:
-            self._phase2(segs, table, aux)
-        self._layout.post_step(self)
-        return loss
-
-    def _reduction_buffer(self, n: int, k: int, failure, local_in: StepInputs,
-                          device: torch.device) -> torch.Tensor:
-        """The step's one reduction buffer, ``[stats n*k | present n | failed, bad, values]``,
-        on the parameters' device (NCCL reduces it there), with the tail filled (phase 1 fills
-        the rest). The tail comes from the host by an asynchronous copy."""
-        tail = [1.0 if failure is not None else 0.0, 1.0 if local_in.bad else 0.0,
-                *local_in.values]
-        buf = torch.empty(n * (k + 1) + len(tail), dtype=ACC, device=device)
-        buf[n * (k + 1):].copy_(to_device(torch.tensor(tail, dtype=ACC), device))
-        return buf
+    def _step(self, closure, inputs):
+        return self._driver.run(self, closure, inputs)
 
     def _step_device(self) -> torch.device:
         """Where this rank's step buffers live: its first parameter's device. Every path of a
@@ -404,17 +222,6 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                     if isinstance(t, torch.Tensor) and not is_dtensor(t) and t.device != device:
                         st[key] = t.to(device)
 
-    def _bump_steps(self, refs: list[TensorRef], present: torch.Tensor) -> torch.Tensor:
-        """Count this step for each optimizer parameter with a gradient somewhere (an FSDP1
-        FlatParameter holds several tensors, one counter); every tensor's count after it."""
-        stepped = {}
-        for ref in refs:
-            if present[ref.index]:
-                stepped[id(ref.param)] = ref.param
-        for p in stepped.values():
-            self.state[p]["step"] += 1
-        return torch.tensor([float(self.state[r.param]["step"]) for r in refs], dtype=ACC)
-
     def _phase1(self, segs: list[Segment], n: int) -> tuple[torch.Tensor, Any]:
         """Reference phase 1: per-tensor partial sums [n, len(STATS)] and what phase 2 reuses."""
         raise NotImplementedError
@@ -440,33 +247,6 @@ class GrokOptimizerBase(torch.optim.Optimizer):
 
     def _kernel_phase2(self, plan: FusedPlan, table: torch.Tensor, aux: Any) -> None:
         raise NotImplementedError
-
-    @staticmethod
-    def _scatter_stats(segs: list[Segment], partials: list[torch.Tensor], n: int,
-                       k: int) -> torch.Tensor:
-        stats = torch.zeros(n, k, dtype=torch.float64)
-        if segs:
-            idx = torch.tensor([s.index for s in segs])
-            stats.index_put_((idx,), torch.stack(partials).cpu(), accumulate=True)
-        return stats
-
-    # ------------------------------------------------------------------ non-finite policy
-    def _describe_bad(self, local_in: StepInputs, stats: torch.Tensor, shapes: dict) -> str:
-        if local_in.bad:
-            return local_in.bad
-        rows = (~torch.isfinite(stats)).any(1).nonzero().flatten().tolist()
-        if rows:
-            where = ", ".join(f"#{i} {shapes.get(i, '')}".strip() for i in rows[:8])
-            return f"non-finite gradient in parameter tensor(s) {where}{self.NONFINITE_NOTE}"
-        return "a non-finite input on another rank"
-
-    def _reject(self, reason: str, cause: BaseException | None) -> None:
-        name = type(self).__name__
-        if self.nonfinite == "raise":
-            raise FloatingPointError(f"{name}: {reason}; no parameter or state was changed") from cause
-        self._skipped_steps += 1
-        warnings.warn(f"{name}: {reason}; step skipped, parameters and state unchanged "
-                      f"({self._skipped_steps} skipped so far)", RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ inspection
     def get_global_step(self) -> int:
@@ -540,7 +320,6 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         Nothing to do, and nothing done, when the state is not ZeRO-sharded: one process,
         ``shard=False``, DeepSpeed (its engine saves every rank's partition) and FSDP (saved
         per rank with torch.distributed.checkpoint)."""
-        from ..layouts import ZeroLayout
         self._follow_engine()
         if to is not None:
             V.integer(0, self._reducer.world_size - 1)("to", to)
@@ -575,7 +354,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         rest = self._layout.import_state(self, without_extra(state_dict), extra)
         super().load_state_dict(rest)
         self._restore_state_dtype(rest)
-        self._plans.clear()  # torch.optim put new state tensors in
+        self._driver.clear()  # torch.optim put new state tensors in
         self._param_groups_full = self.param_groups  # torch.optim rebuilt the list
         self._load_extra_state(extra)
 
@@ -599,14 +378,18 @@ class GrokOptimizerBase(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults/state/param_groups; ours has more (global step,
-        # layout, meta-net), so copy and pickle keep the whole object, except the kernel plans:
-        # they hold this object's tensors (a copy builds its own at its next step).
+        # layout, meta-net), so copy and pickle keep the whole object, except the step driver:
+        # its kernel plans hold this object's tensors (a copy builds its own at its next step).
         state = self.__dict__.copy()
-        state["_plans"] = {}
+        state["_driver"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # what an older version pickled that now lives in the driver and the engine watch
+        for old in ("_plans", "_stepping_plan", "_warned_fallback", "_own_ids",
+                    "_own_groups_key", "_engine_checked"):
+            state.pop(old, None)
         super().__setstate__(state)
+        self._driver = StepDriver()
         # a copy's parameters are new objects: what it recognises as its own must follow
-        self._own_ids = {id(p) for ps in self._group_params for p in ps}
-        self._own_groups_key = None
+        self._engine_watch = EngineWatch(self)

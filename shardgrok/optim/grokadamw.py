@@ -8,7 +8,8 @@ import torch
 from .. import _validation as V
 from .. import reference as R
 from ..placement import to_device
-from .base import GrokOptimizerBase, StepInputs
+from .base import GrokOptimizerBase
+from .step import StepInputs, scatter_stats
 
 SignalFn = Callable[[], Any]
 
@@ -45,7 +46,7 @@ def _signal_fns(fns: SignalFn | Sequence[SignalFn] | None, fn: SignalFn | None) 
 
 
 class GrokAdamW(GrokOptimizerBase):
-    r"""AdamW with Grokfast's slow-gradient amplification (seed 000, DESIGN.md §1).
+    r"""AdamW with Grokfast's slow-gradient amplification (docs/algorithms.md).
 
     Per step, with GS the mean of the grokking signals (averaged over ranks)::
 
@@ -131,7 +132,7 @@ class GrokAdamW(GrokOptimizerBase):
         return StepInputs([sum(values) / len(values), 1.0])
 
     def _phase1(self, segs, n):
-        return self._scatter_stats(segs, [R.grokadamw_partial_stats(s.grad) for s in segs], n, 1), None
+        return scatter_stats(segs, [R.grokadamw_partial_stats(s.grad) for s in segs], n, 1), None
 
     def _kernel_phase1(self, plan, buf):
         plan.phase1(self.KERNEL_KIND, len(self.STATS), buf)
@@ -156,7 +157,7 @@ class GrokAdamW(GrokOptimizerBase):
         table = to_device(table, dev)
         # Under DeepSpeed the engine has clipped already (same formula, global): report its
         # coefficient, apply none.
-        if getattr(self._layout, "engine_clips", False):
+        if self._layout.engine_clips:
             coefs = self._layout.clip_coefficient() * torch.ones(len(groups), dtype=R.ACC, device=dev)
         else:
             coefs = R.clip_coefficients(to_device(per_group[:, 7].contiguous(), dev), norm_sq)

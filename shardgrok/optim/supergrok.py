@@ -8,11 +8,12 @@ from torch import nn
 
 from .. import _validation as V
 from .. import reference as R
-from ..bilevel import meta_gradient
-from ..metanet import SimpleMetaNet, check_elementwise, masked_grad, rescale_of
-from ..metanet_table import build_table, is_tabulable, kernel_arrays
+from ..metanet import bilevel
+from ..metanet.net import SimpleMetaNet, check_elementwise, masked_grad, rescale_of
+from ..metanet.table import build_table, is_tabulable, kernel_arrays
 from ..placement import to_device
-from .base import GrokOptimizerBase, StepInputs
+from .base import GrokOptimizerBase
+from .step import StepInputs, reject, scatter_stats
 from .grokadamw import GROKADAMW_SPECS
 
 SUPERGROK_SPECS: dict[str, V.Check] = {
@@ -45,7 +46,7 @@ def _init_adam_state(opt: torch.optim.Adam) -> None:
 
 class SuperGrok(GrokOptimizerBase):
     r"""GrokAdamW's AdamW base, a learned per-element gradient transform (NeuralGrok) and a
-    cosine-gated Grokfast amplification (seed 001, DESIGN.md §1).
+    cosine-gated Grokfast amplification (docs/algorithms.md).
 
     Per step, per tensor::
 
@@ -160,7 +161,7 @@ class SuperGrok(GrokOptimizerBase):
             h = masked_grad(self.meta_net, s.grad)
             hs.append(h)
             partials.append(R.supergrok_partial_stats(s.grad, h, s.state["mu"]))
-        return self._scatter_stats(segs, partials, n, len(self.STATS)), hs
+        return scatter_stats(segs, partials, n, len(self.STATS)), hs
 
     def _kernel_table(self):
         """The default meta-net's exact piecewise-linear table as the kernel's fp32 arrays, rebuilt
@@ -316,7 +317,17 @@ class SuperGrok(GrokOptimizerBase):
         if self.meta_optimizer is None:
             raise RuntimeError("SuperGrok.meta_step: meta_net has no trainable parameters")
         self.meta_optimizer.zero_grad(set_to_none=True)
-        return meta_gradient(self, val_closure, lookahead_lr)
+        self._follow_engine()
+        # An engine may keep the training gradients where the step does not see them before
+        # its step (DeepSpeed ZeRO): its layout then offers a view of the whole model.
+        layout = self._layout.meta_view(self)
+        if layout is self._layout and not any(p.grad is not None for p in layout.meta_params(self)):
+            raise RuntimeError("SuperGrok.meta_step needs the training gradients in p.grad; no "
+                               "parameter has a gradient (call loss.backward() first)")
+        loss = bilevel.meta_gradient(self, layout, self._groups(), val_closure, lookahead_lr)
+        if loss is None:
+            reject(self, "non-finite validation loss or gradient in meta_step", None)
+        return loss
 
     # ------------------------------------------------------------------ inspection
     def get_cached_alpha(self) -> float:

@@ -9,7 +9,7 @@ the norm correction, so with ``h = exp(f) * g`` and ``f = MLP(g)``::
 Here the module only maps each gradient element to its log-mask ``f``; the optimizer does the
 normalisation. Because ``f`` depends on one element at a time, a shard of a gradient can be
 transformed without the rest of the tensor, and the two per-tensor norms become sums that one
-all-reduce completes (DESIGN.md §1, SuperGrok 3).
+all-reduce completes (docs/algorithms.md, SuperGrok).
 
 ``f`` is clamped to ``[-LOG_MASK_LIMIT, LOG_MASK_LIMIT]``: a fixed, rank-independent shift that keeps
 ``exp(f)`` and ``(exp(f) * g)^2`` finite in fp32 without a max-reduction across shards.

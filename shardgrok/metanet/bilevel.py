@@ -1,6 +1,6 @@
 """SuperGrok's bilevel meta-net training: the one-step look-ahead hypergradient.
 
-Objective (DESIGN.md §1, SuperGrok 7): F(phi) = L_val(theta - lr * smart_phi(g)), with g the
+Objective (docs/algorithms.md, SuperGrok's meta-step): F(phi) = L_val(theta - lr * smart_phi(g)), with g the
 training gradient and smart_phi(g) = rescale * ||g|| * h / ||h||, h = exp(f_phi(g)) * g. Since
 theta' depends on phi only through smart,
 
@@ -21,31 +21,27 @@ and the meta-gradient contributions are summed over ranks.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
-from . import metanet as M
-from .placement import host_copy, local_tensor
-from .reference import ACC
-
-if TYPE_CHECKING:
-    from .optim.supergrok import SuperGrok
+from ..placement import host_copy, local_tensor
+from ..reference import ACC
+from . import net as M
 
 
-def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
+def meta_gradient(opt, layout, groups: list[dict], val_closure: Callable[[], torch.Tensor],
                   lookahead_lr: float | None) -> float | None:
+    """Fill ``opt.meta_net``'s ``.grad`` with the look-ahead hypergradient (summed over the
+    ranks) and return the look-ahead validation loss (mean over the ranks); None, with the
+    meta-net's gradients untouched, when that loss or the validation gradient is not finite.
+
+    ``layout`` is the optimizer's layout or the meta-step view it offers
+    (:meth:`shardgrok.layouts.base.Layout.meta_view`); ``groups`` the optimizer's param
+    groups (each piece's look-ahead ``lr``)."""
     net = opt.meta_net
-    opt._follow_engine()
-    # An engine may keep the training gradients where the step does not see them before its
-    # step (DeepSpeed ZeRO): its layout then offers a view of the whole model for the meta-step.
-    view = getattr(opt._layout, "meta_view", None)
-    layout = view(opt) if view is not None else opt._layout
     red = layout.reducer
     params = layout.meta_params(opt)
-    if not any(p.grad is not None for p in params) and view is None:
-        raise RuntimeError("SuperGrok.meta_step needs the training gradients in p.grad; no "
-                           "parameter has a gradient (call loss.backward() first)")
     segs = layout.pieces(opt)
     n = len(layout.tensors(opt))
 
@@ -59,14 +55,12 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
         red.all_reduce_(sums)
         g_norm, h_norm = sums[:, 0].sqrt(), sums[:, 1].sqrt()
         rescale = float(M.rescale_of(net))
-        groups = opt._groups()
         lrs = [float(groups[s.group]["lr"]) if lookahead_lr is None else lookahead_lr
                for s in segs]
         # What the look-ahead overwrites is put back from host copies, tensor by tensor (not
         # undone by adding the step back: theta - d + d is not theta in floating point). A view
         # that puts its own storage back (DeepSpeed ZeRO 3) keeps nothing here.
-        saved = [] if getattr(layout, "restores_itself", False) else \
-            [host_copy(local_tensor(p)) for p in params]
+        saved = [] if layout.restores_itself else [host_copy(local_tensor(p)) for p in params]
 
     failure, raw = None, None
     try:
@@ -87,9 +81,7 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
         with torch.no_grad():
             for p, p0 in zip(params, saved):
                 local_tensor(p).copy_(p0, non_blocking=p0.is_pinned())
-            restored = getattr(layout, "restore", None)  # storage the look-ahead wrote elsewhere
-            if restored is not None:
-                restored(opt)
+            layout.restore(opt)  # storage the look-ahead wrote elsewhere
     if red.world_size > 1:
         # Agree on failure before the next collective, so no rank waits for one that raised.
         flag = torch.tensor([0.0 if failure is None else 1.0], dtype=ACC)
@@ -110,8 +102,7 @@ def meta_gradient(opt: "SuperGrok", val_closure: Callable[[], torch.Tensor],
         red.all_reduce_(buf, scalars=1)
         loss_value = float(buf[n]) / red.dp_world_size
     if not torch.isfinite(buf).all():
-        opt._reject("non-finite validation loss or gradient in meta_step", None)
-        return None
+        return None  # the caller applies the non-finite policy
 
     device, dtype = M.net_device_dtype(net)
     dtype = torch.promote_types(dtype, torch.float32)

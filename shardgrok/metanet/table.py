@@ -3,7 +3,7 @@
 ``SimpleMetaNet`` maps one scalar ``x`` (a gradient element) through
 ``Linear(1, H) - ReLU - Linear(H, H) - ReLU - Linear(H, 1)`` to its log-mask ``f(x)``. Every layer
 is affine and every ReLU is piecewise linear, so ``f`` is a continuous piecewise-linear function
-of ``x`` (DESIGN.md §3, "SuperGrok's meta-net in the kernel"):
+of ``x`` (docs/kernels.md, "SuperGrok's meta-net in the kernel"):
 
 - layer-1 unit ``j`` has its kink at ``x = -b1[j] / w1[j]`` (none if ``w1[j] == 0``);
 - between two consecutive layer-1 kinks the set of active layer-1 units is fixed, so each
@@ -17,7 +17,7 @@ rounds it into the fp32 arrays the kernel reads (:func:`kernel_arrays`), and eva
 arrays exactly as the kernel does (:func:`evaluate`), which is the kernels' test oracle.
 
 The table is ``f`` itself, before the ``[-LOG_MASK_LIMIT, LOG_MASK_LIMIT]`` clamp of
-:func:`shardgrok.metanet.log_mask`; the kernel applies the clamp after the look-up.
+:func:`shardgrok.metanet.net.log_mask`; the kernel applies the clamp after the look-up.
 
 Kernel contract (what :func:`kernel_arrays` returns and :func:`evaluate` computes)::
 
@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from .metanet import SimpleMetaNet
+from .net import SimpleMetaNet
 
 # Pieces handled at once in build_table: keeps its (pieces, H) temporaries to a few MB even
 # for the H + H (H + 1) worst case of a large H.
