@@ -12,7 +12,6 @@ import torch
 from tests.support.paths import ROOT, load_script
 
 
-
 def test_step_benchmark_quick_run_writes_its_json(tmp_path):
     out = tmp_path / "step.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/step.py"), "--quick",

@@ -6,7 +6,6 @@ import sys
 from tests.support.paths import ROOT, load_script
 
 
-
 def test_the_grokking_page_shows_what_its_commands_print():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grokking_doc.py"), "--check"],
                        capture_output=True, text=True, timeout=600)
