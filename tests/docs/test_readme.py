@@ -1,18 +1,21 @@
-"""Every ```python block in README.md runs as written (each in a fresh namespace)."""
+"""Every ```python block in README.md and docs/usage.md runs as written (each in a fresh
+namespace): the examples a reader copies first."""
 import re
 
 import pytest
 
 from tests.support.paths import ROOT
 
-README = ROOT / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+PAGES = ("README.md", "docs/usage.md")
+BLOCKS = [(page, i, block) for page in PAGES
+          for i, block in enumerate(re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(),
+                                               re.S))]
 
 
 def test_readme_has_examples():
-    assert len(BLOCKS) >= 5
+    assert sum(page == "README.md" for page, _, _ in BLOCKS) >= 5
 
 
-@pytest.mark.parametrize("i", range(len(BLOCKS)))
-def test_readme_block_runs(i):
-    exec(compile(BLOCKS[i], f"README.md[python block {i}]", "exec"), {"__name__": "readme"})
+@pytest.mark.parametrize("page,i,block", BLOCKS, ids=[f"{p}[{i}]" for p, i, _ in BLOCKS])
+def test_readme_block_runs(page, i, block):
+    exec(compile(block, f"{page}[python block {i}]", "exec"), {"__name__": "readme"})
