@@ -192,7 +192,8 @@ def build_parser(prog: str, doc: str, default_rows, *, sizes: str, quick_sizes: 
                    help="time box per optimizer and size, warm-up included; a slower optimizer "
                         "times fewer steps (default 15)")
     p.add_argument("--threads", type=int, default=None,
-                   help=f"torch.set_num_threads (default torch.get_num_threads() = {torch.get_num_threads()})")
+                   help="torch.set_num_threads (default torch.get_num_threads() = "
+                        f"{torch.get_num_threads()})")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="parameter dtype (default fp32)" + dtype)
     p.add_argument("--only", type=parse_only, default=None,

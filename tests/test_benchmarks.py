@@ -91,7 +91,7 @@ def test_provenance_of_the_gpu_check_script(capsys):
     command = out.splitlines()[1]
     assert command.startswith("  command:  ") and command.endswith("bash benchmarks/gpu_check.sh --quick")
     script = (BENCH / "gpu_check.sh").read_text()
-    assert '"$PY" benchmarks/step_common.py bash benchmarks/gpu_check.sh "$@"' in script
+    assert 'header=$("$PY" benchmarks/step_common.py bash benchmarks/gpu_check.sh "$@")' in script
     assert "benchmarks/step_cuda.py --quick --json" in script and "benchmarks/step.py" not in script
 
 
@@ -241,13 +241,14 @@ def test_step_benchmark_cuda_mode_logic_on_a_cpu_stand_in(monkeypatch, capsys, t
     indices = []
     rc, stdout = _run_cuda_mode(
         monkeypatch, capsys, ["--quick", "--sizes", "200k/20,1M/20", "--copy-mib", "4",
-                              "--device", "cuda:0", "--threads", "1", "--json", str(out)],
+                              "--device", "cuda:0", "--json", str(out)],
         _CpuStandIn(), indices)
     assert rc == 0 and indices == [0]
     data = json.loads(out.read_text())
     assert data["header"]["device_name"] == "CPU stand-in" and data["header"]["torch"]
     # where it came from, with the GPU's name: in the JSON's header and the printed header
-    _check_provenance(data["header"], "benchmarks/step_cuda.py", threads=1, gpu="CPU stand-in")
+    _check_provenance(data["header"], "benchmarks/step_cuda.py", threads=torch.get_num_threads(),
+                      gpu="CPU stand-in")
     _check_provenance_lines(stdout, "  ")
     assert "  gpu:      CPU stand-in" in stdout
     assert data["copy_bandwidth"]["gbps"] > 0

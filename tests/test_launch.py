@@ -131,9 +131,10 @@ def test_scripts_import_their_common_module_from_their_own_folder(tmp_path):
     for script in sorted(LAUNCH.glob("train_*.py")):
         text = script.read_text()
         assert re.search(r"^import common$", text, re.M) and "sys.path" not in text, script
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     p = subprocess.run([sys.executable, str(LAUNCH / "train_single.py"), "--steps", "3"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                       env=env(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))))
+                       env=env(PYTHONPATH=path))
     assert p.returncode == 0 and "in 3 steps" in p.stdout, p.stderr[-3000:]
 
 
