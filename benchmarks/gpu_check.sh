@@ -5,17 +5,25 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
-PY="${PY:-python}"
+if [[ -z "${PY:-}" ]]; then
+  # some images have only python3
+  if command -v python >/dev/null 2>&1; then PY=python; else PY=python3; fi
+fi
 mkdir -p "$OUT"
 gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+# the provenance lines the benchmark's own files carry, at the top of the other two
+header=$("$PY" benchmarks/step_common.py bash benchmarks/gpu_check.sh "$@")
 {
-  date -u
+  echo "$header"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   "$PY" -m shardgrok.kernels
 } 2>&1 | tee "$OUT/gpu_${gpu}_status.txt"
-"$PY" -m pytest -q tests/test_cuda.py tests/test_cuda_host.py 2>&1 | tee "$OUT/gpu_${gpu}_tests.txt"
+{
+  echo "$header"
+  "$PY" -m pytest -q tests/test_cuda.py tests/test_cuda_host.py
+} 2>&1 | tee "$OUT/gpu_${gpu}_tests.txt"
 if [[ "${1:-}" == "--quick" ]]; then
-  "$PY" benchmarks/step.py --device cuda --quick --json "$OUT/step_${gpu}_quick.json" 2>&1 | tee "$OUT/step_${gpu}_quick.txt"
+  "$PY" benchmarks/step_cuda.py --quick --json "$OUT/step_${gpu}_quick.json" 2>&1 | tee "$OUT/step_${gpu}_quick.txt"
 else
-  "$PY" benchmarks/step.py --device cuda --json "$OUT/step_${gpu}.json" 2>&1 | tee "$OUT/step_${gpu}.txt"
+  "$PY" benchmarks/step_cuda.py --json "$OUT/step_${gpu}.json" 2>&1 | tee "$OUT/step_${gpu}.txt"
 fi

@@ -19,8 +19,11 @@ optimizer at its own defaults). ``lr``, ``betas`` and ``weight_decay`` default t
 The JSON holds the configuration, every run (its curve: step, validation accuracy and loss at
 each evaluation, training loss and accuracy averaged over the batches since the previous one,
 GrokAdamW's and SuperGrok's alpha, clipping coefficient and gate share at the last step; steps
-and seconds to each target) and per (operation, optimizer) the medians over seeds. ``--png`` draws validation accuracy against step (needs
-matplotlib: ``pip install -e .[demo]``).
+and seconds to each target) and per (operation, optimizer) the medians over seeds, and its
+``provenance`` (step_common.provenance: command line, git commit and whether the tree was
+dirty, date, CPU model, torch threads per run). ``--png`` draws validation accuracy against step
+(needs matplotlib: ``pip install -e .[demo]``), with the same provenance in the image's
+``Description`` text field.
 """
 from __future__ import annotations
 
@@ -37,9 +40,11 @@ from typing import Any
 
 import torch
 
+import step_common
 from shardgrok.demo.recipes import NAMES, parse_spec
 
 SCHEMA = "shardgrok.grokking/1"
+PROG = "benchmarks/grokking.py"
 
 
 # ---------------------------------------------------------------------------- one run
@@ -95,7 +100,7 @@ def summarise(runs: list[dict], targets: list[float]) -> list[dict]:
     return rows
 
 
-def plot(result: dict, path: str) -> None:
+def plot(result: dict, path: str, prov: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -122,7 +127,7 @@ def plot(result: dict, path: str) -> None:
     rows = -(-len(names) // 2)   # the legend below the panels, two columns
     fig.legend(handles, names, fontsize=7, loc="lower center", ncol=2, frameon=False)
     fig.tight_layout(rect=(0, 0.035 * rows + 0.02, 1, 1))
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Description": json.dumps(prov)})
 
 
 def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = None,
@@ -195,7 +200,8 @@ def diagnostics(runs: list[dict], only: list[str] | None = None) -> str:
 
 
 def report(paths: list[str], versus: list[str] | None, only: list[str] | None,
-           png: str | None, diag: bool = False, pool_ops: bool = False) -> int:
+           png: str | None, diag: bool = False, pool_ops: bool = False,
+           argv: list[str] | None = None) -> int:
     """``--report``: the markdown tables (and plot) of result files, without training."""
     runs, targets, config = [], None, None
     for path in paths:
@@ -214,7 +220,7 @@ def report(paths: list[str], versus: list[str] | None, only: list[str] | None,
             raise SystemExit(f"--report: no run of {spec!r} in {', '.join(paths)}")
     print(diagnostics(runs, only) if diag else markdown(runs, targets, versus, only))
     if png:
-        plot({"runs": runs, "config": config}, png)
+        plot({"runs": runs, "config": config}, png, step_common.provenance(PROG, argv))
         print(f"plot: {png}")
     return 0
 
@@ -223,7 +229,7 @@ def report(paths: list[str], versus: list[str] | None, only: list[str] | None,
 def build_parser() -> argparse.ArgumentParser:
     from shardgrok.demo.task import DemoConfig
     d = DemoConfig()
-    ap = argparse.ArgumentParser(prog="benchmarks/grokking.py", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--op", action="append", help='a formula in x and y mod p, e.g. "x*y", "x/y" '
                     '(repeatable; default x*y)')
@@ -270,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.report:
         return report(args.report, args.versus, args.only, args.png, args.diagnostics,
-                      args.pool_ops)
+                      args.pool_ops, argv)
     from shardgrok.demo.ops import parse_op
     ops = args.op or ["x*y"]
     specs = args.opt or list(NAMES)
@@ -296,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [{"config": {**base, "op": op, "seed": seed}, "spec": spec, "targets": targets,
              "threads": args.threads}
             for op in ops for seed in seeds for spec in specs]
+    prov = step_common.provenance(PROG, argv, threads=args.threads)
     t0 = time.perf_counter()
     runs = []
     ctx = mp.get_context("spawn")  # fresh interpreters: no torch thread state inherited
@@ -310,13 +317,12 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     runs.sort(key=lambda r: (ops.index(r["op"]), r["seed"], specs.index(r["spec"])))
     result = {"schema": SCHEMA,
-              "command": "python benchmarks/grokking.py " + " ".join(
-                  a if a.replace("_", "").replace("-", "").replace(".", "").replace(",", "").isalnum()
-                  else repr(a) for a in (argv if argv is not None else sys.argv[1:])),
+              "command": prov["command"],
               "config": {**base, "ops": ops, "seeds": seeds, "specs": specs, "targets": targets,
                          "jobs": args.jobs, "threads_per_job": args.threads},
               "machine": {"torch": torch.__version__, "python": platform.python_version(),
                           "cpus": os.cpu_count()},
+              "provenance": prov,
               "wall_time_s": time.perf_counter() - t0,
               "runs": runs, "summary": summarise(runs, targets)}
     print(f"\n{'op':<8} {'optimizer':<44} " + " ".join(
@@ -328,12 +334,11 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{'-' if st is None else int(st):>10} {'-' if sec is None else f'{sec:.0f}':>8}")
         print(f"{row['op']:<8} {row['spec']:<44} " + " ".join(cells))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        step_common.write_json(args.json, result)
         print(f"JSON: {args.json}")
     if args.png:
         try:
-            plot(result, args.png)
+            plot(result, args.png, prov)
             print(f"plot: {args.png}")
         except ImportError:
             print("plot skipped: matplotlib is not installed (pip install -e .[demo])",

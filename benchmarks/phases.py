@@ -4,27 +4,25 @@ same run. The rest of a step (the table of decisions, the step counters, the red
 is the whole step minus the two calls.
 
     python benchmarks/phases.py [--size 10M/100] [--threads N]
+
+The output starts with its provenance (step_common.provenance: command line, git commit and
+whether the tree was dirty, date, CPU model, thread count) as ``#`` lines.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+import step_common as C
 import shardgrok
 import shardgrok.reference as R
 
 
 def median_ms(fn, n=15):
     fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(C.timed_steps(fn, n))
 
 
 def scalar_table(n):
@@ -37,20 +35,28 @@ def scalar_table(n):
     return t
 
 
+def parse_size(text: str) -> tuple[str, int, int]:
+    sizes = C.parse_sizes(text)
+    if len(sizes) != 1:
+        raise argparse.ArgumentTypeError(f"one size, e.g. 10M/100, not {text!r}")
+    return sizes[0]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="10M/100", help="params/tensors, e.g. 10M/100 or 1M/300")
+    ap.add_argument("--size", type=parse_size, default="10M/100",
+                    help="params/tensors, e.g. 10M/100 or 1M/300")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args(argv)
-    total, n = args.size.split("/")
-    total = int(float(total.rstrip("Mk")) * (1e6 if total.endswith("M") else 1e3 if total.endswith("k") else 1))
-    n = int(n)
+    label, total, n = args.size
     torch.set_num_threads(args.threads)
+    isa = shardgrok.kernels.status()["cpu"]["isa"]
+    print("\n".join(C.provenance_lines(C.provenance("benchmarks/phases.py", argv), prefix="# ")))
     torch.manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(total // n) * 1e-2) for _ in range(n)]
+    ps = [torch.nn.Parameter(torch.randn(size) * 1e-2) for size in C.split_sizes(total, n)]
     for p in ps:
         p.grad = torch.randn_like(p) * 1e-2
-    print(f"{args.size} fp32, {args.threads} threads, kernel {shardgrok.kernels.status()['cpu']['isa']}")
+    print(f"{label} fp32, {args.threads} threads, kernel {isa}")
     f = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in ps], fused=True)
     for q, p in zip(f.param_groups[0]["params"], ps):
         q.grad = p.grad.clone()

@@ -3,17 +3,20 @@ docs/distributed.md "To leave") costs a sharded step: the median GrokAdamW step 
 without it, in alternating blocks of the same run.
 
     torchrun --standalone --nproc-per-node=2 benchmarks/settle.py [--blocks 6] [--steps 20]
+
+Rank 0's output starts with its provenance (step_common.provenance: command line, git commit
+and whether the tree was dirty, date, CPU model, thread count per rank) as ``#`` lines.
 """
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
+import step_common
 import shardgrok
 import shardgrok.comm as C
 
@@ -24,6 +27,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="timed steps per block")
     args = ap.parse_args(argv)
     info = shardgrok.init_distributed(backend="gloo")
+    if info.rank == 0:
+        prov = step_common.provenance("benchmarks/settle.py", argv)
+        print("\n".join(step_common.provenance_lines(prov, prefix="# ")), flush=True)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n)) for n in [100_000] * 10 + [1000] * 50]
     opt = shardgrok.GrokAdamW(params, lr=1e-3, shard=True)
@@ -53,7 +59,7 @@ def main(argv=None):
     C._CAN_SETTLE, C.settle = can, inner
     if info.rank == 0:
         n = sum(p.numel() for p in params)
-        print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        print(f"torch {torch.__version__}, "
               f"{info.world_size} ranks over gloo, {n / 1e6:.2f}M parameters in {len(params)} "
               f"tensors, {args.blocks} alternating blocks of {args.steps} steps per mode")
         for settle in (True, False):

@@ -7,36 +7,29 @@
 else in the config changes. SuperGrok's losses reach it through ``set_losses`` because
 ``engine.step()`` takes no arguments. Rank 0 prints the loss.
 """
-import argparse
-
 import deepspeed
 import torch
-import torch.distributed as dist
 from torch import nn
 
+import common
 import shardgrok
 
 
 def train(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=40)
+    ap = common.parser(__doc__, steps=40, optimizer=None, lr=None)
     ap.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
-    ap = deepspeed.add_config_arguments(ap)
-    args = ap.parse_args(argv)
+    args = deepspeed.add_config_arguments(ap).parse_args(argv)
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
+    model = common.mlp()
     engine, _, _, _ = deepspeed.initialize(args=args, model=model,
                                            model_parameters=model.parameters())
     opt = shardgrok.optimizer_of(engine)
-    g = torch.Generator().manual_seed(1 + rank)
-    x = torch.randn(64, 16, generator=g).to(engine.device)
-    y = x[:, :4].sum(1, keepdim=True)
+    x, y = common.toy_data(64, torch.Generator().manual_seed(1 + common.rank()), engine.device)
     xv, yv = x[:16], y[:16]
-    losses = []
-    for t in range(args.steps):
+
+    def step(t):
         loss = nn.functional.mse_loss(engine(x).float(), y)
         engine.backward(loss)
         if isinstance(opt, shardgrok.SuperGrok) and t % 5 == 0:
@@ -44,23 +37,13 @@ def train(argv=None):
                 val = nn.functional.mse_loss(engine(xv).float(), yv).item()
             opt.set_losses(train_loss=loss.item(), val_loss=val)
         engine.step()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(mean.item() / world)
-    if rank == 0:
-        print(f"{type(opt).__name__} via the DeepSpeed config (ZeRO stage "
-              f"{engine.zero_optimization_stage()}): loss {losses[0]:.4f} -> {losses[-1]:.4f} in "
-              f"{args.steps} steps (global step {opt.get_global_step()}); world size {world}",
-              flush=True)
+        return loss
 
-
-def main(argv=None):
-    result = train(argv)
-    # after train() returned, nothing holds the process group (the model, DDP/FSDP state and
-    # the optimizer are gone), so it can be destroyed without gloo aborting at exit
-    shardgrok.shutdown_distributed()
-    return result
+    losses = common.run_steps(step, args.steps)
+    common.report(f"{type(opt).__name__} via the DeepSpeed config (ZeRO stage "
+                  f"{engine.zero_optimization_stage()})", losses, opt.get_global_step())
+    return losses
 
 
 if __name__ == "__main__":
-    main()
+    common.run(train)

@@ -9,8 +9,6 @@ DTensor parameters and keeps m, v, mu as DTensors. ``--save DIR`` writes a
 torch.distributed.checkpoint of model and optimizer at the end; ``--resume DIR`` starts from
 one, at any world size. Rank 0 prints the loss.
 """
-import argparse
-
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -22,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-import shardgrok
+import common
 
 
 class Net(nn.Module):
@@ -30,7 +28,7 @@ class Net(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU())
                                     for _ in range(depth))
-        self.inp = nn.Linear(16, width)
+        self.inp = nn.Linear(common.FEATURES, width)
         self.out = nn.Linear(width, 1)
 
     def forward(self, x):
@@ -41,29 +39,24 @@ class Net(nn.Module):
 
 
 def train(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--optimizer", choices=("grokadamw", "supergrok"), default="supergrok")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap = common.parser(__doc__, lr=3e-3, save="write a torch.distributed.checkpoint here at the end",
+                       resume="start from a checkpoint written by --save (any world size)")
     ap.add_argument("--hsdp", type=int, default=0, metavar="REPLICAS",
                     help="HSDP with this many replicas (the world size must divide by it)")
     ap.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 sharded parameters")
-    ap.add_argument("--save", metavar="DIR")
-    ap.add_argument("--resume", metavar="DIR")
     args = ap.parse_args(argv)
 
-    info = shardgrok.init_distributed()
+    info, dev = common.init()
     rank, world = info.rank, info.world_size
     if not dist.is_initialized():  # one plain process: a 1-rank group, so FSDP2 still applies
         dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     if args.hsdp:
         if world % args.hsdp:
             raise SystemExit(f"--hsdp {args.hsdp}: the world size {world} must divide by it")
-        mesh = init_device_mesh(dev, (args.hsdp, world // args.hsdp),
+        mesh = init_device_mesh(dev.type, (args.hsdp, world // args.hsdp),
                                 mesh_dim_names=("replicate", "shard"))
     else:
-        mesh = init_device_mesh(dev, (world,))
+        mesh = init_device_mesh(dev.type, (world,))
 
     torch.manual_seed(0)
     model = Net().to(dev)
@@ -74,55 +67,33 @@ def train(argv=None):
         fully_shard(block, **kw)
     fully_shard(model, **kw)
 
-    if args.optimizer == "grokadamw":
-        opt = shardgrok.GrokAdamW(model.parameters(), lr=args.lr)
-    else:
-        opt = shardgrok.SuperGrok(model.parameters(), lr=args.lr, warmup_steps=10)
+    opt = common.make_optimizer(args.optimizer, model.parameters(), args.lr)
     if args.resume:
         sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
         dcp.load(sd, checkpoint_id=args.resume)
         set_model_state_dict(model, sd["model"])
         set_optimizer_state_dict(model, opt, sd["optim"])
 
-    g = torch.Generator().manual_seed(1 + rank)  # this rank's data
-    x = torch.randn(256, 16, generator=g).to(dev)
-    y = x[:, :4].sum(1, keepdim=True)
+    x, y = common.toy_data(256, torch.Generator().manual_seed(1 + rank), dev)  # this rank's data
     xv, yv = x[:32], y[:32]
-    losses = []
-    start = opt.get_global_step()
-    for t in range(start, start + args.steps):
+
+    def step(t):
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.mse_loss(model(x).float(), y)
         loss.backward()
-        if args.optimizer == "supergrok":
-            if t % 10 == 0:  # the meta-step evaluates the FSDP model itself
-                opt.meta_step(lambda: nn.functional.mse_loss(model(xv).float(), yv))
-            opt.step(train_loss=loss.item())
-        else:
-            opt.step()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(mean.item() / world)
+        # the meta-step evaluates the FSDP model itself
+        common.optimizer_step(opt, loss, t, meta_loss=lambda: nn.functional.mse_loss(model(xv).float(), yv))
+        return loss
 
+    losses = common.run_steps(step, args.steps, start=opt.get_global_step())
     if args.save:
         dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
                  checkpoint_id=args.save)
-    summary = opt.get_state_summary()
-    if rank == 0:
-        print(f"{args.optimizer} on FSDP2 ({'HSDP ' + str(mesh.shape) if args.hsdp else 'mesh ' + str(mesh.shape)}"
-              f"{', bf16' if args.bf16 else ''}): loss {losses[0]:.4f} -> {losses[-1]:.4f} in "
-              f"{args.steps} steps (global step {summary['global_step']}); world size {world}",
-              flush=True)
+    layout = f"HSDP {mesh.shape}" if args.hsdp else f"mesh {mesh.shape}"
+    common.report(f"{args.optimizer} on FSDP2 ({layout}{', bf16' if args.bf16 else ''})", losses,
+                  opt.get_global_step())
     return losses
 
 
-def main(argv=None):
-    result = train(argv)
-    # after train() returned, nothing holds the process group (the model, DDP/FSDP state and
-    # the optimizer are gone), so it can be destroyed without gloo aborting at exit
-    shardgrok.shutdown_distributed()
-    return result
-
-
 if __name__ == "__main__":
-    main()
+    common.run(train)

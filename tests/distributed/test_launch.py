@@ -125,6 +125,19 @@ def test_slurm_launch_line_maps_ranks():
     summary(outs[0], ntasks, 30)
 
 
+def test_scripts_import_their_common_module_from_their_own_folder(tmp_path):
+    """launch/common.py reaches the scripts by the folder Python puts first on sys.path, the
+    script's own, whatever the working directory; no script edits sys.path."""
+    for script in sorted(LAUNCH.glob("train_*.py")):
+        text = script.read_text()
+        assert re.search(r"^import common$", text, re.M) and "sys.path" not in text, script
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    p = subprocess.run([sys.executable, str(LAUNCH / "train_single.py"), "--steps", "3"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=env(PYTHONPATH=path))
+    assert p.returncode == 0 and "in 3 steps" in p.stdout, p.stderr[-3000:]
+
+
 FSDP2_LINE = re.compile(r"(\w+) on FSDP2 \(([^)]*\)[^)]*)\): loss ([\d.]+) -> ([\d.]+) in (\d+) "
                         r"steps \(global step (\d+)\); world size (\d+)")
 
