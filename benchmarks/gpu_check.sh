@@ -20,7 +20,7 @@ header=$("$PY" benchmarks/step_common.py bash benchmarks/gpu_check.sh "$@")
 } 2>&1 | tee "$OUT/gpu_${gpu}_status.txt"
 {
   echo "$header"
-  "$PY" -m pytest -q tests/test_cuda.py tests/test_cuda_host.py
+  "$PY" -m pytest -q tests/kernels/test_cuda.py tests/kernels/test_cuda_host.py
 } 2>&1 | tee "$OUT/gpu_${gpu}_tests.txt"
 if [[ "${1:-}" == "--quick" ]]; then
   "$PY" benchmarks/step_cuda.py --quick --json "$OUT/step_${gpu}_quick.json" 2>&1 | tee "$OUT/step_${gpu}_quick.txt"

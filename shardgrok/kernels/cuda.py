@@ -104,7 +104,7 @@ class CudaLaunches:
         self._table = None      # identity is the key, and a held object's id cannot be reused)
         self._segments = None  # this step's segment table on the device (phase 2 reuses it)
 
-    # A plan on the CPU goes through here only in tests (tests/test_cuda_glue.py runs this glue
+    # A plan on the CPU goes through here only in tests (tests/kernels/test_cuda_glue.py runs this glue
     # over CPU tensors with an emulated extension): no stream, no device switch.
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
