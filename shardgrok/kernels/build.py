@@ -182,13 +182,12 @@ def load(op: Op) -> Loaded:
 def _ahead_of_time(op: Op):
     try:
         ext = importlib.import_module(op.aot_module)
-    except ModuleNotFoundError as e:
-        if e.name != op.aot_module:
-            raise
-        return None
-    except ImportError as e:  # present but unloadable: built against another torch, say
-        warnings.warn(f"{op.aot_module} does not import ({e}); building just in time instead",
-                      UserWarning)
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == op.aot_module:
+            return None  # not built ahead of time: the default
+        # present but unloadable: built against another torch, say
+        warnings.warn(f"{op.aot_module} does not import ({type(e).__name__}: {e}); building "
+                      "just in time instead", UserWarning)
         return None
     if op.sources_present() and ext.digest != op.digest():
         warnings.warn(f"{op.aot_module} was built from other sources, flags, torch or "
