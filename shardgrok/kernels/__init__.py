@@ -16,6 +16,10 @@ torch has CUDA, on a CUDA device (csrc/cuda/, built just in time for the GPUs pr
 tensors spread over several devices go to the reference.
 ``SHARDGROK_CPU_ISA`` (``avx512``, ``avx2``, ``generic``) runs a lower instruction set than the
 best one the CPU has. ``python -m shardgrok.kernels`` reports what is built and in use.
+
+Both extensions are described in :mod:`shardgrok.kernels.build` (``build.CPU``, ``build.CUDA``)
+and loaded by its one ``load``; the names Python shares with them (kernel kinds, scalar-table
+columns) are read from the C++ headers by :mod:`shardgrok.kernels.header`, with no compiler.
 """
 from __future__ import annotations
 

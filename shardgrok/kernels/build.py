@@ -114,10 +114,10 @@ class Op:
             h.update((os.environ.get(var) or "").encode())
         return h.hexdigest()[:12]
 
-    def _args(self) -> dict:
+    def _args(self, digest: str) -> dict:
         """Compiler arguments with the digest baked in (as ``ext.digest``), so that a stale
         ahead-of-time build is recognised."""
-        flag = f"-DSHARDGROK_DIGEST={self.digest()}"
+        flag = f"-DSHARDGROK_DIGEST={digest}"
         args: dict[str, Any] = {"cxx": [*self.cflags, flag], "ld": list(self.ldflags)}
         if self.cuda_flags:
             args["nvcc"] = [*self.cuda_flags, flag]
@@ -129,9 +129,10 @@ class Op:
         extension)."""
         from torch.utils import cpp_extension
 
-        args = self._args()
+        digest = self.digest()
+        args = self._args(digest)
         return cpp_extension.load(
-            name=f"shardgrok_{self.name}_{self.digest()}",
+            name=f"shardgrok_{self.name}_{digest}",
             sources=[str(CSRC / f) for f in self.sources],
             extra_cflags=args["cxx"], extra_ldflags=args["ld"],
             extra_cuda_cflags=args.get("nvcc"), extra_include_paths=[str(CSRC)],
@@ -142,7 +143,7 @@ class Op:
         relative to setup.py)."""
         from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-        args = self._args()
+        args = self._args(self.digest())
         sources = [f"{csrc}/{f}" for f in self.sources]
         if self.cuda_flags:
             return CUDAExtension(self.aot_module, sources, include_dirs=[str(CSRC)],
