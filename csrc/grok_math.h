@@ -30,6 +30,11 @@ namespace sg {
 // Storage dtypes a segment's parameter, gradient or state may have.
 enum Dtype : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
 
+// The enums below (Column, Stat) and job.h's Kind are the one definition of these names:
+// shardgrok/kernels/header.py reads them from this text for the Python side (no compiler
+// needed), so keep each a plain list of enumerators, integer literals only, and Column and Stat
+// numbered 0, 1, ... up to their count.
+
 // Columns of the per-tensor scalar table phase 2 reads (one row per tensor, fp64, built by
 // shardgrok/reference.py's *_step_table from the reduced statistics).
 enum Column : int32_t {
@@ -49,8 +54,9 @@ enum Column : int32_t {
   N_COLUMNS
 };
 
-// Per-tensor sums phase 1 produces (SuperGrok order; GrokAdamW uses the first only). Must match
-// GROKADAMW_STATS / SUPERGROK_STATS in shardgrok/reference.py.
+// Per-tensor sums phase 1 produces (SuperGrok order; GrokAdamW uses the first only).
+// shardgrok/reference.py's GROKADAMW_STATS / SUPERGROK_STATS name them in this order (a test
+// holds them to this enum).
 enum Stat : int32_t { ST_GRAD_SQ = 0, ST_H_SQ, ST_H_MU, ST_H_GRAD, ST_MU_SQ, ST_MU_GRAD, N_STATS };
 
 // The range f(g) is clamped to before exp (metanet.LOG_MASK_LIMIT).

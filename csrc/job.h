@@ -33,6 +33,7 @@ struct Chunk {
   int64_t begin, size;
 };
 
+// The optimizer a step runs (shardgrok/kernels/header.py reads it: KERNEL_KINDS).
 enum Kind : int32_t { GROKADAMW = 0, SUPERGROK = 1 };
 
 // Chunk length: big enough that per-chunk overhead vanishes (CPU: a task; GPU: a block), small

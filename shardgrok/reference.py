@@ -1,8 +1,8 @@
-"""The reference math: one implementation of every formula in DESIGN.md §1, per tensor (or per
+"""The reference math: one implementation of every formula in docs/design.md, per tensor (or per
 local piece of a tensor). The optimizers call these on whatever local storage a layout hands them;
 the compiled kernels are tested against them.
 
-Two phases per step (DESIGN.md §2):
+Two phases per step (docs/design.md):
 - phase 1 reads gradients and state and returns per-tensor partial sums (fp64), never writing;
 - after one reduction of those sums, ``*_decide`` turns them into per-tensor scalars (gate, clip
   coefficient, smart-gradient scale), and phase 2 applies the update in place.
@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.header import COLUMNS
+
 ACC = torch.float64  # accumulator dtype for the per-tensor sums
 ALPHA_MAX = 1.0 - 1e-8
 
 
-# Columns of the per-tensor scalar table phase 2 reads, in csrc/grok_math.h's order (Column).
-COLUMNS = ("grad_scale", "alpha", "one_minus_alpha", "amp", "smart_scale", "beta1",
-           "one_minus_beta1", "beta2", "one_minus_beta2", "sqrt_bc2", "eps", "decay", "step_size")
+# COLUMNS: the per-tensor scalar table phase 2 reads, defined by csrc/grok_math.h (enum Column).
 COL = {name: i for i, name in enumerate(COLUMNS)}
 
 

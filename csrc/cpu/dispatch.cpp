@@ -61,5 +61,16 @@ Kernels kernels_for(Isa isa) {
   }
 }
 
+// A function-local static: initialised on first use, whatever the order in which the
+// translation units' statics are initialised.
+static Isa& active() {
+  static Isa isa = best_isa();
+  return isa;
+}
+
+Isa active_isa() { return active(); }
+
+void set_active_isa(Isa isa) { active() = isa; }
+
 }  // namespace cpu
 }  // namespace sg

@@ -12,6 +12,11 @@ bool isa_from_name(const char* name, Isa* out);
 Isa best_isa();
 Kernels kernels_for(Isa isa);
 
+// The instruction set the kernel runs with: best_isa() until set_active_isa (the module's
+// set_isa) picks another. One per process, like the library.
+Isa active_isa();
+void set_active_isa(Isa isa);
+
 }  // namespace cpu
 }  // namespace sg
 

@@ -1,4 +1,4 @@
-// The CUDA kernel of the two-call step (DESIGN.md §3): multi-tensor launches over the chunk
+// The CUDA kernel of the two-call step (docs/design.md): multi-tensor launches over the chunk
 // table, one block per chunk, the per-element math from ../grok_math.h (the lines the CPU
 // kernel and the host tests run). Build with --fmad=false (build.py): no multiply-add the
 // reference does not have.

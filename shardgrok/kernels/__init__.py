@@ -16,6 +16,10 @@ torch has CUDA, on a CUDA device (csrc/cuda/, built just in time for the GPUs pr
 tensors spread over several devices go to the reference.
 ``SHARDGROK_CPU_ISA`` (``avx512``, ``avx2``, ``generic``) runs a lower instruction set than the
 best one the CPU has. ``python -m shardgrok.kernels`` reports what is built and in use.
+
+Both extensions are described in :mod:`shardgrok.kernels.build` (``build.CPU``, ``build.CUDA``)
+and loaded by its one ``load``; the names Python shares with them (kernel kinds, scalar-table
+columns) are read from the C++ headers by :mod:`shardgrok.kernels.header`, with no compiler.
 """
 from __future__ import annotations
 
@@ -26,9 +30,7 @@ from . import build, cuda
 
 BACKENDS = ("auto", "kernel", "reference")
 ENV_BACKEND = "SHARDGROK_BACKEND"
-ENV_ISA = "SHARDGROK_CPU_ISA"
-
-_state: dict = {"tried": False, "ext": None, "reason": None, "origin": None}
+ENV_ISA = build.ENV_ISA
 
 
 def choose_backend(backend: str | None) -> str:
@@ -45,55 +47,23 @@ def choose_backend(backend: str | None) -> str:
 def cpu_extension():
     """The CPU extension module, built or loaded on first use; None if it cannot be had (see
     :func:`unavailable_reason`)."""
-    if not _state["tried"]:
-        _state["tried"] = True
-        ext, origin, reason = None, None, None
-        try:
-            from .. import _C_cpu as ext  # ahead-of-time build (setup.py)
-            origin = "ahead-of-time build (shardgrok._C_cpu)"
-            if build.sources_present() and ext.digest != build.digest():
-                warnings.warn("shardgrok._C_cpu was built from other sources than the csrc/ "
-                              "next to it; building those just in time instead", UserWarning)
-                ext = None
-        except ImportError:
-            pass
-        if ext is None:
-            if not build.sources_present():
-                reason = (f"no ahead-of-time build and no C++ sources at {build.CSRC} to build "
-                          "from (install from a source checkout, or build ahead of time with "
-                          "SHARDGROK_BUILD_KERNELS=1)")
-            else:
-                try:
-                    ext = build.build_cpu()
-                    origin = "just-in-time build (torch.utils.cpp_extension)"
-                except Exception as e:  # no compiler, no ninja, a compile error
-                    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-                    reason = f"building it failed: {type(e).__name__}: {lines[-1] if lines else e}"
-        if ext is not None:
-            isa = os.environ.get(ENV_ISA)
-            if isa:
-                try:
-                    ext.set_isa(isa)
-                except RuntimeError as e:
-                    ext, reason = None, f"{ENV_ISA}={isa}: {str(e).splitlines()[0]}"
-        _state.update(ext=ext, reason=reason, origin=origin)
-    return _state["ext"]
+    return build.load(build.CPU).ext
 
 
 def unavailable_reason() -> str | None:
     """Why the CPU kernel is not available (None when it is)."""
-    cpu_extension()
-    return _state["reason"]
+    return build.load(build.CPU).reason
 
 
 def status() -> dict:
     """What is built and in use, for ``python -m shardgrok.kernels`` and bug reports."""
-    ext = cpu_extension()
+    cpu = build.load(build.CPU)
+    ext = cpu.ext
     return {
-        "cpu": {"available": ext is not None, "origin": _state["origin"],
+        "cpu": {"available": ext is not None, "origin": cpu.origin,
                 "isa": ext.isa() if ext is not None else None,
                 "supported_isas": ext.supported_isas() if ext is not None else [],
-                "reason": _state["reason"]},
+                "reason": cpu.reason},
         "cuda": cuda.status(),
         "default_backend": choose_backend(None),
     }

@@ -1,6 +1,6 @@
 """The CUDA backend: the extension (csrc/cuda/) and the per-step launches of a plan on the GPU.
 
-The plan itself is the same C++ object as on the CPU (csrc/bindings.cpp): it holds the views,
+The plan itself is the same C++ object as on the CPU (csrc/plan.cpp): it holds the views,
 re-reads the gradients and hands out the tables the kernels read. What this module adds:
 
 - the chunk table and the per-tensor chunk index, copied to the GPU once per plan;
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from typing import Any
 
 import torch
@@ -25,61 +24,23 @@ import torch
 from ..placement import to_device
 from . import build
 
-_state: dict = {"tried": False, "ext": None, "reason": None, "origin": None}
-
-
-def _why_unavailable() -> str | None:
-    if torch.version.cuda is None:
-        return (f"this torch ({torch.__version__}) is built without CUDA; CUDA tensors take "
-                "the reference path")
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device"
-    return None
-
 
 def cuda_extension():
     """The CUDA extension, built (just in time, for the architectures of the GPUs present or
     ``TORCH_CUDA_ARCH_LIST``) or loaded on first use; None when it cannot be had
     (:func:`unavailable_reason` says why)."""
-    if not _state["tried"]:
-        _state["tried"] = True
-        ext, origin, reason = None, None, _why_unavailable()
-        if reason is None:
-            try:
-                from .. import _C_cuda as ext  # ahead-of-time build (setup.py)
-                origin = "ahead-of-time build (shardgrok._C_cuda)"
-                if build.cuda_sources_present() and ext.digest != build.cuda_digest():
-                    warnings.warn("shardgrok._C_cuda was built from other sources, flags or "
-                                  "TORCH_CUDA_ARCH_LIST than those here; building just in time "
-                                  "instead", UserWarning)
-                    ext = None
-            except ImportError:
-                ext = None
-            if ext is None and not build.cuda_sources_present():
-                reason = (f"no ahead-of-time build and no CUDA sources at {build.CSRC / 'cuda'} "
-                          "to build from (install from a source checkout, or build ahead of time "
-                          "with SHARDGROK_BUILD_KERNELS=1)")
-            elif ext is None:
-                try:
-                    ext = build.build_cuda()
-                    origin = "just-in-time build (torch.utils.cpp_extension, nvcc)"
-                except Exception as e:  # no nvcc, an unsupported architecture, a compile error
-                    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-                    reason = f"building it failed: {type(e).__name__}: {lines[-1] if lines else e}"
-        _state.update(ext=ext, reason=reason, origin=origin)
-    return _state["ext"]
+    return build.load(build.CUDA).ext
 
 
 def unavailable_reason() -> str | None:
-    cuda_extension()
-    return _state["reason"]
+    return build.load(build.CUDA).reason
 
 
 def status() -> dict:
-    ext = cuda_extension()
-    info: dict[str, Any] = {"available": ext is not None, "origin": _state["origin"],
-                            "reason": _state["reason"]}
-    if ext is not None:
+    loaded = build.load(build.CUDA)
+    info: dict[str, Any] = {"available": loaded.ext is not None, "origin": loaded.origin,
+                            "reason": loaded.reason}
+    if loaded.ext is not None:
         info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         info["arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the GPUs present"
     return info

@@ -1,6 +1,6 @@
 """The cached plan of a rank's step for the compiled kernel.
 
-Built from a layout's segments (DESIGN.md §2) the first time a step needs it and again only when
+Built from a layout's segments (docs/design.md) the first time a step needs it and again only when
 what it depends on changes: the layout, the param groups (added, or a group's list replaced),
 the state tensors (``load_state_dict``) or, under DeepSpeed, which flat partitions the current
 per-group call shows. Every step in between costs one cache lookup here and C++ for the rest:

@@ -1,0 +1,115 @@
+// Hooks only the tests call: the shared header's functions (exp, the fp16/bf16 conversions, the
+// meta-net's table search) and the CUDA kernel's summation order run on the host, and the
+// compiler's view of the header's enums.
+//
+// They ship in the CPU extension, not in a test-only one, because what they test is this very
+// build: the header compiled by the same compiler with the kernel's flags (-ffp-contract=off
+// changes bits), so a test of another build would not vouch for this one. They are small and
+// cost the step nothing; a second extension would cost every environment another build.
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>  // the tensor casters (see plan.cpp)
+
+#include <algorithm>
+#include <cctype>
+#include <string>
+
+#include "bindings.h"
+#include "cuda/order.h"
+#include "grok_math.h"
+#include "job.h"
+
+namespace {
+
+at::Tensor header_exp(const at::Tensor& x) {
+  auto in = x.to(at::kFloat).contiguous();
+  auto out = at::empty_like(in);
+  const float* a = in.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < in.numel(); ++i) o[i] = sg::exp_clamped(sg::clamp_log_mask(a[i]));
+  return out;
+}
+
+at::Tensor header_round(const at::Tensor& x, const std::string& to) {
+  TORCH_CHECK(to == "bf16" || to == "f16", "to must be bf16 or f16, got '", to, "'");
+  auto in = x.to(at::kFloat).contiguous();
+  auto out = at::empty_like(in);
+  const float* a = in.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < in.numel(); ++i)
+    o[i] = to == "bf16" ? sg::bf16_to_f32(sg::f32_to_bf16(a[i]))
+                        : sg::f16_to_f32(sg::f32_to_f16(a[i]));
+  return out;
+}
+
+at::Tensor header_table(const at::Tensor& x, const at::Tensor& bp, const at::Tensor& slopes,
+                        const at::Tensor& intercepts, int64_t size) {
+  TORCH_CHECK(size >= 1 && (size & (size - 1)) == 0, "table size must be a power of two, got ",
+              size);
+  for (const at::Tensor* t : {&bp, &slopes, &intercepts})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
+                "table arrays must be contiguous fp32 CPU tensors");
+  TORCH_CHECK(bp.numel() >= size - 1 && slopes.numel() >= size && intercepts.numel() >= size,
+              "table arrays shorter than its size ", size);
+  auto in = x.to(at::kFloat).contiguous();
+  auto out = at::empty_like(in);
+  sg::Table t{bp.data_ptr<float>(), slopes.data_ptr<float>(), intercepts.data_ptr<float>(),
+              (int32_t)size};
+  const float* a = in.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < in.numel(); ++i) o[i] = sg::table_log_mask(t, a[i]);
+  return out;
+}
+
+// The CUDA kernel's summation order (cuda/order.h) on the host: what the GPU's sums must equal.
+double cuda_order_sum(const at::Tensor& terms, int64_t group) {
+  TORCH_CHECK(group >= 1, "group must be >= 1");
+  auto t = terms.to(at::kDouble).contiguous();
+  return sg::cuda::strided_tree_sum(t.data_ptr<double>(), t.numel(), (int)group);
+}
+
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+}  // namespace
+
+// SG_ENTRY(d, COL_, ALPHA) sets d["alpha"] to sg::COL_ALPHA: the value is the compiler's, the
+// name the enumerator's own spelling, so tests/test_kernel_constants.py can hold
+// shardgrok/kernels/header.py's parse of the header text to both.
+#define SG_ENTRY(d, prefix, name) d[py::str(lower(#name))] = (int)sg::prefix##name
+
+void sg::bind_test_hooks(py::module_& m) {
+  m.def("header_exp", &header_exp);
+  m.def("header_round", &header_round);
+  m.def("header_table", &header_table);
+  m.def("cuda_order_sum", &cuda_order_sum, py::arg("terms"), py::arg("group"));
+  m.attr("CUDA_THREADS") = sg::cuda::THREADS;
+  m.attr("CUDA_GROUP") = sg::cuda::GROUP;
+
+  py::dict columns, stats, kinds;
+  SG_ENTRY(columns, COL_, GRAD_SCALE);
+  SG_ENTRY(columns, COL_, ALPHA);
+  SG_ENTRY(columns, COL_, ONE_MINUS_ALPHA);
+  SG_ENTRY(columns, COL_, AMP);
+  SG_ENTRY(columns, COL_, SMART_SCALE);
+  SG_ENTRY(columns, COL_, BETA1);
+  SG_ENTRY(columns, COL_, ONE_MINUS_BETA1);
+  SG_ENTRY(columns, COL_, BETA2);
+  SG_ENTRY(columns, COL_, ONE_MINUS_BETA2);
+  SG_ENTRY(columns, COL_, SQRT_BC2);
+  SG_ENTRY(columns, COL_, EPS);
+  SG_ENTRY(columns, COL_, DECAY);
+  SG_ENTRY(columns, COL_, STEP_SIZE);
+  SG_ENTRY(stats, ST_, GRAD_SQ);
+  SG_ENTRY(stats, ST_, H_SQ);
+  SG_ENTRY(stats, ST_, H_MU);
+  SG_ENTRY(stats, ST_, H_GRAD);
+  SG_ENTRY(stats, ST_, MU_SQ);
+  SG_ENTRY(stats, ST_, MU_GRAD);
+  SG_ENTRY(kinds, , GROKADAMW);
+  SG_ENTRY(kinds, , SUPERGROK);
+  m.attr("COLUMN_INDEX") = columns;
+  m.attr("STAT_INDEX") = stats;
+  m.attr("KIND_INDEX") = kinds;
+}
