@@ -185,7 +185,7 @@ SG_HD float clamp_log_mask(float f) {
 }
 
 // ------------------------------------------------------------------ the meta-net's table
-// SimpleMetaNet's log-mask is exactly piecewise linear in g (shardgrok/metanet_table.py builds
+// SimpleMetaNet's log-mask is exactly piecewise linear in g (shardgrok/metanet/table.py builds
 // the table). The search counts the breakpoints <= x: breakpoints sorted and padded with +inf,
 // `size` a power of two with at least one more slot than real breakpoints, pieces indexed by
 // the count (slopes/intercepts have size entries).

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.header import COLUMNS
+from .kernels.header import COLUMNS, STATS
 
 ACC = torch.float64  # accumulator dtype for the per-tensor sums
 ALPHA_MAX = 1.0 - 1e-8
@@ -171,8 +171,8 @@ def _in_math_dtype_update(fn):
     return wrapper
 
 
-# ---------------------------------------------------------------- GrokAdamW (seed 000)
-GROKADAMW_STATS = ("grad_sq",)
+# ---------------------------------------------------------------- GrokAdamW
+GROKADAMW_STATS = STATS[:1]  # csrc/grok_math.h, enum Stat: GrokAdamW sums the first only
 
 
 def grokadamw_partial_stats(grad: torch.Tensor) -> torch.Tensor:
@@ -190,10 +190,10 @@ def grokadamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Te
     adamw_(param, exp_avg, exp_avg_sq, g_hat, k)
 
 
-# ---------------------------------------------------------------- SuperGrok (seed 001)
+# ---------------------------------------------------------------- SuperGrok
 # Sums against the *previous* mu; the gate needs mu_t = a mu + (1 - a) g, whose inner products
 # are linear in these, so phase 1 needs no global value (alpha comes from rank-averaged losses).
-SUPERGROK_STATS = ("grad_sq", "h_sq", "h_mu", "h_grad", "mu_sq", "mu_grad")
+SUPERGROK_STATS = STATS  # csrc/grok_math.h, enum Stat
 
 
 def supergrok_partial_stats(grad: torch.Tensor, h: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:

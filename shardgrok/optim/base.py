@@ -44,7 +44,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
     #: number of scalar inputs (sums and counts) a rank adds to the reduction
     N_VALUES = 0
 
-    #: csrc kind code of this optimizer's kernel
+    #: this optimizer's kernel (csrc/job.h's enum Kind, read by shardgrok.kernels.header)
     KERNEL_KIND = -1
     #: what else than the gradient itself can make a tensor's sums non-finite
     NONFINITE_NOTE = ""

@@ -7,6 +7,7 @@ import torch
 
 from .. import _validation as V
 from .. import reference as R
+from ..kernels.header import KERNEL_KINDS
 from ..placement import to_device
 from .base import GrokOptimizerBase
 from .step import StepInputs, scatter_stats
@@ -90,7 +91,7 @@ class GrokAdamW(GrokOptimizerBase):
 
     SPECS = GROKADAMW_SPECS
     STATS = R.GROKADAMW_STATS
-    KERNEL_KIND = 0  # csrc/cpu/kernel.h: GROKADAMW
+    KERNEL_KIND = KERNEL_KINDS["grokadamw"]
     N_VALUES = 2  # signal sum, number of ranks with a signal
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

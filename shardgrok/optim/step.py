@@ -20,6 +20,8 @@ reduction buffer, the one host sync and the non-finite policy. The backend rule 
 """
 from __future__ import annotations
 
+import pathlib
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -32,6 +34,10 @@ from ..layouts import Segment, TensorRef
 from ..layouts.select import groups_key
 from ..placement import to_device
 from ..reference import ACC
+
+#: where a warning's frames are ours or torch's (torch.optim wraps step() in a hook and
+#: no_grad in another), not the user's
+_INSIDE = (str(pathlib.Path(__file__).resolve().parents[1]), str(pathlib.Path(torch.__file__).resolve().parent))
 
 #: plans kept per optimizer: DeepSpeed alternates a few keys (one per param group); more is churn
 MAX_PLANS = 16
@@ -85,7 +91,7 @@ class StepDriver:
                 raise RuntimeError(f"{type(opt).__name__}(backend='kernel'): {plan}")
             if not self._warned_fallback:
                 self._warned_fallback = True
-                K.warn_fallback(type(opt).__name__, plan, stacklevel=8)  # the caller of step()
+                K.warn_fallback(type(opt).__name__, plan, stacklevel=user_stacklevel() + 1)
             return None
         return plan
 
@@ -238,4 +244,15 @@ def reject(opt, reason: str, cause: BaseException | None) -> None:
         raise FloatingPointError(f"{name}: {reason}; no parameter or state was changed") from cause
     opt._skipped_steps += 1
     warnings.warn(f"{name}: {reason}; step skipped, parameters and state unchanged "
-                  f"({opt._skipped_steps} skipped so far)", RuntimeWarning, stacklevel=6)  # the caller of step()
+                  f"({opt._skipped_steps} skipped so far)", RuntimeWarning, stacklevel=user_stacklevel())
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` in the calling function point at the
+    user's line: the first frame outside shardgrok and torch, however many wrappers lie
+    between."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        level += 1
+        frame = frame.f_back
+    return level

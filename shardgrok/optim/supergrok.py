@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import _validation as V
 from .. import reference as R
+from ..kernels.header import KERNEL_KINDS
 from ..metanet import bilevel
 from ..metanet.net import SimpleMetaNet, check_elementwise, masked_grad, rescale_of
 from ..metanet.table import build_table, is_tabulable, kernel_arrays
@@ -82,7 +83,7 @@ class SuperGrok(GrokOptimizerBase):
 
     SPECS = SUPERGROK_SPECS
     STATS = R.SUPERGROK_STATS
-    KERNEL_KIND = 1  # csrc/cpu/kernel.h: SUPERGROK
+    KERNEL_KIND = KERNEL_KINDS["supergrok"]
     NONFINITE_NOTE = (" (or its masked form exp(f(g)) * g, which overflows float32 once "
                       "|g| > ~7e29 where the meta-net's log-mask reaches its clamp of 20)")
     N_VALUES = 4  # train-loss sum and count, val-loss sum and count

@@ -18,8 +18,8 @@ import pytest
 
 import shardgrok.reference as R
 from shardgrok.kernels import header
+from tests.support.paths import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEADER_PY = ROOT / "shardgrok" / "kernels" / "header.py"
 
 
@@ -44,8 +44,22 @@ def test_the_reference_takes_the_headers_names():
     assert R.COL == {name: i for i, name in enumerate(header.COLUMNS)}
     # StepScalars.from_row reads a row positionally: its fields must be the columns, in order
     assert tuple(f.name for f in dataclasses.fields(R.StepScalars)) == header.COLUMNS
-    assert R.SUPERGROK_STATS == header.STATS
-    assert R.GROKADAMW_STATS == header.STATS[:1]
+
+
+def test_the_reference_sums_land_under_the_headers_stat_names():
+    """The reference's phase 1 returns its sums by position; the header names the positions.
+    With vectors whose inner products all differ, each name must hold its own product."""
+    import torch
+    g, h, mu = (torch.tensor(v, dtype=torch.float64) for v in
+                ([1.0, 2.0, 0.0], [0.5, -1.0, 3.0], [2.0, 0.0, -4.0]))
+    got = dict(zip(R.SUPERGROK_STATS, R.supergrok_partial_stats(g, h, mu).tolist(), strict=True))
+    want = {"grad_sq": g @ g, "h_sq": h @ h, "h_mu": h @ mu, "h_grad": h @ g, "mu_sq": mu @ mu,
+            "mu_grad": mu @ g}
+    assert set(want) == set(header.STATS)
+    assert len({float(v) for v in want.values()}) == len(want)  # the check can tell them apart
+    assert got == {k: float(v) for k, v in want.items()}
+    assert dict(zip(R.GROKADAMW_STATS, R.grokadamw_partial_stats(g).tolist(), strict=True)) == {
+        "grad_sq": float(g @ g)}
 
 
 # ---------------------------------------------------------------- the parser

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -18,8 +17,8 @@ import zipfile
 import pytest
 
 from shardgrok.kernels import build
+from tests.support.paths import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = sorted(set(build.CPU.sources + build.CPU.headers + build.CUDA.sources
                      + build.CUDA.headers))
 
