@@ -75,7 +75,7 @@ std::string lower(std::string s) {
 }  // namespace
 
 // SG_ENTRY(d, COL_, ALPHA) sets d["alpha"] to sg::COL_ALPHA: the value is the compiler's, the
-// name the enumerator's own spelling, so tests/test_kernel_constants.py can hold
+// name the enumerator's own spelling, so tests/kernels/test_kernel_constants.py can hold
 // shardgrok/kernels/header.py's parse of the header text to both.
 #define SG_ENTRY(d, prefix, name) d[py::str(lower(#name))] = (int)sg::prefix##name
 

@@ -90,7 +90,8 @@ def group_backend(group: dist.ProcessGroup | None) -> str:
 
 
 # ------------------------------------------------------------------ letting go of our tensors
-# Why every collective here waits for the backend to let go (issue 12, the abort at exit).
+# Why every collective here waits for the backend to let go (the abort at exit:
+# docs/distributed.md, "To leave").
 # A CPU backend (gloo, mpi) runs each collective on a worker thread, and that thread drops the
 # collective's Work, which holds the tensors it was handed (and, for a view, its root), a moment
 # after the caller has returned. In torch 2.13 a C++ reference to a tensor made in Python holds

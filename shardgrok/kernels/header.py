@@ -4,7 +4,7 @@ The kernel kinds (``enum Kind`` in csrc/job.h), the columns of the per-tensor sc
 (``enum Column`` in csrc/grok_math.h) and the per-tensor statistics (``enum Stat``) are defined
 once, in C++. The reference path needs them without a compiler, so this module parses the
 headers instead of asking the extension; it uses the standard library only and imports nothing
-else from shardgrok, so it works wherever the package is importable. tests/test_kernel_constants.py
+else from shardgrok, so it works wherever the package is importable. tests/kernels/test_kernel_constants.py
 holds the parse to the compiled extension's own view of the same enums.
 
 The sources are found in the package (``shardgrok/_csrc``, copied there when a wheel or an

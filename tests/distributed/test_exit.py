@@ -1,4 +1,4 @@
-"""Leaving without ``shutdown_distributed()`` (issue 12, point 6): a DDP script with GrokAdamW
+"""Leaving without ``shutdown_distributed()``: a DDP script with GrokAdamW
 that just ends, as a Trainer's or an accelerate user's does, must exit 0 on every rank.
 
 The abort was a race (docs/distributed.md, "To leave"): gloo's worker thread dropped a finished

@@ -49,7 +49,7 @@ F32 = torch.float32
 OPTIMIZERS = ("grokadamw", "supergrok")
 FP32_RTOL = 1e-6          # measured up to 3.4e-7 (module docstring)
 FP32_RTOL_TRAINED = 1e-5  # SuperGrok with N(0, 1) meta-net weights: measured up to 3.0e-6
-MIX = [0, 1, 3, 17, 65537, 0]  # one model: every size of the issue, empty tensors among them
+MIX = [0, 1, 3, 17, 65537, 0]  # one model: empty, tiny and multi-chunk tensors together
 
 
 # ---------------------------------------------------------------- fixtures

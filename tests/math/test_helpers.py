@@ -77,7 +77,7 @@ def test_assert_same_run_fails_on_a_nan_in_a_later_tensor():
     want = _run()
     assert_same_run(copy.deepcopy(want), want)
     got = copy.deepcopy(want)
-    got["params"][-1].fill_(float("nan"))  # the all-NaN dead.bias
+    got["params"][-1].fill_(float("nan"))  # an all-NaN dead.bias
     with pytest.raises(AssertionError):
         assert_same_run(got, want)
     got = copy.deepcopy(want)

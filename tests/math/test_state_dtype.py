@@ -74,7 +74,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------- (a) the problem is real
 def formula_fp64(g_seq, *, lr, betas, eps, alpha):
     """GrokAdamW with lamb = 0, no clipping, no weight decay, layer 0 (beta1_l = beta1), worked
-    out in float64 from DESIGN.md §1: m, v, mu after every step, and the parameter update
+    out in float64 from docs/algorithms.md (GrokAdamW): m, v, mu after every step, and the parameter update
     of every step."""
     b1, b2 = betas
     m = v = mu = torch.zeros_like(g_seq[0], dtype=torch.float64)

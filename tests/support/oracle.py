@@ -1,4 +1,4 @@
-"""An independent, deliberately naive oracle: DESIGN.md §1 written out per tensor, whole tensors,
+"""An independent, deliberately naive oracle: docs/algorithms.md's math written out per tensor, whole tensors,
 no phases, no reductions, no shared code with shardgrok.reference. Tests run it in float64."""
 from __future__ import annotations
 
