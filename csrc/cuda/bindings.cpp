@@ -1,10 +1,9 @@
 // Python glue of the CUDA kernel: pybind11 and the CUDA runtime only, no torch. The tables and
 // buffers are torch tensors on the Python side (shardgrok/kernels/cuda.py), which passes their
 // device addresses and the current stream here; so this file, like the kernels, builds with
-// nvcc and pybind11 alone, and CI links and imports it on a machine without a GPU.
+// nvcc and pybind11 alone, and CI links and imports it on a machine without a GPU. Built with
+// SG_CUDA_EMULATED, it is the glue of the emulated target (cuda/emulated.h) unchanged.
 #include <pybind11/pybind11.h>
-
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <stdexcept>
@@ -32,6 +31,8 @@ sg::cuda::DeviceJob job_of(int64_t kind, uint64_t segments, uint64_t chunks, int
                            uint64_t tensor_offsets, uint64_t tensor_chunks, int64_t n_tensors,
                            uint64_t breakpoints, uint64_t slopes, uint64_t intercepts,
                            int64_t table_size) {
+  // the checks the CPU plan makes (csrc/plan.cpp); the arrays' lengths are checked by the
+  // Python glue, which has them as tensors
   if (kind != sg::GROKADAMW && kind != sg::SUPERGROK)
     throw std::invalid_argument("kind must be GROKADAMW (0) or SUPERGROK (1), got " + std::to_string(kind));
   if (n_chunks < 0 || n_tensors < 0) throw std::invalid_argument("negative chunk or tensor count");
@@ -45,7 +46,13 @@ sg::cuda::DeviceJob job_of(int64_t kind, uint64_t segments, uint64_t chunks, int
   job.tensor_offsets = address<const int64_t>(tensor_offsets);
   job.tensor_chunks = address<const int32_t>(tensor_chunks);
   job.n_tensors = n_tensors;
+  if (segments == 0 && n_chunks > 0) throw std::invalid_argument("no segment table");
+  if (chunks == 0 && n_chunks > 0) throw std::invalid_argument("no chunk table");
   job.has_table = breakpoints != 0;
+  if (job.has_table && kind != sg::SUPERGROK)
+    throw std::invalid_argument("a meta-net table is SuperGrok's only");
+  if (job.has_table && (slopes == 0 || intercepts == 0))
+    throw std::invalid_argument("table: breakpoints given without slopes and intercepts");
   if (job.has_table) {
     if (table_size < 1 || (table_size & (table_size - 1)) != 0)
       throw std::invalid_argument("table size must be a power of two, got " + std::to_string(table_size));
@@ -65,7 +72,12 @@ void phase1(int64_t kind, uint64_t segments, uint64_t chunks, int64_t n_chunks,
   job.partials = address<double>(partials);
   job.stats = address<double>(stats);
   job.n_stats = kind == sg::SUPERGROK ? sg::N_STATS : 1;
-  check(sg::cuda::phase1(job, address<CUstream_st>(stream)), "phase 1 launch");
+  if (n_tensors > 0 && (tensor_offsets == 0 || tensor_chunks == 0 || stats == 0))
+    throw std::invalid_argument("phase 1 needs the per-tensor chunk index and the stats buffer");
+  if (n_chunks > 0 && partials == 0) throw std::invalid_argument("phase 1 needs its partials");
+  const char* failed = "";
+  const cudaError_t err = sg::cuda::phase1(job, address<CUstream_st>(stream), &failed);
+  check(err, failed);  // after the call: it names the launch that failed
 }
 
 void phase2(int64_t kind, uint64_t segments, uint64_t chunks, int64_t n_chunks, int64_t n_tensors,
@@ -74,7 +86,51 @@ void phase2(int64_t kind, uint64_t segments, uint64_t chunks, int64_t n_chunks, 
   sg::cuda::DeviceJob job = job_of(kind, segments, chunks, n_chunks, 0, 0, n_tensors, breakpoints,
                                    slopes, intercepts, table_size);
   job.scalars = address<const double>(scalars);
-  check(sg::cuda::phase2(job, address<CUstream_st>(stream)), "phase 2 launch");
+  if (n_chunks > 0 && scalars == 0) throw std::invalid_argument("phase 2 needs the scalar table");
+  const char* failed = "";
+  const cudaError_t err = sg::cuda::phase2(job, address<CUstream_st>(stream), &failed);
+  check(err, failed);  // after the call: it names the launch that failed
+}
+
+// A step's segment records, checked on the host before they are copied to the device: what the
+// kernels would otherwise read through a null or misread record. ``has_table``: SuperGrok's h
+// comes from the table, so a segment needs none. Raises naming the first bad record.
+void check_segments(uint64_t host, int64_t n_segments, int64_t kind, bool has_table,
+                    int64_t n_tensors) {
+  if (n_segments < 0) throw std::invalid_argument("negative segment count");
+  if (n_segments > 0 && host == 0) throw std::invalid_argument("no segment table");
+  const sg::Segment* segs = address<const sg::Segment>(host);
+  for (int64_t i = 0; i < n_segments; ++i) {
+    const sg::Segment& s = segs[i];
+    const std::string where = "segment " + std::to_string(i) + ": ";
+    for (int32_t code : {s.param_dtype, s.grad_dtype, s.state_dtype})
+      if (code != sg::F32 && code != sg::BF16 && code != sg::F16)
+        throw std::invalid_argument(where + "unknown dtype code " + std::to_string(code) +
+                                    " (0: float32, 1: bfloat16, 2: float16)");
+    if (s.numel < 0) throw std::invalid_argument(where + "negative length");
+    if (s.tensor < 0 || s.tensor >= n_tensors)
+      throw std::invalid_argument(where + "tensor index " + std::to_string(s.tensor) +
+                                  " outside [0, " + std::to_string(n_tensors) + ")");
+    if (s.grad == nullptr || s.numel == 0) continue;  // skipped by the kernels
+    if (s.param == nullptr || s.exp_avg == nullptr || s.exp_avg_sq == nullptr || s.mu == nullptr)
+      throw std::invalid_argument(where + "a parameter or state address is null");
+    if (kind == sg::SUPERGROK && !has_table && s.h == nullptr)
+      throw std::invalid_argument(where + "SuperGrok needs either the meta-net's table or the "
+                                  "masked gradient h, and it has neither");
+  }
+}
+
+// The chunk table against the segments' lengths, once per plan.
+void check_chunks(uint64_t host_chunks, int64_t n_chunks, uint64_t host_segments,
+                  int64_t n_segments) {
+  const sg::Chunk* chunks = address<const sg::Chunk>(host_chunks);
+  const sg::Segment* segs = address<const sg::Segment>(host_segments);
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const sg::Chunk& k = chunks[c];
+    if (k.segment < 0 || k.segment >= n_segments || k.begin < 0 || k.size < 1 ||
+        k.size > sg::CHUNK || k.begin + k.size > segs[k.segment].numel)
+      throw std::invalid_argument("chunk " + std::to_string(c) + " lies outside its segment");
+  }
 }
 
 int device_count() {
@@ -110,6 +166,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n_chunks"), py::arg("n_tensors"), py::arg("scalars"), py::arg("breakpoints") = 0,
         py::arg("slopes") = 0, py::arg("intercepts") = 0, py::arg("table_size") = 0,
         py::arg("stream") = 0);
+  m.def("check_segments", &check_segments, py::arg("segments"), py::arg("n_segments"),
+        py::arg("kind"), py::arg("has_table"), py::arg("n_tensors"));
+  m.def("check_chunks", &check_chunks, py::arg("chunks"), py::arg("n_chunks"),
+        py::arg("segments"), py::arg("n_segments"));
   m.def("device_count", &device_count, "CUDA devices the runtime sees (0 without a driver)");
   m.def("runtime_version", &runtime_version);
 #ifdef SHARDGROK_DIGEST
@@ -125,4 +185,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("SEGMENT_BYTES") = (int)sizeof(sg::Segment);
   m.attr("CHUNK_BYTES") = (int)sizeof(sg::Chunk);
   m.attr("SHARED_TABLE_MAX") = sg::cuda::SHARED_TABLE_MAX;
+#if defined(SG_CUDA_EMULATED)
+  m.attr("EMULATED") = true;
+#else
+  m.attr("EMULATED") = false;
+#endif
 }

@@ -169,8 +169,8 @@ __device__ __forceinline__ void chunk_sums(const Segment& s, const Chunk& c, con
 template <bool SUPER>
 __global__ void __launch_bounds__(THREADS) phase1_chunks(DeviceJob job) {
   constexpr int K = SUPER ? N_STATS : 1;
-  extern __shared__ float smem[];
-  __shared__ double red[K][THREADS];
+  SG_DYNAMIC_SHARED(float, smem);
+  SG_SHARED(double, red, [K][THREADS]);
   const Chunk c = job.chunks[blockIdx.x];
   const Segment s = job.segments[c.segment];
   double acc[K];
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(THREADS) phase1_chunks(DeviceJob job) {
       SG_CASE(BF16, F32) SG_CASE(BF16, BF16) SG_CASE(BF16, F16)
       SG_CASE(F16, F32) SG_CASE(F16, BF16) SG_CASE(F16, F16)
 #undef SG_CASE
-      default: break;
+      default: __trap();  // the glue checks the codes; a bad one must not be skipped silently
     }
   }
   block_tree<K>(red, acc);
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(THREADS) phase1_chunks(DeviceJob job) {
 // Per tensor: its chunks' partials in chunk order, strided over the block and combined by the tree.
 template <int K>
 __global__ void __launch_bounds__(THREADS) reduce_tensors(DeviceJob job) {
-  __shared__ double red[K][THREADS];
+  SG_SHARED(double, red, [K][THREADS]);
   const int64_t t = blockIdx.x;
   const int64_t lo = job.tensor_offsets[t], hi = job.tensor_offsets[t + 1];
   double acc[K];
@@ -255,7 +255,7 @@ __device__ __forceinline__ void chunk_update(const Segment& s, const Chunk& c, c
 // a few more registers than that, so it gets one (sm_90 spills at 128). Not tuned on a GPU yet.
 template <bool SUPER>
 __global__ void __launch_bounds__(THREADS, SUPER ? 1 : 2) phase2_chunks(DeviceJob job) {
-  extern __shared__ float smem[];
+  SG_DYNAMIC_SHARED(float, smem);
   const Chunk c = job.chunks[blockIdx.x];
   const Segment s = job.segments[c.segment];
   if (s.grad == nullptr) return;  // uniform over the block
@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(THREADS, SUPER ? 1 : 2) phase2_chunks(DeviceJo
 #undef SG_PLANE
 #undef SG_ROW
 #undef SG_CASE
-    default: break;
+    default: __trap();
   }
 }
 
@@ -282,30 +282,48 @@ size_t table_bytes(const DeviceJob& job) {
 
 }  // namespace
 
-cudaError_t phase1(const DeviceJob& job, cudaStream_t stream) {
+// A launch, then its error: read here, once per launch, so an error names the launch it came from.
+#define SG_RUN(name, launch)                   \
+  do {                                         \
+    launch;                                    \
+    const cudaError_t err_ = cudaGetLastError(); \
+    if (err_ != cudaSuccess) {                 \
+      *failed = name;                          \
+      return err_;                             \
+    }                                          \
+  } while (0)
+
+cudaError_t phase1(const DeviceJob& job, cudaStream_t stream, const char** failed) {
   const bool super = job.kind == SUPERGROK;
+  const unsigned chunks = (unsigned)job.n_chunks, tensors = (unsigned)job.n_tensors;
   if (job.n_chunks > 0) {
     if (super)
-      phase1_chunks<true><<<(unsigned)job.n_chunks, THREADS, table_bytes(job), stream>>>(job);
+      SG_RUN("phase 1 (per chunk)",
+             SG_LAUNCH(phase1_chunks<true>, chunks, THREADS, table_bytes(job), stream)(job));
     else
-      phase1_chunks<false><<<(unsigned)job.n_chunks, THREADS, 0, stream>>>(job);
+      SG_RUN("phase 1 (per chunk)", SG_LAUNCH(phase1_chunks<false>, chunks, THREADS, 0, stream)(job));
   }
   if (job.n_tensors > 0) {
-    if (super) reduce_tensors<N_STATS><<<(unsigned)job.n_tensors, THREADS, 0, stream>>>(job);
-    else reduce_tensors<1><<<(unsigned)job.n_tensors, THREADS, 0, stream>>>(job);
+    if (super)
+      SG_RUN("phase 1 (per tensor)",
+             SG_LAUNCH(reduce_tensors<N_STATS>, tensors, THREADS, 0, stream)(job));
+    else
+      SG_RUN("phase 1 (per tensor)", SG_LAUNCH(reduce_tensors<1>, tensors, THREADS, 0, stream)(job));
   }
-  return cudaGetLastError();
+  return cudaSuccess;
 }
 
-cudaError_t phase2(const DeviceJob& job, cudaStream_t stream) {
+cudaError_t phase2(const DeviceJob& job, cudaStream_t stream, const char** failed) {
+  const unsigned chunks = (unsigned)job.n_chunks;
   if (job.n_chunks > 0) {
     if (job.kind == SUPERGROK)
-      phase2_chunks<true><<<(unsigned)job.n_chunks, THREADS, table_bytes(job), stream>>>(job);
+      SG_RUN("phase 2", SG_LAUNCH(phase2_chunks<true>, chunks, THREADS, table_bytes(job), stream)(job));
     else
-      phase2_chunks<false><<<(unsigned)job.n_chunks, THREADS, 0, stream>>>(job);
+      SG_RUN("phase 2", SG_LAUNCH(phase2_chunks<false>, chunks, THREADS, 0, stream)(job));
   }
-  return cudaGetLastError();
+  return cudaSuccess;
 }
+#undef SG_RUN
 
 }  // namespace cuda
 }  // namespace sg

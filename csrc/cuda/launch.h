@@ -4,8 +4,18 @@
 #ifndef SHARDGROK_CUDA_LAUNCH_H
 #define SHARDGROK_CUDA_LAUNCH_H
 
-#include <cuda_runtime.h>
 #include <stdint.h>
+
+#if defined(SG_CUDA_EMULATED)
+#include "emulated.h"  // the emulated target: the device code on the host (emulated.h says how)
+#else
+#include <cuda_runtime.h>
+// The three places where the kernels need CUDA syntax the host compiler lacks, so that the
+// emulated target compiles the same kernels.cu: a launch, a static and a dynamic shared array.
+#define SG_LAUNCH(kernel, grid, block, shared, stream) kernel<<<grid, block, shared, stream>>>
+#define SG_SHARED(T, name, dims) __shared__ T name dims
+#define SG_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
 
 #include "../grok_math.h"
 #include "../job.h"
@@ -33,9 +43,10 @@ struct DeviceJob {
 };
 
 // Phase 1: per-chunk partial sums, then per-tensor sums into job.stats (two launches, no atomics).
-cudaError_t phase1(const DeviceJob& job, cudaStream_t stream);
+// Each launch's error is read right after it; on an error *failed names the launch.
+cudaError_t phase1(const DeviceJob& job, cudaStream_t stream, const char** failed);
 // Phase 2: the update in place, one launch over every chunk.
-cudaError_t phase2(const DeviceJob& job, cudaStream_t stream);
+cudaError_t phase2(const DeviceJob& job, cudaStream_t stream, const char** failed);
 
 // The largest table kept in shared memory (three fp32 arrays); larger ones are read from global
 // memory (through the read-only cache).

@@ -9,6 +9,10 @@ The rule, in one place. ``backend=`` on GrokAdamW/SuperGrok, else the environmen
   cannot take one of this rank's tensors.
 - ``"auto"`` (default): the kernel when it is built and takes every local tensor, else the
   reference, with one warning per optimizer saying why.
+- ``"cuda-emulated"``: a testing backend. CPU tensors go through the CUDA kernels (csrc/cuda/)
+  compiled for the host against ``csrc/cuda/emulated.h``, by the same glue as on a GPU
+  (:mod:`shardgrok.kernels.cuda`); raises like ``"kernel"`` when it cannot run. Slow (every
+  CUDA thread is a fiber): it exists so that CI executes the GPU's code without a GPU.
 
 The kernel takes contiguous fp32, bf16 and fp16 parameters (fp32 math) on the CPU and, when
 torch has CUDA, on a CUDA device (csrc/cuda/, built just in time for the GPUs present; see
@@ -28,7 +32,7 @@ import warnings
 
 from . import build, cuda
 
-BACKENDS = ("auto", "kernel", "reference")
+BACKENDS = ("auto", "kernel", "reference", "cuda-emulated")
 ENV_BACKEND = "SHARDGROK_BACKEND"
 ENV_ISA = build.ENV_ISA
 
@@ -65,6 +69,7 @@ def status() -> dict:
                 "supported_isas": ext.supported_isas() if ext is not None else [],
                 "reason": cpu.reason},
         "cuda": cuda.status(),
+        "cuda_emulated": cuda.emulated_status(),
         "default_backend": choose_backend(None),
     }
 

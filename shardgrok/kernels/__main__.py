@@ -23,6 +23,11 @@ def main() -> int:
         print(f"  devices: {', '.join(gpu['devices'])}; built for: {gpu['arch_list']}")
     else:
         print(f"cuda kernel: unavailable: {gpu['reason']}")
+    emu = s["cuda_emulated"]
+    if emu["available"]:
+        print(f"cuda-emulated (testing backend): available ({emu['origin']})")
+    else:
+        print(f"cuda-emulated (testing backend): unavailable: {emu['reason']}")
     return 0 if cpu["available"] else 1
 
 

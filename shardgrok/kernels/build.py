@@ -158,6 +158,15 @@ CPU = Op("cpu", CPU_SOURCES, HEADERS, "shardgrok._C_cpu", CFLAGS, LDFLAGS,
 CUDA = Op("cuda", CUDA_SOURCES, CUDA_HEADERS, "shardgrok._C_cuda", ("-O3",),
           cuda_flags=CUDA_FLAGS, digest_env=("TORCH_CUDA_ARCH_LIST",),
           unavailable_here=_no_cuda_here)
+
+#: the emulated CUDA target (a testing backend): the same kernels.cu and glue, compiled by the
+#: host C++ compiler against cuda/emulated.h, so the device code runs on CPU tensors. No
+#: contraction into multiply-adds (as ``--fmad=false``); OpenMP spreads the blocks.
+EMULATED_SOURCES = ("cuda/emulated.cpp", "cuda/bindings.cpp")
+EMULATED_HEADERS = CUDA_HEADERS + ("cuda/emulated.h", "cuda/kernels.cu")
+EMULATED_FLAGS = ("-O2", "-ffp-contract=off", "-fopenmp", "-DSG_CUDA_EMULATED")
+CUDA_EMULATED = Op("cuda_emulated", EMULATED_SOURCES, EMULATED_HEADERS,
+                   "shardgrok._C_cuda_emulated", EMULATED_FLAGS, ("-fopenmp",))
 cuda_sources_present = CUDA.sources_present
 
 

@@ -23,6 +23,9 @@ import torch
 
 from ..placement import to_device
 from . import build
+from .header import KERNEL_KINDS
+
+SUPERGROK = KERNEL_KINDS["supergrok"]
 
 
 def cuda_extension():
@@ -34,6 +37,21 @@ def cuda_extension():
 
 def unavailable_reason() -> str | None:
     return build.load(build.CUDA).reason
+
+
+def emulated_extension():
+    """The emulated CUDA target's extension (the same kernels and glue built for the host:
+    ``backend="cuda-emulated"``), built just in time on first use; None when it cannot be had."""
+    return build.load(build.CUDA_EMULATED).ext
+
+
+def emulated_unavailable_reason() -> str | None:
+    return build.load(build.CUDA_EMULATED).reason
+
+
+def emulated_status() -> dict:
+    loaded = build.load(build.CUDA_EMULATED)
+    return {"available": loaded.ext is not None, "origin": loaded.origin, "reason": loaded.reason}
 
 
 def status() -> dict:
@@ -58,7 +76,8 @@ class CudaLaunches:
         self.ext, self.plan, self.n, self.device = ext, plan, n_tensors, device
         self.n_stats, self.n_columns = cpu_ext.N_STATS, cpu_ext.N_COLUMNS
         self.n_chunks = plan.n_chunks
-        self.chunks = to_device(plan.chunk_table(), device)
+        self._chunks_host = plan.chunk_table()  # checked against the segments at phase 1
+        self.chunks = to_device(self._chunks_host, device)
         offsets, index = plan.chunks_by_tensor()
         self.offsets, self.index = to_device(offsets, device), to_device(index, device)
         self._table_src = None  # the host arrays the device table was copied from (held: their
@@ -78,6 +97,17 @@ class CudaLaunches:
         if bp is None:
             return 0, 0, 0, 0
         src = (bp, arrays["slopes"], arrays["intercepts"])
+        size = int(arrays.get("table_size", 0))
+        # the CPU plan's checks (csrc/plan.cpp), here where the arrays are tensors
+        if size < 1 or size & (size - 1):
+            raise RuntimeError(f"table size must be a power of two, got {size}")
+        for name, t, need in zip(("breakpoints", "slopes", "intercepts"), src,
+                                 (size - 1, size, size)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 1:
+                raise RuntimeError(f"table {name} must be a 1-D float32 tensor")
+            if t.numel() < need:
+                raise RuntimeError(f"table {name} has {t.numel()} entries; a table of size "
+                                   f"{size} needs {need}")
         if self._table_src is None or any(a is not b for a, b in zip(src, self._table_src)):
             self._table = [to_device(t, self.device) for t in src]  # a new table: copied once
             self._table_src = src
@@ -88,8 +118,26 @@ class CudaLaunches:
         """Stats [n, k] then present [n] into ``out`` (the step's reduction buffer, on the GPU)."""
         if out.device != self.device or out.dtype != torch.float64 or not out.is_contiguous():
             raise RuntimeError(f"the reduction buffer must be contiguous float64 on {self.device}")
+        has_table = table.get("breakpoints") is not None
+        if kind == SUPERGROK and has_table == (hs is not None):
+            raise RuntimeError("SuperGrok needs either the meta-net's table or the masked "
+                               "gradients h, not both" if has_table else "SuperGrok needs either "
+                               "the meta-net's table or the masked gradients h, and has neither")
+        if kind != SUPERGROK and (has_table or hs is not None):
+            raise RuntimeError("a meta-net table or h is SuperGrok's only")
+        if out.numel() < self.n * (k + 1):
+            raise RuntimeError(f"the reduction buffer holds {out.numel()} values; {self.n} "
+                               f"tensors need {self.n * (k + 1)}")
         seg_host, present = self.plan.segment_table(hs, pinned=self.device.type == "cuda")
+        # the records the kernels will follow, checked where they are built (host memory)
+        n_segments = seg_host.numel() // self.ext.SEGMENT_BYTES
+        self.ext.check_segments(seg_host.data_ptr(), n_segments, kind, has_table, self.n)
+        if self._chunks_host is not None:  # once per plan
+            self.ext.check_chunks(self._chunks_host.data_ptr(), self.n_chunks, seg_host.data_ptr(),
+                                  n_segments)
+            self._chunks_host = None
         self._segments = seg_host.to(self.device, non_blocking=True)
+        self._has_table = has_table
         n = self.n
         out[n * k: n * k + n].copy_(present, non_blocking=True)
         partials = torch.empty(max(self.n_chunks, 1) * self.n_stats, dtype=torch.float64,
@@ -108,6 +156,8 @@ class CudaLaunches:
                                f"table on {self.device}")
         if self._segments is None:
             raise RuntimeError("phase2 before phase1")
+        if (table.get("breakpoints") is not None) != self._has_table:
+            raise RuntimeError("phase 2 must get the same meta-net table (or h) as phase 1")
         stream = self._stream()
         bp, sl, ic, size = self._device_table(table)
         with self._on_device():

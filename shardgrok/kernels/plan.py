@@ -56,7 +56,7 @@ class TensorInfo:
 class FusedPlan:
     """The C++ plan of this rank's segments plus what the decisions need per tensor."""
 
-    def __init__(self, ext, optimizer, layout):
+    def __init__(self, ext, optimizer, layout, emulated: bool = False):
         refs = layout.tensors(optimizer)
         segs = layout.plan_pieces(optimizer)
         # a rank that owns no piece still reduces on its parameters' device, as the others do
@@ -112,7 +112,17 @@ class FusedPlan:
             raise KernelUnsupported(str(e).splitlines()[0]) from e
         self.n_segments = len(rows)
         self.cuda = None
-        if self.device.type == "cuda":
+        if emulated:  # the CUDA kernels on CPU tensors, by the GPU's glue (a testing backend)
+            from . import cuda
+            if self.device.type != "cpu":
+                raise KernelUnsupported(f"backend 'cuda-emulated' runs CPU tensors; these are "
+                                        f"on {self.device}")
+            emu = cuda.emulated_extension()
+            if emu is None:
+                raise KernelUnsupported("the emulated CUDA target is unavailable: "
+                                        f"{cuda.emulated_unavailable_reason()}")
+            self.cuda = cuda.CudaLaunches(emu, ext, self.plan, self.n_tensors, self.device)
+        elif self.device.type == "cuda":
             from . import cuda
             cuda_ext = cuda.cuda_extension()
             if cuda_ext is None:

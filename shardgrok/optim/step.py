@@ -80,15 +80,15 @@ class StepDriver:
             try:
                 if ext is None:
                     raise KernelUnsupported(f"the CPU kernel is unavailable: {K.unavailable_reason()}")
-                plan = FusedPlan(ext, opt, opt._layout)
+                plan = FusedPlan(ext, opt, opt._layout, emulated=opt.backend == "cuda-emulated")
             except KernelUnsupported as e:
                 plan = str(e)
             if len(self.plans) > MAX_PLANS:
                 self.plans.clear()
             self.plans[key] = plan
         if isinstance(plan, str):
-            if opt.backend == "kernel":
-                raise RuntimeError(f"{type(opt).__name__}(backend='kernel'): {plan}")
+            if opt.backend in ("kernel", "cuda-emulated"):
+                raise RuntimeError(f"{type(opt).__name__}(backend={opt.backend!r}): {plan}")
             if not self._warned_fallback:
                 self._warned_fallback = True
                 K.warn_fallback(type(opt).__name__, plan, stacklevel=user_stacklevel() + 1)
@@ -184,7 +184,8 @@ class StepDriver:
             opt._global_step += 1
         table, opt._last_report = opt._decide(info, stats, present, values, steps,
                                               buf[n * k: n * k + n] > 0)
-        opt._last_report["backend"] = "kernel" if plan is not None else "reference"
+        opt._last_report["backend"] = ("reference" if plan is None else
+                                       "cuda-emulated" if opt.backend == "cuda-emulated" else "kernel")
         if plan is not None:
             opt._kernel_phase2(plan, table, aux)
         else:
