@@ -72,9 +72,10 @@ void phase1(int64_t kind, uint64_t segments, uint64_t chunks, int64_t n_chunks,
   job.partials = address<double>(partials);
   job.stats = address<double>(stats);
   job.n_stats = kind == sg::SUPERGROK ? sg::N_STATS : 1;
-  if (n_tensors > 0 && (tensor_offsets == 0 || tensor_chunks == 0 || stats == 0))
-    throw std::invalid_argument("phase 1 needs the per-tensor chunk index and the stats buffer");
-  if (n_chunks > 0 && partials == 0) throw std::invalid_argument("phase 1 needs its partials");
+  if (n_tensors > 0 && (tensor_offsets == 0 || stats == 0))
+    throw std::invalid_argument("phase 1 needs the per-tensor chunk offsets and the stats buffer");
+  if (n_chunks > 0 && (partials == 0 || tensor_chunks == 0))
+    throw std::invalid_argument("phase 1 needs its partials and the per-tensor chunk index");
   const char* failed = "";
   const cudaError_t err = sg::cuda::phase1(job, address<CUstream_st>(stream), &failed);
   check(err, failed);  // after the call: it names the launch that failed

@@ -18,6 +18,12 @@ namespace sg {
 namespace cuda {
 namespace {
 
+// Each code on its own: the switches below combine them into one case index, where an unknown
+// code would alias a known combination.
+__device__ __forceinline__ bool known_dtypes(const Segment& s) {
+  return (uint32_t)s.param_dtype < 3u && (uint32_t)s.grad_dtype < 3u && (uint32_t)s.state_dtype < 3u;
+}
+
 __device__ __forceinline__ bool aligned16(const void* p) {
   return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
@@ -176,6 +182,7 @@ __global__ void __launch_bounds__(THREADS) phase1_chunks(DeviceJob job) {
   double acc[K];
 #pragma unroll
   for (int q = 0; q < K; ++q) acc[q] = 0.0;
+  if (!known_dtypes(s)) return __trap();  // the glue checks the codes: never skip one silently
   if (s.grad != nullptr) {  // uniform over the block
     Table tab = job.table;
     if (SUPER && job.has_table) tab = block_table(job, smem);
@@ -186,7 +193,7 @@ __global__ void __launch_bounds__(THREADS) phase1_chunks(DeviceJob job) {
       SG_CASE(BF16, F32) SG_CASE(BF16, BF16) SG_CASE(BF16, F16)
       SG_CASE(F16, F32) SG_CASE(F16, BF16) SG_CASE(F16, F16)
 #undef SG_CASE
-      default: __trap();  // the glue checks the codes; a bad one must not be skipped silently
+      default: __trap();
     }
   }
   block_tree<K>(red, acc);
@@ -258,6 +265,7 @@ __global__ void __launch_bounds__(THREADS, SUPER ? 1 : 2) phase2_chunks(DeviceJo
   SG_DYNAMIC_SHARED(float, smem);
   const Chunk c = job.chunks[blockIdx.x];
   const Segment s = job.segments[c.segment];
+  if (!known_dtypes(s)) return __trap();
   if (s.grad == nullptr) return;  // uniform over the block
   Table tab = job.table;
   if (SUPER && job.has_table) tab = block_table(job, smem);
