@@ -61,6 +61,18 @@ def reference_supergrok(args):
 
 
 @scenario
+def emulated_grokadamw(args):
+    """The CUDA kernels and their glue (shardgrok/kernels/cuda.py) under ZeRO-1, built for the
+    host (backend="cuda-emulated"): each rank's plan covers only the pieces it owns."""
+    return S.run("grokadamw", RANK, WORLD, shard=True, backend="cuda-emulated")
+
+
+@scenario
+def emulated_supergrok(args):
+    return S.run("supergrok", RANK, WORLD, shard=True, backend="cuda-emulated")
+
+
+@scenario
 def bf16_default_state(args):
     """bf16 parameters, default state dtype (fp32 m, v, mu) under ZeRO-1
     (tests/math/test_state_dtype.py)."""
