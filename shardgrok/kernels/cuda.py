@@ -10,8 +10,9 @@ re-reads the gradients and hands out the tables the kernels read. What this modu
 - the two launches (phase 1 is a per-chunk launch plus a per-tensor reduction), on the current
   stream, reading and writing the step's reduction buffer in device memory.
 
-Nothing here reads a value back to the host: the step's one host sync is base.py's read of the
-reduced flags.
+Nothing here reads a value back to the host: the step's one host sync is the step driver's read
+of the reduced flags. The same glue drives the emulated CUDA target (``backend="cuda-emulated"``:
+:func:`emulated_extension`), where the "device" is the host and the tensors are CPU tensors.
 """
 from __future__ import annotations
 
@@ -84,8 +85,8 @@ class CudaLaunches:
         self._table = None      # identity is the key, and a held object's id cannot be reused)
         self._segments = None  # this step's segment table on the device (phase 2 reuses it)
 
-    # A plan on the CPU goes through here only in tests (tests/kernels/test_cuda_glue.py runs this glue
-    # over CPU tensors with an emulated extension): no stream, no device switch.
+    # A plan on the CPU goes through here on the emulated target (backend="cuda-emulated"): host
+    # memory is its device memory, and it has no stream and no device to switch to.
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
 
