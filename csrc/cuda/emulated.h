@@ -8,8 +8,8 @@
 // - shared memory per block: each SG_SHARED variable and the dynamic array are their own heap
 //   allocation of the exact size (AddressSanitizer sees an overrun), filled with 0xFF bytes
 //   (NaN as floats) so that a read before the block wrote it shows;
-// - float4 / uint4 with CUDA's 16-byte alignment, and the intrinsics grok_math.h uses, with
-//   the same rounding (IEEE round to nearest; bit casts);
+// - float2 / float4 / uint4 with CUDA's sizes and alignments (8, 16, 16 bytes), and the
+//   intrinsics grok_math.h uses, with the same rounding (IEEE round to nearest; bit casts);
 // - the runtime calls the glue makes and <<<...>>> (written SG_LAUNCH in kernels.cu): the
 //   launch checks its configuration against the device limits the real launch assumes
 //   (1,024 threads, 48 KiB of shared memory per block, static and dynamic together) and runs
@@ -62,8 +62,10 @@
 #define __CUDA_ARCH__ 800
 
 // ------------------------------------------------------------------ vector types
+struct alignas(8) float2 { float x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) uint4 { unsigned int x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
