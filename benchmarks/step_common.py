@@ -305,8 +305,10 @@ def import_grokadamw():
     return GrokAdamW
 
 
-def make_stepper(key: str, params, package_cls):
-    """(optimizer, step function) for one optimizer key; raises when it cannot be had."""
+def make_stepper(key: str, params, package_cls, kernel_backend: str | None = None):
+    """(optimizer, step function) for one optimizer key; raises when it cannot be had.
+    ``kernel_backend`` (e.g. ``"cuda-emulated"``) replaces the backend of the rows that ask for
+    the kernel or leave it to the optimizers' rule; the reference rows keep theirs."""
     if key == "adamw-fused":
         opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
         return opt, opt.step
@@ -315,14 +317,18 @@ def make_stepper(key: str, params, package_cls):
         return opt, opt.step
     if key in ("grok-kernel", "grok-ref", "grok"):
         # "grok": backend left to the optimizer's rule (the kernel when it takes the tensors)
-        opt = shardgrok.GrokAdamW(params, lr=1e-3, backend={"grok-kernel": "kernel",
-                                                             "grok-ref": "reference"}.get(key))
+        backend = {"grok-kernel": "kernel", "grok-ref": "reference"}.get(key)
+        if kernel_backend is not None and backend != "reference":
+            backend = kernel_backend
+        opt = shardgrok.GrokAdamW(params, lr=1e-3, backend=backend)
         return opt, opt.step
     if key in ("super-kernel", "super-kernel-trained", "super-ref", "super", "super-trained"):
         # warmup_steps=0: the cosine gate is live from the first step, as after warm-up
-        opt = shardgrok.SuperGrok(params, lr=1e-3, warmup_steps=0,
-                                  backend={"super-ref": "reference", "super-kernel": "kernel",
-                                           "super-kernel-trained": "kernel"}.get(key))
+        backend = {"super-ref": "reference", "super-kernel": "kernel",
+                   "super-kernel-trained": "kernel"}.get(key)
+        if kernel_backend is not None and backend != "reference":
+            backend = kernel_backend
+        opt = shardgrok.SuperGrok(params, lr=1e-3, warmup_steps=0, backend=backend)
         if key in ("super-kernel-trained", "super-trained"):
             # The default initialisation has zero biases: one breakpoint, a 2-entry table. A
             # trained net's kinks spread out: weights drawn N(0, 1) give ~60-70 breakpoints, a

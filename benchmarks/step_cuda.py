@@ -5,10 +5,17 @@ AdamW (fused, foreach), with each row's effective bandwidth against the device's
     python benchmarks/step_cuda.py --quick              # smoke run (10M/50, 3 steps x 3 repeats)
     python benchmarks/step_cuda.py --dtype bf16 --json benchmarks/results/step_<gpu>_bf16.json
     python benchmarks/step_cuda.py --sizes 1B/200 --only grok,super
+    python benchmarks/step_cuda.py --emulated --sizes 20k/10 --steps 1 --repeats 1  # no GPU
 
 ``--device`` is the CUDA device the model and the optimizers live on: ``cuda`` (the default:
 torch's current device) or ``cuda:N``. Without CUDA the program exits with status 2 and says
 so; the CPU run is ``benchmarks/step_cpu.py``.
+
+``--emulated`` runs the same code path without a GPU, for CI and ``gpu_check.sh --dry-run``:
+the rows on CPU tensors, shardgrok's with ``backend="cuda-emulated"`` (the CUDA kernels
+compiled for the host), torch AdamW on the CPU, times by ``perf_counter``, no copy bandwidth
+(its columns print ``-``), no peak memory. Its times are those of the emulation, never GPU
+figures.
 
 The model (default 100M/200 and 1B/200) is a transformer-like mix of shapes (``--layout
 transformer``: an embedding matrix and, per block, four weight matrices and eight vectors) on
@@ -51,6 +58,8 @@ PROG = "benchmarks/step_cuda.py"
 CUDA_DEFAULT = ["adamw-fused", "adamw-foreach", "grok", "super", "super-trained"]
 CUDA_DEFAULT_SIZES = "100M/200,1B/200"
 CUDA_QUICK_SIZES = "10M/50"
+EMULATED_SIZES = "20k/10"  # --emulated: every CUDA thread is a fiber on the CPU
+_NO_DEVICE = object()  # --device not given (not a string: argparse would parse it)
 
 # The CUDA targets, at 1B parameters (printed as PASS/FAIL, never asserted):
 # (description, row keys in order of preference, kind, limit). "ratio": step time over AdamW
@@ -86,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         steps="timed steps per repeat (default 10; --quick: 3)",
         warmup="untimed warm-up steps (default 3; --quick: 1)",
         quick=f"{CUDA_QUICK_SIZES}, 3 steps x 3 repeats")
-    p.add_argument("--device", type=parse_device, default=None, metavar="{cuda,cuda:N}",
+    p.add_argument("--device", type=parse_device, default=_NO_DEVICE, metavar="{cuda,cuda:N}",
                    help="the CUDA device (default cuda: torch's current device)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats of --steps steps per optimizer, the median reported "
@@ -94,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-mib", type=float, default=None,
                    help="size of the tensor the copy bandwidth is measured with, MiB "
                         "(default 1024; --quick: 64)")
+    p.add_argument("--emulated", action="store_true",
+                   help="no GPU: the rows on CPU tensors, shardgrok's on the emulated CUDA target "
+                        "(backend='cuda-emulated'), torch AdamW on the CPU; no copy bandwidth; "
+                        "its times are not GPU figures (a check of this script, for CI). "
+                        f"Defaults: {EMULATED_SIZES}, 3 steps x 3 repeats after 1 warm-up "
+                        "(--quick: 1 x 1)")
     return p
 
 
@@ -178,6 +193,57 @@ class CudaDevice:
         return torch.Generator(device=self.device).manual_seed(seed)
 
 
+class EmulatedDevice:
+    """``--emulated``: what the run asks of the device, answered on the CPU for the emulated CUDA
+    target (CPU tensors, ``backend="cuda-emulated"``). Times are ``perf_counter``; free memory is
+    the host's MemAvailable; no peak memory is tracked."""
+
+    kernel_backend = "cuda-emulated"
+
+    def __init__(self):
+        self.device = torch.device("cpu")
+
+    def describe(self) -> dict:
+        free, total = self.mem_get_info()
+        return {"device_name": f"emulated CUDA target on the CPU ({C.cpu_model()})",
+                "device": "cpu", "capability": None, "multiprocessors": None,
+                "cuda": torch.version.cuda, "memory_total_bytes": total,
+                "memory_free_bytes_at_start": free}
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_ms(self, fn, n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) * 1e3
+
+    def mem_get_info(self) -> tuple[int, int]:
+        info = {}
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    name, _, rest = line.partition(":")
+                    info[name] = int(rest.split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        total = info.get("MemTotal", 64 * C.GiB)
+        return info.get("MemAvailable", total // 2), total
+
+    def free_cache(self) -> None:
+        gc.collect()
+
+    def reset_peak(self) -> None:
+        pass
+
+    def peak_bytes(self) -> None:
+        return None
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
+
+
 def copy_bandwidth(dev, nbytes: int, repeats: int, copies: int = 10) -> dict:
     """Device-to-device copy bandwidth: ``dst.copy_(src)`` of an fp32 tensor of ``nbytes``,
     ``copies`` per timed repeat; 2 x nbytes move per copy (read + write); the median repeat."""
@@ -196,6 +262,17 @@ def copy_bandwidth(dev, nbytes: int, repeats: int, copies: int = 10) -> dict:
     return {"tensor_bytes": numel * 4, "bytes_per_copy": moved, "copies_per_repeat": copies,
             "repeats": repeats, "times_ms": times, "median_ms": med,
             "bytes_per_s": moved / (med * 1e-3), "gbps": moved / (med * 1e-3) / 1e9}
+
+
+def emulated_kernel_status() -> str:
+    """shardgrok's word on the emulated CUDA target (``--emulated``), for the header."""
+    try:
+        emu = kernels.status().get("cuda_emulated") or {}
+    except Exception as e:
+        return f"unknown ({type(e).__name__}: {e})"
+    if emu.get("available"):
+        return "available" + (f" ({emu['origin']})" if emu.get("origin") else "")
+    return f"unavailable ({emu.get('reason') or 'no reason given'})"
 
 
 def cuda_kernel_status() -> str:
@@ -243,7 +320,8 @@ def run_row(key: str, shapes, dtype, args, package_cls, dev, row: dict) -> None:
         params.append(p)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt, step = C.make_stepper(key, params, package_cls)
+        opt, step = C.make_stepper(key, params, package_cls,
+                                   kernel_backend=getattr(dev, "kernel_backend", None))
         warm, warm_s = C.warm_up(lambda: dev.elapsed_ms(step, 1), args.warmup, args.max_seconds)
     fallback = [str(w.message) for w in caught if "reference" in str(w.message).lower()]
     state_dtypes = C.read_state_dtypes(opt, params)
@@ -278,7 +356,7 @@ def run_row(key: str, shapes, dtype, args, package_cls, dev, row: dict) -> None:
 
 
 def bench_size(label: str, n: int, count: int, keys: list[str], args, package_cls, dev,
-               copy: dict) -> dict:
+               copy: dict | None) -> dict:
     dtype = C.DTYPES[args.dtype]
     shapes = C.make_shapes(n, count, args.layout)
     dev.free_cache()
@@ -288,7 +366,8 @@ def bench_size(label: str, n: int, count: int, keys: list[str], args, package_cl
             "shapes": C.describe_shapes(shapes), "largest_tensor": max(math.prod(s) for s in shapes),
             "memory_free_bytes": free, "memory_total_bytes": total, "skipped": None, "results": []}
     print(f"\n== {label}: {n:,} params in {count} tensors ({info['shapes']}), {args.dtype} ==")
-    print(f"memory: {free / C.GiB:.1f} GiB free of {total / C.GiB:.1f} GiB (torch.cuda.mem_get_info); "
+    source = "host MemAvailable" if isinstance(dev, EmulatedDevice) else "torch.cuda.mem_get_info"
+    print(f"memory: {free / C.GiB:.1f} GiB free of {total / C.GiB:.1f} GiB ({source}); "
           "needed per row, one row at a time, estimated before allocating:")
     for k in keys:
         e = est[k]
@@ -332,7 +411,7 @@ def bench_size(label: str, n: int, count: int, keys: list[str], args, package_cl
         if row["median_ms"] is not None:
             row["bytes_per_s"] = row["bytes_per_param"] * n / (row["median_ms"] * 1e-3)
             row["gbps"] = row["bytes_per_s"] / 1e9
-            row["fraction_of_copy"] = row["gbps"] / copy["gbps"]
+            row["fraction_of_copy"] = row["gbps"] / copy["gbps"] if copy else None
     C.set_ratios(rows.values())
     info["results"] = [rows[k] for k in keys]
     print_table(info["results"])
@@ -357,7 +436,7 @@ def print_table(rows: list[dict]) -> None:
               f"{steps:>7}  {r['note'] or ''}")
 
 
-def check_targets(sizes: list[dict], copy: dict, dtype: str) -> list[dict]:
+def check_targets(sizes: list[dict], copy: dict | None, dtype: str) -> list[dict]:
     """The CUDA targets as PASS / FAIL / n/a lines, at the run's 1B-parameter size."""
     at = [s for s in sizes if s["params"] == CUDA_TARGET_PARAMS and s["results"]]
     out = []
@@ -374,6 +453,8 @@ def check_targets(sizes: list[dict], copy: dict, dtype: str) -> list[dict]:
             entry["size"] = size["size"]
             if row is None or (kind == "ratio" and base["median_ms"] is None):
                 entry["line"] = f"n/a   {desc}: not timed in this run"
+            elif kind == "copy" and (copy is None or row["fraction_of_copy"] is None):
+                entry["line"] = f"n/a   {desc}: no copy bandwidth measured in this run"
             else:
                 who = f"{row['label']} [{row['backend']}]"
                 entry.update(optimizer=row["optimizer"], backend=row["backend"])
@@ -399,26 +480,37 @@ def check_targets(sizes: list[dict], copy: dict, dtype: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    device_given = args.device is not _NO_DEVICE
+    if not device_given:
+        args.device = None
+    if args.emulated and device_given:
+        parser.error("--emulated runs on CPU tensors: it takes no --device")
+    if not args.emulated and not torch.cuda.is_available():
         why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
                else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU")
         parser.error(f"--device cuda: CUDA is not available: {why}; run it on a machine with a "
                      "GPU, or run the CPU benchmark, benchmarks/step_cpu.py")
-    C.resolve_args(args, parser, {"sizes": (CUDA_DEFAULT_SIZES, CUDA_QUICK_SIZES),
-                                  "layout": ("transformer", "transformer"), "steps": (10, 3),
-                                  "warmup": (3, 1), "repeats": (5, 3), "copy_mib": (1024, 64)},
-                   at_least_one=("steps", "repeats"))
+    if args.emulated:
+        defaults = {"sizes": (EMULATED_SIZES, EMULATED_SIZES),
+                    "layout": ("transformer", "transformer"), "steps": (3, 1), "warmup": (1, 1),
+                    "repeats": (3, 1), "copy_mib": (1, 1)}
+    else:
+        defaults = {"sizes": (CUDA_DEFAULT_SIZES, CUDA_QUICK_SIZES),
+                    "layout": ("transformer", "transformer"), "steps": (10, 3),
+                    "warmup": (3, 1), "repeats": (5, 3), "copy_mib": (1024, 64)}
+    C.resolve_args(args, parser, defaults, at_least_one=("steps", "repeats"))
     if args.copy_mib <= 0:
         parser.error("--copy-mib must be > 0")
     if args.device is not None and args.device >= torch.cuda.device_count():
         parser.error(f"--device cuda:{args.device}: torch sees {torch.cuda.device_count()} GPU(s)")
     keys = C.row_keys(args.only, CUDA_DEFAULT)
 
-    dev = CudaDevice(args.device)
+    dev = EmulatedDevice() if args.emulated else CudaDevice(args.device)
     package_cls = C.import_grokadamw() if "grokadamw-pkg" in keys else None
     gpu = dev.describe()
-    kernel = cuda_kernel_status()
-    prov = C.provenance(PROG, argv, gpu=gpu["device_name"])
+    kernel = emulated_kernel_status() if args.emulated else cuda_kernel_status()
+    # the provenance's gpu: the GPU a run was on (none for the emulated target)
+    prov = C.provenance(PROG, argv, gpu=None if args.emulated else gpu["device_name"])
     header = {
         **prov,
         **gpu,
@@ -427,32 +519,51 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype, "layout": args.layout,
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
         "max_seconds": args.max_seconds,
+        "emulated": args.emulated,
         "bytes_per_param_formula": C.BYTES_PER_PARAM_FORMULA,
     }
-    print("shardgrok step benchmark (CUDA)")
+    if args.emulated:
+        print("shardgrok step benchmark (CUDA code path on the emulated target: CPU tensors, "
+              "backend='cuda-emulated'; no GPU, so no time below is a GPU figure)")
+    else:
+        print("shardgrok step benchmark (CUDA)")
     print("\n".join(C.provenance_lines(prov)))
     print(f"  torch {header['torch']} (CUDA {gpu['cuda']}), shardgrok {header['shardgrok']}, "
           f"grokadamw {header['grokadamw'] or 'not installed'}, python {header['python']}")
-    print(f"  device:   {gpu['device']}, compute capability {gpu['capability']}, "
-          f"{gpu['multiprocessors']} SMs, {gpu['memory_total_bytes'] / C.GiB:.1f} GiB, "
-          f"{gpu['memory_free_bytes_at_start'] / C.GiB:.1f} GiB free")
-    print(f"  shardgrok CUDA kernel: {kernel}; each row prints the backend its steps used")
-    print(f"  timing:   median over {args.repeats} repeats of a torch.cuda.Event pair around "
-          f"{args.steps} consecutive steps, per step, after {args.warmup} warm-up; synchronize "
-          f"outside the timed region; one optimizer at a time, time box {args.max_seconds:g} s each")
+    if args.emulated:
+        print(f"  device:   {gpu['device_name']}, {gpu['memory_total_bytes'] / C.GiB:.1f} GiB, "
+              f"{gpu['memory_free_bytes_at_start'] / C.GiB:.1f} GiB available")
+        print(f"  shardgrok emulated CUDA target: {kernel}; each row prints the backend its "
+              "steps used")
+        print(f"  timing:   median over {args.repeats} repeats of perf_counter around "
+              f"{args.steps} consecutive steps, per step, after {args.warmup} warm-up; one "
+              f"optimizer at a time, time box {args.max_seconds:g} s each")
+    else:
+        print(f"  device:   {gpu['device']}, compute capability {gpu['capability']}, "
+              f"{gpu['multiprocessors']} SMs, {gpu['memory_total_bytes'] / C.GiB:.1f} GiB, "
+              f"{gpu['memory_free_bytes_at_start'] / C.GiB:.1f} GiB free")
+        print(f"  shardgrok CUDA kernel: {kernel}; each row prints the backend its steps used")
+        print(f"  timing:   median over {args.repeats} repeats of a torch.cuda.Event pair around "
+              f"{args.steps} consecutive steps, per step, after {args.warmup} warm-up; synchronize "
+              f"outside the timed region; one optimizer at a time, time box {args.max_seconds:g} s each")
     sys.stdout.flush()
 
     t0 = time.perf_counter()
     dev.free_cache()
-    copy_bytes = int(args.copy_mib * 1024**2)
-    free = dev.mem_get_info()[0]
-    if 2 * copy_bytes > free // 2:  # src and dst in at most half of what is free
-        copy_bytes = max(4, free // 4)
-    copy = copy_bandwidth(dev, copy_bytes, max(5, args.repeats))
-    print(f"\ncopy bandwidth: dst.copy_(src) of {copy['tensor_bytes'] / 1024**2:.0f} MiB, "
-          f"2 x {copy['tensor_bytes'] / 1e9:.3f} GB moved per copy, median of {copy['repeats']} "
-          f"repeats of {copy['copies_per_repeat']} copies: {copy['median_ms']:.3f} ms, "
-          f"{copy['gbps']:.1f} GB/s")
+    if args.emulated:
+        copy = None
+        print("\ncopy bandwidth: not measured (--emulated: no device memory); GB/s below is "
+              "the emulation's, % copy is empty")
+    else:
+        copy_bytes = int(args.copy_mib * 1024**2)
+        free = dev.mem_get_info()[0]
+        if 2 * copy_bytes > free // 2:  # src and dst in at most half of what is free
+            copy_bytes = max(4, free // 4)
+        copy = copy_bandwidth(dev, copy_bytes, max(5, args.repeats))
+        print(f"\ncopy bandwidth: dst.copy_(src) of {copy['tensor_bytes'] / 1024**2:.0f} MiB, "
+              f"2 x {copy['tensor_bytes'] / 1e9:.3f} GB moved per copy, median of {copy['repeats']} "
+              f"repeats of {copy['copies_per_repeat']} copies: {copy['median_ms']:.3f} ms, "
+              f"{copy['gbps']:.1f} GB/s")
     sys.stdout.flush()
 
     sizes = []

@@ -196,16 +196,69 @@ struct Table {
   int32_t size;
 };
 
-SG_HD int32_t table_search(const Table& t, float x) {
+// The search over any indexable breakpoint array (a pointer; the host tests pass one that logs
+// the entries read, so what they count is this very loop).
+template <class Breakpoints>
+SG_HD int32_t sorted_search(Breakpoints bp, int32_t size, float x) {
   int32_t idx = 0;
-  for (int32_t step = t.size >> 1; step > 0; step >>= 1)
-    idx += (x >= t.breakpoints[idx + step - 1]) ? step : 0;
+  for (int32_t step = size >> 1; step > 0; step >>= 1)
+    idx += (x >= bp[idx + step - 1]) ? step : 0;
   return idx;
+}
+
+SG_HD int32_t table_search(const Table& t, float x) {
+  return sorted_search(t.breakpoints, t.size, x);
 }
 
 SG_HD float table_log_mask(const Table& t, float x) {
   const int32_t i = table_search(t, x);
   return clamp_log_mask(t.slopes[i] * x + t.intercepts[i]);
+}
+
+// The same table in level order, for the CUDA kernel (shardgrok/metanet/table.py's
+// level_order builds it; the CPU kernel keeps the sorted Table). Why: a warp's 32 searches read
+// shared memory together, and in the sorted array the candidates of one step lie size / 2^k
+// words apart, a multiple of 32 words at the first steps, so they fall into the same few of
+// the 32 banks and the read is split into that many transactions. Level order stores the
+// candidates of step k next to each other (2^k consecutive words): a step reads from at most
+// ceil(2^k / 32) words per bank.
+//
+// The sorted search is a walk down the complete binary tree whose in-order is bp[0..size-2]:
+// the candidate of step k after the choices b_0..b_{k-1} is bp[(2r + 1) size / 2^(k+1) - 1],
+// r = the choices read as a binary number. Level order stores that breakpoint at node
+// 2^k - 1 + r, whose children are 2j + 1 and 2j + 2; so the walk below compares x with the
+// same breakpoints in the same order, and its leaf, minus size - 1, is the sorted search's
+// index for every x (ties, infinities, NaN and subnormals included: the comparisons are the
+// same ones).
+//
+// Each piece is one (slope, intercept) pair, .x and .y, so that the kernel reads it in one
+// 8-byte load: Pair is CUDA's float2 in kernels.cu (the emulated target's float2 has its size
+// and alignment), a struct of that layout in the host tests.
+template <class Pair>
+struct LevelTable {
+  const float* nodes;  // size entries: the size - 1 breakpoints of the search in level order,
+                       // then one of padding (never read)
+  const Pair* pieces;  // size entries: pieces 0..size-1, as Table's slopes and intercepts
+  int32_t size;        // a power of two, as Table's
+};
+
+template <class Nodes>
+SG_HD int32_t level_search(Nodes nodes, int32_t size, float x) {
+  int32_t j = 0;
+  for (int32_t n = size; n > 1; n >>= 1) j = 2 * j + 1 + ((x >= nodes[j]) ? 1 : 0);
+  return j - (size - 1);
+}
+
+template <class Pair>
+SG_HD int32_t table_level_search(const LevelTable<Pair>& t, float x) {
+  return level_search(t.nodes, t.size, x);
+}
+
+// table_log_mask's arithmetic, bit for bit: one product, one sum, the clamp
+template <class Pair>
+SG_HD float table_level_log_mask(const LevelTable<Pair>& t, float x) {
+  const Pair p = t.pieces[table_level_search(t, x)];
+  return clamp_log_mask(p.x * x + p.y);
 }
 
 // h = exp(f(g)) * g, the meta-net's masked gradient (before the norm correction)

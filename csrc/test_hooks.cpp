@@ -1,6 +1,6 @@
 // Hooks only the tests call: the shared header's functions (exp, the fp16/bf16 conversions, the
-// meta-net's table search) and the CUDA kernel's summation order run on the host, and the
-// compiler's view of the header's enums.
+// meta-net's table search in both layouts) and the CUDA kernel's summation order run on the
+// host, and the compiler's view of the header's enums.
 //
 // They ship in the CPU extension, not in a test-only one, because what they test is this very
 // build: the header compiled by the same compiler with the kernel's flags (-ffp-contract=off
@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cctype>
 #include <string>
+#include <tuple>
 
 #include "bindings.h"
 #include "cuda/order.h"
@@ -60,6 +61,79 @@ at::Tensor header_table(const at::Tensor& x, const at::Tensor& bp, const at::Ten
   return out;
 }
 
+// The CUDA kernel's level-order table (grok_math.h's LevelTable), read through a pair of the
+// float2 layout the kernel reads.
+struct alignas(8) HostPair {
+  float x, y;
+};
+
+sg::LevelTable<HostPair> level_table(const at::Tensor& nodes, const at::Tensor& pieces,
+                                     int64_t size) {
+  TORCH_CHECK(size >= 1 && (size & (size - 1)) == 0, "table size must be a power of two, got ",
+              size);
+  for (const at::Tensor* t : {&nodes, &pieces})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
+                "table arrays must be contiguous fp32 CPU tensors");
+  TORCH_CHECK(pieces.dim() == 2 && pieces.size(1) == 2, "pieces must be [P, 2]");
+  TORCH_CHECK(nodes.numel() >= size - 1 && pieces.size(0) >= size,
+              "table arrays shorter than its size ", size);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(pieces.data_ptr()) % alignof(HostPair) == 0,
+              "pieces must be 8-byte aligned");
+  return {nodes.data_ptr<float>(), reinterpret_cast<const HostPair*>(pieces.data_ptr<float>()),
+          (int32_t)size};
+}
+
+at::Tensor header_table_level(const at::Tensor& x, const at::Tensor& nodes,
+                              const at::Tensor& pieces, int64_t size) {
+  const sg::LevelTable<HostPair> t = level_table(nodes, pieces, size);
+  auto in = x.to(at::kFloat).contiguous();
+  auto out = at::empty_like(in);
+  const float* a = in.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < in.numel(); ++i) o[i] = sg::table_level_log_mask(t, a[i]);
+  return out;
+}
+
+// A breakpoint array that logs the index of each entry a search reads.
+struct Logged {
+  const float* values;
+  int32_t* log;
+  int32_t capacity;
+  int32_t* reads;
+  float operator[](int32_t i) const {
+    if (*reads < capacity) log[*reads] = i;
+    ++*reads;
+    return values[i];
+  }
+};
+
+// The header's searches (sorted_search, level_search: the loops the kernels run) on every x,
+// over `array` (sorted breakpoints, or level-order nodes if `level`): the piece index [n] and the
+// array index each step read [n, log2(size)], in order.
+std::tuple<at::Tensor, at::Tensor> header_table_trace(const at::Tensor& x, const at::Tensor& array,
+                                                      int64_t size, bool level) {
+  TORCH_CHECK(size >= 1 && (size & (size - 1)) == 0, "table size must be a power of two, got ",
+              size);
+  TORCH_CHECK(array.scalar_type() == at::kFloat && array.is_contiguous() && array.device().is_cpu(),
+              "the array must be a contiguous fp32 CPU tensor");
+  TORCH_CHECK(array.numel() >= size - 1, "array shorter than the table's size ", size);
+  int32_t levels = 0;
+  while ((int64_t{1} << levels) < size) ++levels;
+  auto in = x.to(at::kFloat).contiguous();
+  auto piece = at::empty({in.numel()}, at::kInt);
+  auto read = at::empty({in.numel(), levels}, at::kInt);
+  const float* a = in.data_ptr<float>();
+  for (int64_t i = 0; i < in.numel(); ++i) {
+    int32_t reads = 0;
+    const Logged bp{array.data_ptr<float>(), read.data_ptr<int32_t>() + i * levels, levels,
+                    &reads};
+    piece.data_ptr<int32_t>()[i] = level ? sg::level_search(bp, (int32_t)size, a[i])
+                                         : sg::sorted_search(bp, (int32_t)size, a[i]);
+    TORCH_CHECK(reads == levels, "a search read ", reads, " entries, not ", levels);
+  }
+  return {piece, read};
+}
+
 // The CUDA kernel's summation order (cuda/order.h) on the host: what the GPU's sums must equal.
 double cuda_order_sum(const at::Tensor& terms, int64_t group) {
   TORCH_CHECK(group >= 1, "group must be >= 1");
@@ -83,6 +157,9 @@ void sg::bind_test_hooks(py::module_& m) {
   m.def("header_exp", &header_exp);
   m.def("header_round", &header_round);
   m.def("header_table", &header_table);
+  m.def("header_table_level", &header_table_level);
+  m.def("header_table_trace", &header_table_trace, py::arg("x"), py::arg("array"),
+        py::arg("size"), py::arg("level"));
   m.def("cuda_order_sum", &cuda_order_sum, py::arg("terms"), py::arg("group"));
   m.attr("CUDA_THREADS") = sg::cuda::THREADS;
   m.attr("CUDA_GROUP") = sg::cuda::GROUP;

@@ -29,8 +29,7 @@ void check(cudaError_t err, const char* what) {
 
 sg::cuda::DeviceJob job_of(int64_t kind, uint64_t segments, uint64_t chunks, int64_t n_chunks,
                            uint64_t tensor_offsets, uint64_t tensor_chunks, int64_t n_tensors,
-                           uint64_t breakpoints, uint64_t slopes, uint64_t intercepts,
-                           int64_t table_size) {
+                           uint64_t nodes, uint64_t pieces, int64_t table_size) {
   // the checks the CPU plan makes (csrc/plan.cpp); the arrays' lengths are checked by the
   // Python glue, which has them as tensors
   if (kind != sg::GROKADAMW && kind != sg::SUPERGROK)
@@ -48,43 +47,46 @@ sg::cuda::DeviceJob job_of(int64_t kind, uint64_t segments, uint64_t chunks, int
   job.n_tensors = n_tensors;
   if (segments == 0 && n_chunks > 0) throw std::invalid_argument("no segment table");
   if (chunks == 0 && n_chunks > 0) throw std::invalid_argument("no chunk table");
-  job.has_table = breakpoints != 0;
+  job.has_table = nodes != 0;
   if (job.has_table && kind != sg::SUPERGROK)
     throw std::invalid_argument("a meta-net table is SuperGrok's only");
-  if (job.has_table && (slopes == 0 || intercepts == 0))
-    throw std::invalid_argument("table: breakpoints given without slopes and intercepts");
+  if (job.has_table && pieces == 0)
+    throw std::invalid_argument("table: level-order breakpoints given without the pieces");
   if (job.has_table) {
     if (table_size < 1 || (table_size & (table_size - 1)) != 0)
       throw std::invalid_argument("table size must be a power of two, got " + std::to_string(table_size));
-    job.table = {address<const float>(breakpoints), address<const float>(slopes),
-                 address<const float>(intercepts), (int32_t)table_size};
+    if (table_size > INT32_MAX)
+      throw std::invalid_argument("table size " + std::to_string(table_size) + " exceeds int32");
+    if (pieces % alignof(float2) != 0)  // the kernel reads a piece in one 8-byte load
+      throw std::invalid_argument("table: the pieces must be 8-byte aligned");
+    job.table = {address<const float>(nodes), address<const float2>(pieces), (int32_t)table_size};
   }
   return job;
 }
 
 void phase1(int64_t kind, uint64_t segments, uint64_t chunks, int64_t n_chunks,
             uint64_t tensor_offsets, uint64_t tensor_chunks, int64_t n_tensors, uint64_t partials,
-            uint64_t stats, uint64_t breakpoints, uint64_t slopes, uint64_t intercepts,
-            int64_t table_size, uint64_t stream) {
+            uint64_t stats, uint64_t nodes, uint64_t pieces, int64_t table_size,
+            uint64_t stream) {
   sg::cuda::DeviceJob job = job_of(kind, segments, chunks, n_chunks, tensor_offsets,
-                                   tensor_chunks, n_tensors, breakpoints, slopes, intercepts,
-                                   table_size);
+                                   tensor_chunks, n_tensors, nodes, pieces, table_size);
   job.partials = address<double>(partials);
   job.stats = address<double>(stats);
   job.n_stats = kind == sg::SUPERGROK ? sg::N_STATS : 1;
-  if (n_tensors > 0 && (tensor_offsets == 0 || tensor_chunks == 0 || stats == 0))
-    throw std::invalid_argument("phase 1 needs the per-tensor chunk index and the stats buffer");
-  if (n_chunks > 0 && partials == 0) throw std::invalid_argument("phase 1 needs its partials");
+  if (n_tensors > 0 && (tensor_offsets == 0 || stats == 0))
+    throw std::invalid_argument("phase 1 needs the per-tensor chunk offsets and the stats buffer");
+  if (n_chunks > 0 && (partials == 0 || tensor_chunks == 0))
+    throw std::invalid_argument("phase 1 needs its partials and the per-tensor chunk index");
   const char* failed = "";
   const cudaError_t err = sg::cuda::phase1(job, address<CUstream_st>(stream), &failed);
   check(err, failed);  // after the call: it names the launch that failed
 }
 
 void phase2(int64_t kind, uint64_t segments, uint64_t chunks, int64_t n_chunks, int64_t n_tensors,
-            uint64_t scalars, uint64_t breakpoints, uint64_t slopes, uint64_t intercepts,
-            int64_t table_size, uint64_t stream) {
-  sg::cuda::DeviceJob job = job_of(kind, segments, chunks, n_chunks, 0, 0, n_tensors, breakpoints,
-                                   slopes, intercepts, table_size);
+            uint64_t scalars, uint64_t nodes, uint64_t pieces, int64_t table_size,
+            uint64_t stream) {
+  sg::cuda::DeviceJob job = job_of(kind, segments, chunks, n_chunks, 0, 0, n_tensors, nodes,
+                                   pieces, table_size);
   job.scalars = address<const double>(scalars);
   if (n_chunks > 0 && scalars == 0) throw std::invalid_argument("phase 2 needs the scalar table");
   const char* failed = "";
@@ -159,13 +161,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "shardgrok's fused CUDA step (csrc/cuda/): launches over device addresses";
   m.def("phase1", &phase1, py::arg("kind"), py::arg("segments"), py::arg("chunks"),
         py::arg("n_chunks"), py::arg("tensor_offsets"), py::arg("tensor_chunks"),
-        py::arg("n_tensors"), py::arg("partials"), py::arg("stats"), py::arg("breakpoints") = 0,
-        py::arg("slopes") = 0, py::arg("intercepts") = 0, py::arg("table_size") = 0,
-        py::arg("stream") = 0);
+        py::arg("n_tensors"), py::arg("partials"), py::arg("stats"), py::arg("nodes") = 0,
+        py::arg("pieces") = 0, py::arg("table_size") = 0, py::arg("stream") = 0);
   m.def("phase2", &phase2, py::arg("kind"), py::arg("segments"), py::arg("chunks"),
-        py::arg("n_chunks"), py::arg("n_tensors"), py::arg("scalars"), py::arg("breakpoints") = 0,
-        py::arg("slopes") = 0, py::arg("intercepts") = 0, py::arg("table_size") = 0,
-        py::arg("stream") = 0);
+        py::arg("n_chunks"), py::arg("n_tensors"), py::arg("scalars"), py::arg("nodes") = 0,
+        py::arg("pieces") = 0, py::arg("table_size") = 0, py::arg("stream") = 0);
   m.def("check_segments", &check_segments, py::arg("segments"), py::arg("n_segments"),
         py::arg("kind"), py::arg("has_table"), py::arg("n_tensors"));
   m.def("check_chunks", &check_chunks, py::arg("chunks"), py::arg("n_chunks"),

@@ -8,8 +8,8 @@
 // - shared memory per block: each SG_SHARED variable and the dynamic array are their own heap
 //   allocation of the exact size (AddressSanitizer sees an overrun), filled with 0xFF bytes
 //   (NaN as floats) so that a read before the block wrote it shows;
-// - float4 / uint4 with CUDA's 16-byte alignment, and the intrinsics grok_math.h uses, with
-//   the same rounding (IEEE round to nearest; bit casts);
+// - float2 / float4 / uint4 with CUDA's sizes and alignments (8, 16, 16 bytes), and the
+//   intrinsics grok_math.h uses, with the same rounding (IEEE round to nearest; bit casts);
 // - the runtime calls the glue makes and <<<...>>> (written SG_LAUNCH in kernels.cu): the
 //   launch checks its configuration against the device limits the real launch assumes
 //   (1,024 threads, 48 KiB of shared memory per block, static and dynamic together) and runs
@@ -67,8 +67,10 @@
 #define __CUDA_ARCH__ 800
 
 // ------------------------------------------------------------------ vector types
+struct alignas(8) float2 { float x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) uint4 { unsigned int x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
@@ -272,14 +274,13 @@ struct Scheduler {  // one per OS thread
 inline thread_local Scheduler scheduler;
 
 #if defined(__x86_64__)
-// Saves the callee-saved registers and the x87/SSE control words on the current stack, stores
-// the stack pointer in *from and resumes the context whose stack pointer is to.
+// Saves the callee-saved registers on the current stack, stores the stack pointer in *from and
+// resumes the context whose stack pointer is to. The SSE/x87 control words are not switched:
+// nothing here changes them, and loading them costs more than the rest of the switch.
 __attribute__((naked, noinline)) static void switch_stack(void** /*from*/, void* /*to*/) {
   asm volatile(
       "pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
-      "subq $8, %rsp\n\tstmxcsr (%rsp)\n\tfnstcw 4(%rsp)\n\t"
       "movq %rsp, (%rdi)\n\tmovq %rsi, %rsp\n\t"
-      "ldmxcsr (%rsp)\n\tfldcw 4(%rsp)\n\taddq $8, %rsp\n\t"
       "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret\n\t");
 }
 #endif
@@ -330,21 +331,19 @@ inline void start_fiber(Fiber& f) {
     f.stack = static_cast<char*>(m);
   }
 #if defined(__x86_64__)
-  // the frame switch_stack pops: control words, r15, r14, r13, r12, rbx, rbp, return address
-  uintptr_t top = ((uintptr_t)(f.stack + FIBER_STACK_BYTES)) & ~(uintptr_t)15;
+  // the frame switch_stack pops: r15, r14, r13, r12, rbx, rbp, return address
+  // stacks are a power-of-two size apart, so their tops would share cache sets: stagger them
+  const size_t stagger = ((size_t)(&f - scheduler.fibers.data()) % 64) * 192;
+  uintptr_t top = ((uintptr_t)(f.stack + FIBER_STACK_BYTES - stagger)) & ~(uintptr_t)15;
   // the return slot A with A + 8 a multiple of 16: fiber_entry then calls with an aligned stack
   uint64_t* sp = reinterpret_cast<uint64_t*>(top) - 3;
   *sp = (uint64_t)(uintptr_t)&fiber_entry;
-  uint64_t frame[7];
-  uint32_t csr;
-  uint16_t cw;
-  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(csr), "=m"(cw));
-  frame[0] = (uint64_t)csr | ((uint64_t)cw << 32);
-  frame[1] = frame[2] = frame[3] = 0;                        // r15 r14 r13
-  frame[4] = (uint64_t)(uintptr_t)&fiber_main;               // r12: called by fiber_entry
-  frame[5] = (uint64_t)(uintptr_t)&f;                        // rbx: its argument
-  frame[6] = 0;                                              // rbp
-  sp -= 7;
+  uint64_t frame[6];
+  frame[0] = frame[1] = frame[2] = 0;           // r15 r14 r13
+  frame[3] = (uint64_t)(uintptr_t)&fiber_main;  // r12: called by fiber_entry
+  frame[4] = (uint64_t)(uintptr_t)&f;           // rbx: its argument
+  frame[5] = 0;                                 // rbp
+  sp -= 6;
   memcpy(sp, frame, sizeof frame);
   f.sp = sp;
 #else

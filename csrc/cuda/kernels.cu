@@ -5,8 +5,8 @@
 //
 // Phase 1 writes one fp64 partial sum per (chunk, statistic) and a second launch reduces them
 // per tensor in the order of order.h: deterministic, no atomics. Phase 2 reads each tensor's
-// scalars from the device table. SuperGrok's breakpoint table is copied into shared memory by
-// every block that needs it.
+// scalars from the device table. SuperGrok's breakpoint table, in level order (grok_math.h
+// says why), is copied into shared memory by every block that needs it.
 //
 // Loads: GROUP = 8 consecutive elements per thread and iteration, as 128-bit loads (two for
 // fp32) when every array of the segment is 16-byte aligned, else element by element; either
@@ -17,6 +17,12 @@
 namespace sg {
 namespace cuda {
 namespace {
+
+// Each code on its own: the switches below combine them into one case index, where an unknown
+// code would alias a known combination.
+__device__ __forceinline__ bool known_dtypes(const Segment& s) {
+  return (uint32_t)s.param_dtype < 3u && (uint32_t)s.grad_dtype < 3u && (uint32_t)s.state_dtype < 3u;
+}
 
 __device__ __forceinline__ bool aligned16(const void* p) {
   return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
@@ -90,31 +96,31 @@ __device__ __forceinline__ void store_group(void* base, int64_t i, int n, bool v
 }
 
 // The block's view of the meta-net's table: in shared memory when it fits (every block
-// copies it; the copy is 12 bytes a piece, against 16384 elements of work).
-__device__ __forceinline__ Table block_table(const DeviceJob& job, float* smem) {
-  Table t = job.table;
+// copies it; the copy is 12 bytes a piece, against 16384 elements of work). The pieces come
+// first: the dynamic array is float2-aligned, so they are too, whatever the size.
+__device__ __forceinline__ DeviceTable block_table(const DeviceJob& job, float2* smem) {
+  DeviceTable t = job.table;
   if (t.size <= SHARED_TABLE_MAX) {
+    float* nodes = reinterpret_cast<float*>(smem + t.size);
     for (int32_t i = threadIdx.x; i < t.size; i += THREADS) {
-      smem[i] = t.breakpoints[i];
-      smem[t.size + i] = t.slopes[i];
-      smem[2 * t.size + i] = t.intercepts[i];
+      smem[i] = t.pieces[i];
+      nodes[i] = t.nodes[i];
     }
     __syncthreads();
-    t.breakpoints = smem;
-    t.slopes = smem + t.size;
-    t.intercepts = smem + 2 * t.size;
+    t.pieces = smem;
+    t.nodes = nodes;
   }
   return t;
 }
 
-__device__ __forceinline__ void masked_group(const Segment& s, const Table& tab, int64_t i, int n,
-                                             bool vec, const float* g, float* h) {
+__device__ __forceinline__ void masked_group(const Segment& s, const DeviceTable& tab, int64_t i,
+                                             int n, bool vec, const float* g, float* h) {
   if (s.h != nullptr) {
     load_group<F32>(s.h, i, n, vec, h);
     return;
   }
 #pragma unroll
-  for (int e = 0; e < GROUP; ++e) h[e] = masked(table_log_mask(tab, g[e]), g[e]);
+  for (int e = 0; e < GROUP; ++e) h[e] = masked(table_level_log_mask(tab, g[e]), g[e]);
 }
 
 // Combine the block's per-thread sums by order.h's tree; thread 0 gets the result in red[q][0].
@@ -132,8 +138,8 @@ __device__ __forceinline__ void block_tree(double (*red)[THREADS], const double*
 
 // ---------------------------------------------------------------- phase 1
 template <int GD, int SD, bool SUPER>
-__device__ __forceinline__ void chunk_sums(const Segment& s, const Chunk& c, const Table& tab,
-                                           double* acc) {
+__device__ __forceinline__ void chunk_sums(const Segment& s, const Chunk& c,
+                                           const DeviceTable& tab, double* acc) {
   const bool vec = aligned16(s.grad) && (!SUPER || (aligned16(s.mu) && aligned16(s.h)));
   const int64_t groups = (c.size + GROUP - 1) / GROUP;
   for (int64_t q = threadIdx.x; q < groups; q += THREADS) {
@@ -169,15 +175,16 @@ __device__ __forceinline__ void chunk_sums(const Segment& s, const Chunk& c, con
 template <bool SUPER>
 __global__ void __launch_bounds__(THREADS) phase1_chunks(DeviceJob job) {
   constexpr int K = SUPER ? N_STATS : 1;
-  SG_DYNAMIC_SHARED(float, smem);
+  SG_DYNAMIC_SHARED(float2, smem);
   SG_SHARED(double, red, [K][THREADS]);
   const Chunk c = job.chunks[blockIdx.x];
   const Segment s = job.segments[c.segment];
   double acc[K];
 #pragma unroll
   for (int q = 0; q < K; ++q) acc[q] = 0.0;
+  if (!known_dtypes(s)) return __trap();  // the glue checks the codes: never skip one silently
   if (s.grad != nullptr) {  // uniform over the block
-    Table tab = job.table;
+    DeviceTable tab = job.table;
     if (SUPER && job.has_table) tab = block_table(job, smem);
     switch (s.grad_dtype * 3 + (SUPER ? s.state_dtype : 0)) {
 #define SG_CASE(G, S) \
@@ -186,7 +193,7 @@ __global__ void __launch_bounds__(THREADS) phase1_chunks(DeviceJob job) {
       SG_CASE(BF16, F32) SG_CASE(BF16, BF16) SG_CASE(BF16, F16)
       SG_CASE(F16, F32) SG_CASE(F16, BF16) SG_CASE(F16, F16)
 #undef SG_CASE
-      default: __trap();  // the glue checks the codes; a bad one must not be skipped silently
+      default: __trap();
     }
   }
   block_tree<K>(red, acc);
@@ -220,8 +227,8 @@ __global__ void __launch_bounds__(THREADS) reduce_tensors(DeviceJob job) {
 
 // ---------------------------------------------------------------- phase 2
 template <int PD, int GD, int SD, bool SUPER>
-__device__ __forceinline__ void chunk_update(const Segment& s, const Chunk& c, const Table& tab,
-                                             const double* row) {
+__device__ __forceinline__ void chunk_update(const Segment& s, const Chunk& c,
+                                             const DeviceTable& tab, const double* row) {
   const Scalars k = scalars_from_row(row);
   const bool vec = aligned16(s.param) && aligned16(s.grad) && aligned16(s.exp_avg) &&
                    aligned16(s.exp_avg_sq) && aligned16(s.mu) && aligned16(s.h);
@@ -255,11 +262,12 @@ __device__ __forceinline__ void chunk_update(const Segment& s, const Chunk& c, c
 // a few more registers than that, so it gets one (sm_90 spills at 128). Not tuned on a GPU yet.
 template <bool SUPER>
 __global__ void __launch_bounds__(THREADS, SUPER ? 1 : 2) phase2_chunks(DeviceJob job) {
-  SG_DYNAMIC_SHARED(float, smem);
+  SG_DYNAMIC_SHARED(float2, smem);
   const Chunk c = job.chunks[blockIdx.x];
   const Segment s = job.segments[c.segment];
+  if (!known_dtypes(s)) return __trap();
   if (s.grad == nullptr) return;  // uniform over the block
-  Table tab = job.table;
+  DeviceTable tab = job.table;
   if (SUPER && job.has_table) tab = block_table(job, smem);
   const double* row = job.scalars + (int64_t)s.tensor * N_COLUMNS;
   switch ((s.param_dtype * 3 + s.grad_dtype) * 3 + s.state_dtype) {
@@ -275,9 +283,14 @@ __global__ void __launch_bounds__(THREADS, SUPER ? 1 : 2) phase2_chunks(DeviceJo
   }
 }
 
+constexpr size_t TABLE_ENTRY_BYTES = sizeof(float2) + sizeof(float);  // a piece and a node
+static_assert(SHARED_TABLE_MAX * TABLE_ENTRY_BYTES + N_STATS * THREADS * sizeof(double) <=
+                  48 * 1024,
+              "phase 1's table and reduction array must fit the 48 KiB of a default launch");
+
 size_t table_bytes(const DeviceJob& job) {
   const bool shared = job.kind == SUPERGROK && job.has_table && job.table.size <= SHARED_TABLE_MAX;
-  return shared ? 3 * sizeof(float) * (size_t)job.table.size : 0;
+  return shared ? TABLE_ENTRY_BYTES * (size_t)job.table.size : 0;
 }
 
 }  // namespace

@@ -23,6 +23,9 @@
 namespace sg {
 namespace cuda {
 
+// SuperGrok's default meta-net as the kernels read it: level order, float2 pieces (grok_math.h).
+typedef LevelTable<float2> DeviceTable;
+
 // Everything a launch reads, all addresses in device memory. The segment table is rebuilt by
 // the host every step (the gradients' addresses change) and copied asynchronously; the chunk
 // table and the per-tensor chunk index are built once per plan.
@@ -38,7 +41,7 @@ struct DeviceJob {
   double* stats;                  // phase 1 output: [n_tensors, n_stats] (the reduction buffer)
   int32_t n_stats;                // 1 (GrokAdamW) or N_STATS (SuperGrok)
   const double* scalars;          // phase 2 input: [n_tensors, N_COLUMNS]
-  Table table;                    // SuperGrok's default meta-net, in device memory
+  DeviceTable table;              // in device memory
   int32_t has_table;
 };
 
@@ -48,8 +51,9 @@ cudaError_t phase1(const DeviceJob& job, cudaStream_t stream, const char** faile
 // Phase 2: the update in place, one launch over every chunk.
 cudaError_t phase2(const DeviceJob& job, cudaStream_t stream, const char** failed);
 
-// The largest table kept in shared memory (three fp32 arrays); larger ones are read from global
-// memory (through the read-only cache).
+// The largest table kept in shared memory (12 bytes an entry: a breakpoint and a piece, 24 KiB
+// at most, beside phase 1's 12 KiB reduction array within the 48 KiB a block may have without
+// opting in); larger ones are read from global memory (through the cache).
 constexpr int32_t SHARED_TABLE_MAX = 2048;
 
 }  // namespace cuda

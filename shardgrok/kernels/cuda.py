@@ -6,12 +6,14 @@ re-reads the gradients and hands out the tables the kernels read. What this modu
 - the chunk table and the per-tensor chunk index, copied to the GPU once per plan;
 - per step, the segment table (the gradients' addresses) and the present flags, written into
   pinned host memory by the plan and copied asynchronously on the current stream; the
-  breakpoint table of SuperGrok's meta-net, copied when it changes;
+  breakpoint table of SuperGrok's meta-net, put in the kernel's level order and copied when it
+  changes;
 - the two launches (phase 1 is a per-chunk launch plus a per-tensor reduction), on the current
   stream, reading and writing the step's reduction buffer in device memory.
 
-Nothing here reads a value back to the host: the step's one host sync is base.py's read of the
-reduced flags.
+Nothing here reads a value back to the host: the step's one host sync is the step driver's read
+of the reduced flags. The same glue drives the emulated CUDA target (``backend="cuda-emulated"``:
+:func:`emulated_extension`), where the "device" is the host and the tensors are CPU tensors.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..metanet.table import level_order
 from ..placement import to_device
 from . import build
 from .header import KERNEL_KINDS
@@ -80,22 +83,29 @@ class CudaLaunches:
         self.chunks = to_device(self._chunks_host, device)
         offsets, index = plan.chunks_by_tensor()
         self.offsets, self.index = to_device(offsets, device), to_device(index, device)
-        self._table_src = None  # the host arrays the device table was copied from (held: their
-        self._table = None      # identity is the key, and a held object's id cannot be reused)
+        # the sorted host arrays and the size the device table was made from, held: their
+        # identity is the key, and a held object's id cannot be reused
+        self._table_src = None
+        self._table = None  # [nodes, pieces] in level order, on the device
         self._segments = None  # this step's segment table on the device (phase 2 reuses it)
 
-    # A plan on the CPU goes through here only in tests (tests/kernels/test_cuda_glue.py runs this glue
-    # over CPU tensors with an emulated extension): no stream, no device switch.
+    # A plan on the CPU goes through here on the emulated target (backend="cuda-emulated"): host
+    # memory is its device memory, and it has no stream and no device to switch to.
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
 
     def _on_device(self):
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
-    def _device_table(self, arrays: dict) -> tuple[int, int, int, int]:
+    def _device_table(self, arrays: dict) -> tuple[int, int, int]:
+        """The device addresses of the kernel's level-order table (nodes, pieces) and its size.
+
+        Takes the sorted arrays the CPU plan takes; a table not seen before is reordered
+        (metanet.table.level_order) and copied once, then reused while the optimizer hands in
+        the same arrays (it keeps them until the weights change), so a step costs nothing."""
         bp = arrays.get("breakpoints")
         if bp is None:
-            return 0, 0, 0, 0
+            return 0, 0, 0
         src = (bp, arrays["slopes"], arrays["intercepts"])
         size = int(arrays.get("table_size", 0))
         # the CPU plan's checks (csrc/plan.cpp), here where the arrays are tensors
@@ -108,11 +118,16 @@ class CudaLaunches:
             if t.numel() < need:
                 raise RuntimeError(f"table {name} has {t.numel()} entries; a table of size "
                                    f"{size} needs {need}")
-        if self._table_src is None or any(a is not b for a, b in zip(src, self._table_src)):
-            self._table = [to_device(t, self.device) for t in src]  # a new table: copied once
-            self._table_src = src
-        b, s, c = self._table
-        return b.data_ptr(), s.data_ptr(), c.data_ptr(), int(arrays["table_size"])
+        if (self._table_src is None or self._table_src[1] != size
+                or any(a is not b for a, b in zip(src, self._table_src[0]))):
+            # the search of a size-P table reads bp[0..P-2] only: order the first P entries
+            nodes, pieces = level_order((bp[:size], src[1][:size], src[2][:size]))
+            self._table = [to_device(t, self.device) for t in (nodes, pieces)]  # copied once
+            self._table_src = (src, size)
+        nodes, pieces = self._table
+        if pieces.data_ptr() % 8:  # one 8-byte load a piece (a fresh tensor always is)
+            raise RuntimeError("the table's pieces are not 8-byte aligned")
+        return nodes.data_ptr(), pieces.data_ptr(), size
 
     def phase1(self, kind: int, k: int, out: torch.Tensor, hs=None, **table) -> None:
         """Stats [n, k] then present [n] into ``out`` (the step's reduction buffer, on the GPU)."""
@@ -143,11 +158,11 @@ class CudaLaunches:
         partials = torch.empty(max(self.n_chunks, 1) * self.n_stats, dtype=torch.float64,
                                device=self.device)
         stream = self._stream()
-        bp, sl, ic, size = self._device_table(table)
+        nodes, pieces, size = self._device_table(table)
         with self._on_device():  # the launch goes to the current device
             self.ext.phase1(kind, self._segments.data_ptr(), self.chunks.data_ptr(),
                             self.n_chunks, self.offsets.data_ptr(), self.index.data_ptr(), n,
-                            partials.data_ptr(), out.data_ptr(), bp, sl, ic, size, stream)
+                            partials.data_ptr(), out.data_ptr(), nodes, pieces, size, stream)
 
     def phase2(self, kind: int, scalars: torch.Tensor, hs=None, **table) -> None:
         if (scalars.device != self.device or scalars.dtype != torch.float64
@@ -159,8 +174,8 @@ class CudaLaunches:
         if (table.get("breakpoints") is not None) != self._has_table:
             raise RuntimeError("phase 2 must get the same meta-net table (or h) as phase 1")
         stream = self._stream()
-        bp, sl, ic, size = self._device_table(table)
+        nodes, pieces, size = self._device_table(table)
         with self._on_device():
             self.ext.phase2(kind, self._segments.data_ptr(), self.chunks.data_ptr(),
-                            self.n_chunks, self.n, scalars.data_ptr(), bp, sl, ic, size, stream)
+                            self.n_chunks, self.n, scalars.data_ptr(), nodes, pieces, size, stream)
         self._segments = None

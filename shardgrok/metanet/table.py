@@ -48,6 +48,22 @@ contracts ``a * b + c`` by default) differs from it by at most one rounding of `
 ``__fmul_rn`` then ``__fadd_rn`` (or ``-ffp-contract=off`` on the host) matches it bit for bit.
 The comparisons must be IEEE: under flush-to-zero a subnormal ``x`` or breakpoint compares as 0,
 which moves ``f`` by at most ``|slope jump| * 2**-126``.
+
+The CUDA kernel reads the same table in level order (:func:`level_order`, built once per table
+by the CUDA glue): ``nodes[P]`` (the ``P - 1`` searched breakpoints, then padding) and
+``pieces[P, 2]`` (slope, intercept)::
+
+    j = 0
+    for (n = P; n > 1; n /= 2)                     // log2(P) levels
+        j = 2 j + 1 + (x >= nodes[j] ? 1 : 0)
+    idx = j - (P - 1)                              // the idx above, for every x
+    f = pieces[idx][0] * x + pieces[idx][1]
+
+The loop above is a walk down the complete binary tree whose in-order is ``bp[0..P-2]``; level
+order stores the tree by levels (node ``j``'s children are ``2j + 1`` and ``2j + 2``), so both
+searches compare ``x`` with the same breakpoints in the same order. What changes is where a
+step's candidates lie: next to each other instead of ``P / 2**k`` apart, which on a GPU keeps a
+warp's 32 searches out of each other's shared-memory banks (csrc/grok_math.h).
 """
 from __future__ import annotations
 
@@ -113,6 +129,61 @@ class KernelArrays(NamedTuple):
     intercepts: torch.Tensor   # (P + 1,) float32
 
 
+class LevelArrays(NamedTuple):
+    """The CUDA kernel's form of :class:`KernelArrays` (module docstring, :func:`level_order`)."""
+
+    nodes: torch.Tensor   # (P,) float32: bp[0..P-2] in level order, then +inf (never read)
+    pieces: torch.Tensor  # (P, 2) float32: (slope, intercept) of pieces 0..P-1
+
+
+def level_permutation(p: int) -> torch.Tensor:
+    """For ``j < P - 1``: the sorted index of level-order node ``j`` (int64, shape ``(P - 1,)``).
+
+    Node ``j = 2**k - 1 + r`` (level ``k``, ``r`` the choices above it as a binary number) is the
+    candidate of the sorted search's step ``k`` after those choices: ``bp[(2r + 1) P / 2**(k+1)
+    - 1]``. Every index ``0..P-2`` appears once (``i + 1`` is an odd multiple of one power of two).
+    """
+    if p < 1 or p & (p - 1):
+        raise ValueError(f"the table size must be a power of two, got {p}")
+    j = torch.arange(1, p, dtype=torch.int64)       # j + 1, so level k holds [2**k, 2**(k+1))
+    k = torch.frexp(j.to(torch.float64)).exponent.to(torch.int64) - 1  # exact: j < 2**53
+    r = j - (1 << k)
+    return (2 * r + 1) * (p >> (k + 1)) - 1
+
+
+def level_order(arrays: KernelArrays | tuple) -> LevelArrays:
+    """The level-order form of ``arrays`` (``P`` = its breakpoints' length) for the CUDA kernel.
+
+    Reorders, never rounds: :func:`level_search` over ``nodes`` returns :func:`branchless_search`'s
+    index over ``breakpoints`` for every ``x``, and ``pieces[i]`` is ``(slopes[i],
+    intercepts[i])`` for ``i < P`` (piece ``P`` serves only a full search, which the kernel
+    never does). ``slopes`` and ``intercepts`` need at least ``P`` entries.
+    """
+    bp, s, c = arrays
+    p = bp.numel()
+    if any(a.dtype != torch.float32 or a.dim() != 1 for a in (bp, s, c)) \
+            or s.numel() < p or c.numel() < p:
+        raise ValueError("expected float32 arrays of lengths P, >= P, >= P")
+    bp = bp.detach().cpu()
+    nodes = torch.cat([bp[level_permutation(p)], torch.full((1,), float("inf"))])
+    pieces = torch.stack([s.detach().cpu()[:p], c.detach().cpu()[:p]], dim=1)
+    return LevelArrays(nodes.contiguous(), pieces.contiguous())
+
+
+def level_search(nodes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The CUDA kernel's search over level-order ``nodes`` (length ``P``, a power of two):
+    :func:`branchless_search`'s index, by walking the tree. Int64 indices shaped like ``x``."""
+    p = nodes.numel()
+    if p < 1 or p & (p - 1):
+        raise ValueError(f"the node array's length must be a power of two, got {p}")
+    j = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
+    n = p
+    while n > 1:
+        j = 2 * j + 1 + (x >= nodes[j]).to(torch.int64)
+        n //= 2
+    return j - (p - 1)
+
+
 def is_tabulable(net: nn.Module) -> bool:
     """Whether ``net`` computes exactly ``SimpleMetaNet``'s MLP, so :func:`build_table` is exact.
 
@@ -152,15 +223,33 @@ def is_tabulable(net: nn.Module) -> bool:
     return True
 
 
-def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(device="cpu", dtype=torch.float64)
+def host_float64(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` in float64 on the host (flat), read by **one** device-to-host copy.
+
+    A rebuild of the table runs under every ``meta_step``: on a GPU, each copy to the host is a
+    sync, so the weights are joined on their device (in their common dtype, which widening makes
+    exact) and copied once, then split on the host. Tensors on several devices take one copy
+    per device.
+    """
+    flat = [t.detach().reshape(-1) for t in tensors]
+    out: list = [None] * len(flat)
+    by_device: dict = {}
+    for i, t in enumerate(flat):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        joined = torch.cat([flat[i] for i in idx]) if len(idx) > 1 else flat[idx[0]]
+        parts = joined.to(device="cpu", dtype=torch.float64).split([flat[i].numel() for i in idx])
+        for i, part in zip(idx, parts):
+            out[i] = part
+    return out
 
 
 def build_table(net: nn.Module) -> PiecewiseLinear:
     """The exact piecewise-linear form of a ``SimpleMetaNet``'s MLP, computed in float64.
 
-    The weights are read in float64 on the CPU whatever their dtype and device, so the table
-    equals the MLP evaluated in float64 up to float64 rounding of the kinks and coefficients.
+    The weights are read in float64 on the CPU whatever their dtype and device (in one copy:
+    :func:`host_float64`), so the table equals the MLP evaluated in float64 up to float64
+    rounding of the kinks and coefficients.
     Adjacent pieces with identical (slope, intercept) are merged, so a net at its initialisation
     (zero biases: every kink at 0) gives at most one breakpoint.
 
@@ -170,9 +259,9 @@ def build_table(net: nn.Module) -> PiecewiseLinear:
         raise TypeError(f"{type(net).__name__} is not a plain SimpleMetaNet; it cannot be "
                         "tabulated (check is_tabulable first)")
     l1, l2, l3 = net.net[0], net.net[2], net.net[4]
-    w1, b1 = _f64(l1.weight).reshape(-1), _f64(l1.bias)
-    w2, b2 = _f64(l2.weight), _f64(l2.bias)
-    w3, b3 = _f64(l3.weight).reshape(-1), _f64(l3.bias).reshape(())
+    w1, b1, w2, b2, w3, b3 = host_float64([l1.weight, l1.bias, l2.weight, l2.bias, l3.weight,
+                                           l3.bias])
+    w2, b3 = w2.reshape(l2.weight.shape), b3.reshape(())
     for t in (w1, b1, w2, b2, w3, b3):
         if not bool(torch.isfinite(t).all()):
             raise ValueError("the meta-net has non-finite weights; it cannot be tabulated")

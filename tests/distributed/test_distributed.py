@@ -14,8 +14,9 @@ import torch
 import shardgrok
 from tests.support import scenarios as S
 from tests.support.helpers import toy
-from tests.support.multirank import (assert_matches_oracle, assert_same_run, launch, max_diff,
-                                     meta_gradient_error, ok)
+from tests.kernels.test_kernel import FP32_RTOL
+from tests.support.multirank import (assert_matches_oracle, assert_same_run, emulated_cuda_target,
+                                     launch, max_diff, meta_gradient_error, ok)
 
 MAIN = ("exact_grokadamw", "exact_supergrok", "exact_supergrok_nometa", "reference_grokadamw",
         "reference_supergrok", "collectives", "memory",
@@ -26,6 +27,8 @@ TOL = 1e-6
 # 2.7e-7 (SuperGrok), as much as the single-process fp32 run differs from it: float32 rounding
 # over 20 Adam steps of ~1e-2, not the sharding. About 4x that.
 ORACLE_TOL = 1e-6
+# the CUDA kernels built for the host (backend="cuda-emulated"): a job of their own, at world size 2
+EMULATED = ("emulated_grokadamw", "emulated_supergrok")
 
 
 # ---------------------------------------------------------------- the jobs (run once per module)
@@ -56,6 +59,15 @@ def world2(world4, ckpt, tmp_path_factory):
 @pytest.fixture(scope="module")
 def jobs(world2, world4):
     return {2: world2, 4: world4}
+
+
+@pytest.fixture(scope="module")
+def emulated_job(tmp_path_factory):
+    """A job of its own: the emulated target is slow, and its test should not need the others'."""
+    emulated_cuda_target()
+    _, res = launch(2, tmp_path_factory.mktemp("emulated"), EMULATED,
+                    tmp_path_factory.mktemp("emulated-ckpt"))
+    return res
 
 
 # ---------------------------------------------------------------- exactness
@@ -97,6 +109,21 @@ def test_sharded_reference_backend_matches_the_independent_oracle(jobs, world, k
     want = S.naive_run(kind)
     for res in ok(jobs[world], f"reference_{kind}"):
         assert_matches_oracle(res, want, ORACLE_TOL, backend="reference")
+
+
+@pytest.mark.parametrize("kind", S.KINDS)
+def test_zero1_on_the_emulated_cuda_target(emulated_job, oracle, kind):
+    """The GPU's kernels and glue over each rank's owned pieces (backend="cuda-emulated"),
+    against one process on the CPU kernel, within the kernel tests' fp32 tolerance. Measured:
+    0 (GrokAdamW) and 2.5e-8 (SuperGrok) of the parameters' scale, as the CPU kernel sharded
+    the same way (the sharded sums' order, not the target)."""
+    ref = oracle[kind]
+    runs = ok(emulated_job, f"emulated_{kind}")
+    for res in runs:
+        assert_same_run(res, ref, rtol=FP32_RTOL, backend="cuda-emulated")
+        for got, want in zip(res["record"], ref["record"], strict=True):
+            assert got["avg_mu_norm"] == pytest.approx(want["avg_mu_norm"], rel=1e-5)
+    assert max_diff(runs[1]["params"], runs[0]["params"]) == 0.0
 
 
 def test_process_group_selects_the_shard_group(jobs, oracle):

@@ -84,15 +84,16 @@ def test_provenance_names_the_command_commit_and_machine(monkeypatch):
 
 
 def test_provenance_of_the_gpu_check_script(capsys):
-    """gpu_check.sh heads its status file with the same lines, naming itself as the command."""
-    assert step_common.main(["bash", "benchmarks/gpu_check.sh", "--quick"]) == 0
+    """gpu_check.sh heads its files with the same lines, naming itself as the command
+    (tests/kernels/test_gpu_check.py runs its --dry-run)."""
+    assert step_common.main(["bash", "benchmarks/gpu_check.sh", "--dry-run"]) == 0
     out = capsys.readouterr().out
     _check_provenance_lines(out, "  ")
     command = out.splitlines()[1]
-    assert command.startswith("  command:  ") and command.endswith("bash benchmarks/gpu_check.sh --quick")
+    assert command.startswith("  command:  ") and command.endswith("bash benchmarks/gpu_check.sh --dry-run")
     script = (BENCH / "gpu_check.sh").read_text()
     assert 'header=$("$PY" benchmarks/step_common.py bash benchmarks/gpu_check.sh "$@")' in script
-    assert "benchmarks/step_cuda.py --quick --json" in script and "benchmarks/step.py" not in script
+    assert "benchmarks/step_cuda.py --sizes 100M/200" in script and "benchmarks/step.py" not in script
 
 
 def test_phases_benchmark_runs():
@@ -312,6 +313,16 @@ def test_step_benchmark_cuda_quick_run(tmp_path):
         assert r["median_ms"] > 0 and r["ratio_to_adamw_fused"] > 0 and r["backend"], r
         assert r["fraction_of_copy"] > 0, r
     assert "targets" in proc.stdout
+
+
+def test_step_benchmark_emulated_mode_takes_no_device(capsys):
+    """--emulated (gpu_check.sh --dry-run; run in tests/kernels/test_gpu_check.py) is CPU
+    tensors on the emulated target: a --device, even the default cuda, is refused."""
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(SystemExit) as e:
+            step_cuda.main(["--emulated", "--device", device])
+        assert e.value.code == 2
+        assert "--emulated runs on CPU tensors" in capsys.readouterr().err
 
 
 def test_cuda_targets_pass_and_fail_lines():

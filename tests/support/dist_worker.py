@@ -3,6 +3,11 @@ torchrun (tests/support/multirank.py), from the checkout's root or with it on PY
 
     python -m torch.distributed.run --standalone --nproc-per-node N -m tests.support.dist_worker \\
         --out DIR --ckpt DIR --scenarios a,b,c [--timeout S]
+        [--dist-backend gloo|nccl] [--device cpu|cuda] [--kernel-backend B] [--steps N]
+
+``--device``, ``--kernel-backend`` and ``--steps`` are read by the scenarios of
+tests/support/device_ranks.py only (the ``ranks_`` ones): where the model lives and the
+optimizers' ``backend``.
 
 Each scenario runs on every rank and its result (or traceback) is saved to
 ``DIR/<scenario>.<rank>.pt``; the pytest side compares them with the single-process oracle.
@@ -58,6 +63,18 @@ def reference_grokadamw(args):
 @scenario
 def reference_supergrok(args):
     return S.run("supergrok", RANK, WORLD, shard=True, meta=False, backend="reference")
+
+
+@scenario
+def emulated_grokadamw(args):
+    """The CUDA kernels and their glue (shardgrok/kernels/cuda.py) under ZeRO-1, built for the
+    host (backend="cuda-emulated"): each rank's plan covers only the pieces it owns."""
+    return S.run("grokadamw", RANK, WORLD, shard=True, backend="cuda-emulated")
+
+
+@scenario
+def emulated_supergrok(args):
+    return S.run("supergrok", RANK, WORLD, shard=True, backend="cuda-emulated")
 
 
 @scenario
@@ -372,14 +389,21 @@ def main():
     ap.add_argument("--scenarios", required=True)
     ap.add_argument("--resume-from", default="")
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--dist-backend", default="gloo", choices=("gloo", "nccl"))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--kernel-backend", default=None)
+    ap.add_argument("--steps", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    info = shardgrok.init_distributed(backend="gloo", timeout=timedelta(seconds=args.timeout))
+    info = shardgrok.init_distributed(backend=args.dist_backend,
+                                      timeout=timedelta(seconds=args.timeout))
     RANK, WORLD = info.rank, info.world_size
     Ctx.rank, Ctx.world = RANK, WORLD
     from tests.support import fsdp_cases  # noqa: F401  (registers the FSDP scenarios)
     if any(n.startswith("ds_") for n in args.scenarios.split(",")):
         from tests.support import ds_cases  # noqa: F401  (DeepSpeed: imported only when asked for)
+    if any(n.startswith("ranks_") for n in args.scenarios.split(",")):
+        from tests.support import device_ranks  # noqa: F401  (two ranks on one device)
     if any(n.startswith("ds_offload") for n in args.scenarios.split(",")):
         from tests.support import ds_offload_cases  # noqa: F401  (ZeRO-Offload)
     for name in args.scenarios.split(","):

@@ -34,19 +34,23 @@ DS_CLIP = {"grokadamw": 0.5, "supergrok": 0.0}
 STAGES = (0, 1, 2, 3)
 
 
-def config(kind: str, stage: int, how: str = "config", **extra) -> dict:
+def config(kind: str, stage: int, how: str = "config", backend: str | None = None,
+           **extra) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": 12, "gradient_clipping": DS_CLIP[kind],
            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9, **extra}
     if how == "config":
-        cfg["optimizer"] = {"type": NAME[kind], "params": PARAMS[kind]}
+        params = PARAMS[kind] if backend is None else {**PARAMS[kind], "backend": backend}
+        cfg["optimizer"] = {"type": NAME[kind], "params": params}
     return cfg
 
 
-def engine_for(kind: str, stage: int, how: str = "config", seed: int = 0, **extra):
+def engine_for(kind: str, stage: int, how: str = "config", seed: int = 0,
+               backend: str | None = None, **extra):
+    """``backend``: the config entry's (``how="config"`` only)."""
     deepspeed = _deepspeed()
     model = toy(S.DTYPE, seed=seed, dead=False)
     groups = S.default_groups(model)
-    cfg = config(kind, stage, how, **extra)
+    cfg = config(kind, stage, how, backend, **extra)
     torch.manual_seed(7)  # the meta-net's initial weights, as in the single-process run
     if how == "config":
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
@@ -139,6 +143,18 @@ def ds_exact(args):
             record = train(kind, engine, range(S.STEPS), Ctx.rank, Ctx.world)
             out[f"{kind}.{stage}"] = {"params": full_params(model, stage), "record": record,
                                       "sharded_state": _state_elements(engine)}
+    return out
+
+
+@scenario
+def ds_emulated(args):
+    """ZeRO 2's flat fp32 partitions through the CUDA kernels and their glue, built for the
+    host (backend="cuda-emulated" in the config entry)."""
+    out = {}
+    for kind in S.KINDS:
+        model, engine = engine_for(kind, 2, backend="cuda-emulated")
+        record = train(kind, engine, range(S.STEPS), Ctx.rank, Ctx.world)
+        out[kind] = {"params": full_params(model, 2), "record": record}
     return out
 
 

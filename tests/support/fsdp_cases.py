@@ -74,6 +74,13 @@ def fsdp2_exact(args):
 
 
 @scenario
+def fsdp2_emulated(args):
+    """FSDP2's local shards (empty on some ranks) through the CUDA kernels and their glue,
+    built for the host (backend="cuda-emulated")."""
+    return {kind: _run(kind, wrap=fsdp2(), backend="cuda-emulated") for kind in S.KINDS}
+
+
+@scenario
 def hsdp_exact(args):
     return {kind: _run(kind, wrap=fsdp2(hsdp=True)) for kind in S.KINDS}
 

@@ -61,7 +61,9 @@ def val_closure(model, rank: int, world: int):
 
 
 def train(kind: str, model, opt, steps, rank: int = 0, world: int = 1, meta: bool = True,
-          backward_fn=backward) -> list[dict]:
+          backward_fn=backward, val=val_closure) -> list[dict]:
+    """``steps`` steps of ``kind``'s schedule; ``backward_fn(model, t)`` makes the gradients
+    and returns the loss, ``val(model, rank, world)`` the meta-step's validation closure."""
     record = []
     for t in steps:
         tl = backward_fn(model, t)
@@ -73,7 +75,7 @@ def train(kind: str, model, opt, steps, rank: int = 0, world: int = 1, meta: boo
                 # The same validation batch on every rank: averaging equal gradients is exact,
                 # so the 20-step runs compare the optimizer alone. How ranks' different
                 # validation batches are averaged is checked in float64 by meta_gradient().
-                opt.meta_step(val_closure(model, 0, 1))
+                opt.meta_step(val(model, 0, 1))
             if t % 4 == 0:
                 d = 0.01 * rank_offset(rank, world)
                 opt.step(train_loss=tl + d, val_loss=(1.2 + 0.02 * t) * tl - d)
