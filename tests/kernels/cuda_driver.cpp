@@ -32,6 +32,7 @@ using sg::Chunk;
 using sg::Segment;
 using sg::Table;
 using sg::cuda::DeviceJob;
+using sg::cuda::DeviceTable;
 
 const char* const DTYPE_NAMES[] = {"f32", "bf16", "f16"};
 const char* const STAT_NAMES[] = {"grad_sq", "h_sq", "h_mu", "h_grad", "mu_sq", "mu_grad"};
@@ -228,8 +229,15 @@ void fill_scalars(double* row, int32_t tensor) {
 }
 
 // A valid table (grok_math.h): `size` a power of two, sorted breakpoints in the gradients'
-// range padded with +inf (at least one pad), a piece per slot.
-Table make_table(Arena& arena, Rng& rng, int32_t size) {
+// range padded with +inf (at least one pad), a piece per slot. The host computation searches
+// it sorted (Table); the kernels get it in level order (DeviceTable), built here by the
+// definition in grok_math.h: node 2^k - 1 + r holds bp[(2r + 1) size / 2^(k+1) - 1].
+struct Tables {
+  Table sorted{nullptr, nullptr, nullptr, 0};
+  DeviceTable level{nullptr, nullptr, 0};
+};
+
+Tables make_table(Arena& arena, Rng& rng, int32_t size) {
   float* bp = static_cast<float*>(arena.take(sizeof(float) * (size_t)size));
   float* slopes = static_cast<float*>(arena.take(sizeof(float) * (size_t)size));
   float* intercepts = static_cast<float*>(arena.take(sizeof(float) * (size_t)size));
@@ -242,7 +250,22 @@ Table make_table(Arena& arena, Rng& rng, int32_t size) {
     intercepts[i] = rng.uniform(-2.0f, 2.0f);
   }
   intercepts[0] = -30.0f;  // below the first breakpoint the log-mask clamps (exp(-20))
-  return {bp, slopes, intercepts, size};
+
+  float* nodes = static_cast<float*>(arena.take(sizeof(float) * (size_t)size));
+  float2* pieces = static_cast<float2*>(arena.take(sizeof(float2) * (size_t)size));
+  for (int32_t j = 0; j + 1 < size; ++j) {
+    int32_t k = 0;
+    while ((2 << k) <= j + 1) ++k;  // level k: j + 1 in [2^k, 2^(k+1))
+    const int64_t r = j + 1 - (1 << k);
+    nodes[j] = bp[(2 * r + 1) * size / (2 << k) - 1];
+  }
+  nodes[size - 1] = INFINITY;  // padding, never read
+  for (int32_t i = 0; i < size; ++i) pieces[i] = make_float2(slopes[i], intercepts[i]);
+
+  Tables t;
+  t.sorted = {bp, slopes, intercepts, size};
+  t.level = {nodes, pieces, size};
+  return t;
 }
 
 bool run_case(const Case& cs) {
@@ -254,8 +277,9 @@ bool run_case(const Case& cs) {
   const int K = super ? sg::N_STATS : 1;
   const size_t n_segs = cs.segs.size();
 
-  Table table{nullptr, nullptr, nullptr, 0};
-  if (cs.h_source == H_TABLE) table = make_table(arena, rng, cs.table_size);
+  Tables tables;
+  if (cs.h_source == H_TABLE) tables = make_table(arena, rng, cs.table_size);
+  const Table& table = tables.sorted;
 
   // the kernels' arrays, and the host computation's copies (same dtypes, same values)
   std::vector<Arrays> dev(n_segs), ref(n_segs);
@@ -323,7 +347,7 @@ bool run_case(const Case& cs) {
   job.stats = arena.copy(std::vector<double>((size_t)cs.n_tensors * K, NAN));
   job.n_stats = K;
   job.scalars = arena.copy(scalars);
-  job.table = table;
+  job.table = tables.level;
   job.has_table = cs.h_source == H_TABLE;
 
   Mismatches bad;
