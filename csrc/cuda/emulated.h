@@ -40,6 +40,11 @@
 #include <thread>
 #include <vector>
 
+#if defined(__SANITIZE_THREAD__) && !defined(SG_EMU_OS_THREADS)
+// ThreadSanitizer would see every fiber of a block as one thread and pass any race silently
+#error "a ThreadSanitizer build of the emulated target needs SG_EMU_OS_THREADS"
+#endif
+
 #if defined(SG_EMU_OS_THREADS)
 #elif defined(__x86_64__)
 #include <sys/mman.h>
@@ -124,7 +129,12 @@ struct Block {
   size_t shared_bytes = 0;
   void* dynamic = nullptr;
   size_t dynamic_bytes = 0;
-  std::mutex lock;  // OS-thread mode: shared allocations and the barrier
+  // OS-thread mode. The allocations take their own lock, not the barrier's: a thread taking
+  // the barrier's lock acquires everything done before the barrier by the threads already
+  // waiting there, so ThreadSanitizer would see their accesses ordered before its own and miss
+  // a missing __syncthreads() whenever those threads happened to start first.
+  std::mutex shared_lock;
+  std::mutex lock;  // the barrier
   std::condition_variable cv;
   unsigned waiting = 0, alive = 0;
   uint64_t generation = 0;
@@ -153,7 +163,7 @@ inline void* block_shared(size_t bytes) {
   Block* b = t->block;
   const size_t k = t->next_shared++;
 #if defined(SG_EMU_OS_THREADS)
-  std::lock_guard<std::mutex> g(b->lock);
+  std::lock_guard<std::mutex> g(b->shared_lock);
 #endif
   if (k == b->shared.size()) {
     b->shared.push_back(fresh(bytes));
