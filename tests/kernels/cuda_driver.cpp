@@ -490,6 +490,89 @@ bool run_case(const Case& cs) {
   return true;
 }
 
+// ---------------------------------------------------------------- the emulator's own rules
+// What a launch on a GPU refuses or guarantees, which the kernels above rely on the emulator to
+// refuse or guarantee alike: the shared-memory limit (static and dynamic together), the block
+// and grid limits, a barrier every thread waits at, threads that exit before a barrier, a trap.
+__global__ void shared_hog(int* out) {
+  SG_SHARED(double, big, [4096]);  // 32 KiB static
+  SG_DYNAMIC_SHARED(float, dyn);
+  if (threadIdx.x == 0) {
+    big[0] = 1.0;
+    dyn[0] = 1.0f;
+    out[0] += 1;
+  }
+}
+
+__global__ void reverse_through_shared(int* out) {
+  SG_SHARED(int, slot, [64]);
+  slot[threadIdx.x] = (int)(blockIdx.x * 64 + threadIdx.x);
+  __syncthreads();
+  out[blockIdx.x * 64 + threadIdx.x] = slot[63 - threadIdx.x];
+}
+
+__global__ void half_exit_early(int* out) {
+  SG_SHARED(int, slot, [64]);
+  if (threadIdx.x % 2) return;  // these no longer count at the barrier
+  slot[threadIdx.x] = 7;
+  __syncthreads();
+  out[threadIdx.x] = slot[(threadIdx.x + 2) % 64];
+}
+
+__global__ void traps(int* out) {
+  if (threadIdx.x == 0) __trap();
+  out[0] = 1;
+}
+
+bool check_launch_limits() {
+  int out[3 * 64] = {0};
+  bool ok = true;
+  auto expect = [&](const char* what, cudaError_t want) {
+    const cudaError_t got = cudaGetLastError();
+    if (got != want) {
+      fprintf(stderr, "FAIL launch limits: %s: expected %s, got %s\n", what,
+              cudaGetErrorName(want), cudaGetErrorName(got));
+      ok = false;
+    }
+  };
+  SG_LAUNCH(shared_hog, 1, 64, 16 * 1024, nullptr)(out);  // 48 KiB in all: the limit
+  expect("48 KiB of shared memory", cudaSuccess);
+  SG_LAUNCH(shared_hog, 1, 64, 16 * 1024 + 4, nullptr)(out);  // 4 bytes over, with the static
+  expect("48 KiB + 4 bytes of shared memory", cudaErrorInvalidValue);
+  const int before = out[0];
+  SG_LAUNCH(shared_hog, 1, 64, 48 * 1024 + 4, nullptr)(out);  // dynamic alone over: not run
+  expect("dynamic shared memory over 48 KiB", cudaErrorInvalidValue);
+  if (out[0] != before) {
+    fprintf(stderr, "FAIL launch limits: a refused launch ran\n");
+    ok = false;
+  }
+  SG_LAUNCH(reverse_through_shared, 1, 1025, 0, nullptr)(out);
+  expect("1,025 threads", cudaErrorInvalidConfiguration);
+  SG_LAUNCH(reverse_through_shared, 0, 64, 0, nullptr)(out);
+  expect("an empty grid", cudaErrorInvalidConfiguration);
+  SG_LAUNCH(reverse_through_shared, 3, 64, 0, nullptr)(out);
+  expect("a barrier", cudaSuccess);
+  for (int i = 0; i < 3 * 64; ++i)
+    if (out[i] != (i / 64) * 64 + 63 - i % 64) {
+      fprintf(stderr, "FAIL launch limits: thread %d read %d across the barrier\n", i, out[i]);
+      ok = false;
+      break;
+    }
+  SG_LAUNCH(half_exit_early, 1, 64, 0, nullptr)(out);
+  expect("threads that exit before a barrier", cudaSuccess);
+  for (int i = 0; i < 64; i += 2)
+    if (out[i] != 7) {
+      fprintf(stderr, "FAIL launch limits: thread %d read %d\n", i, out[i]);
+      ok = false;
+      break;
+    }
+  SG_LAUNCH(traps, 2, 32, 0, nullptr)(out);
+  expect("a trap", cudaErrorLaunchFailure);
+  expect("the error, once read", cudaSuccess);
+  if (ok) printf("ok   launch limits, barriers and traps\n");
+  return ok;
+}
+
 int usage() {
   fprintf(stderr, "usage: cuda_driver [--quick | --case SUBSTRING | --list]\n");
   return 2;
@@ -509,6 +592,10 @@ int main(int argc, char** argv) {
   }
   const auto start = std::chrono::steady_clock::now();
   int run = 0, failed = 0;
+  if (!list && filter.empty()) {
+    ++run;
+    if (!check_launch_limits()) ++failed;
+  }
   for (const Case& cs : all_cases()) {
     if (quick && !cs.quick) continue;
     if (!quick && filter.empty() && cs.quick) continue;  // the full cases cover these

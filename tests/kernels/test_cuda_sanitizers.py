@@ -197,6 +197,7 @@ def test_driver_passes_plain(builds):
     r = run_binary(builds.get("plain"), [], "plain")
     assert_clean(r, "plain build")
     assert "grokadamw/dtypes1" in r.stdout and "supergrok/table-global/dtypes1" in r.stdout
+    assert "ok   launch limits, barriers and traps" in r.stdout
 
 
 @uses("asan")
