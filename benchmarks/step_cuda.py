@@ -267,7 +267,7 @@ def copy_bandwidth(dev, nbytes: int, repeats: int, copies: int = 10) -> dict:
 def emulated_kernel_status() -> str:
     """shardgrok's word on the emulated CUDA target (``--emulated``), for the header."""
     try:
-        emu = kernels.status().get("cuda_emulated") or {}
+        emu = kernels.status(emulated=True).get("cuda_emulated") or {}
     except Exception as e:
         return f"unknown ({type(e).__name__}: {e})"
     if emu.get("available"):

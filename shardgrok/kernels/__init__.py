@@ -59,8 +59,11 @@ def unavailable_reason() -> str | None:
     return build.load(build.CPU).reason
 
 
-def status() -> dict:
-    """What is built and in use, for ``python -m shardgrok.kernels`` and bug reports."""
+def status(emulated: bool = False) -> dict:
+    """What is built and in use, for ``python -m shardgrok.kernels`` and bug reports. The CPU
+    and CUDA kernels are built (or loaded) to be reported; the emulated CUDA target, a testing
+    backend, only with ``emulated=True`` (``python -m shardgrok.kernels`` asks for it) or once
+    this process has used it."""
     cpu = build.load(build.CPU)
     ext = cpu.ext
     return {
@@ -69,7 +72,7 @@ def status() -> dict:
                 "supported_isas": ext.supported_isas() if ext is not None else [],
                 "reason": cpu.reason},
         "cuda": cuda.status(),
-        "cuda_emulated": cuda.emulated_status(),
+        "cuda_emulated": cuda.emulated_status(build_it=emulated),
         "default_backend": choose_backend(None),
     }
 

@@ -189,6 +189,11 @@ def load(op: Op) -> Loaded:
     return _loaded[op.name]
 
 
+def is_loaded(op: Op) -> bool:
+    """Whether this process has tried ``op`` already (built, loaded or found unavailable)."""
+    return op.name in _loaded
+
+
 def _ahead_of_time(op: Op):
     try:
         ext = importlib.import_module(op.aot_module)

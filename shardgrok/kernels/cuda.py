@@ -52,7 +52,13 @@ def emulated_unavailable_reason() -> str | None:
     return build.load(build.CUDA_EMULATED).reason
 
 
-def emulated_status() -> dict:
+def emulated_status(build_it: bool = True) -> dict:
+    """The emulated target's report; without ``build_it``, one not yet loaded in this process is
+    reported as such instead of being compiled (about a minute) for a report."""
+    if not build_it and not build.is_loaded(build.CUDA_EMULATED):
+        return {"available": None, "origin": None,
+                "reason": "not loaded in this process (built on first use of "
+                          "backend='cuda-emulated'; python -m shardgrok.kernels builds it)"}
     loaded = build.load(build.CUDA_EMULATED)
     return {"available": loaded.ext is not None, "origin": loaded.origin, "reason": loaded.reason}
 

@@ -527,6 +527,17 @@ def test_python_m_shardgrok_kernels_reports_the_emulated_target(ext):
     assert "cuda-emulated (testing backend): available" in r.stdout
 
 
+def test_the_environment_variable_selects_the_emulated_target(monkeypatch, ext):
+    monkeypatch.setenv("SHARDGROK_BACKEND", "cuda-emulated")
+    params = make_params([5, 17])
+    opt = make_opt("supergrok", params, None)
+    assert opt.backend == "cuda-emulated"
+    for p, g in zip(params, normal_grads(params, 0)):
+        p.grad = g
+    opt.step()
+    assert opt.get_state_summary()["backend"] == "cuda-emulated"
+
+
 def test_backend_cuda_emulated_refuses_what_it_cannot_run(ext):
     params = [nn.Parameter(torch.randn(4, dtype=torch.float64))]
     opt = make_opt("grokadamw", params, "cuda-emulated")
@@ -536,6 +547,19 @@ def test_backend_cuda_emulated_refuses_what_it_cannot_run(ext):
 
 
 # ---------------------------------------------------------------- only a GPU can answer these
+def host_syncs(fn) -> list[str]:
+    """The host syncs ``fn()`` makes, as torch's sync debug mode reports them."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+
+
 @pytest.mark.parametrize("name", ["grokadamw", "supergrok"])
 def test_one_host_sync_per_step(gpu, name):
     params = params_on(gpu, MIX)
@@ -544,17 +568,38 @@ def test_one_host_sync_per_step(gpu, name):
     for p, g in zip(params, grads):
         p.grad = g
     opt.step()  # builds the plan and the table (syncs allowed there)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(3):
-                opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    assert len(syncs) == 3, [str(w.message) for w in syncs]
+
+    def three_steps():
+        for _ in range(3):
+            opt.step()
+
+    syncs = host_syncs(three_steps)
+    assert len(syncs) == 3, syncs
+
+
+def test_a_table_rebuild_after_a_meta_step_adds_one_host_sync(gpu):
+    """The rebuild reads the meta-net's weights to the host in one copy: the step after a
+    meta-step syncs twice (that copy and the step's own read), not once per weight tensor."""
+    from shardgrok import SuperGrok
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)).cuda()
+    x, y = torch.randn(64, 4, device="cuda"), torch.randn(64, 1, device="cuda")
+    opt = SuperGrok(model.parameters(), lr=1e-2, warmup_steps=0, meta_lr=0.05,
+                    meta_net=meta_net("random"), backend="kernel")
+
+    def backward():
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+
+    backward()
+    opt.step()  # the plan and the first table
+    backward()
+    opt.meta_step(lambda: ((model(x) - y) ** 2).mean())
+    syncs = host_syncs(opt.step)
+    assert len(syncs) == 2, syncs
+    backward()
+    assert len(host_syncs(opt.step)) == 1  # the same weights: no rebuild
 
 
 @pytest.mark.parametrize("name", ["grokadamw", "supergrok"])
