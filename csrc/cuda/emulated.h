@@ -45,8 +45,13 @@
 #error "a ThreadSanitizer build of the emulated target needs SG_EMU_OS_THREADS"
 #endif
 
+// Fibers switch by a few lines of x86-64 assembly; elsewhere, or with SG_EMU_UCONTEXT (which a
+// test builds, so the portable path runs too), by ucontext, whose every switch is a system call.
+#if !defined(SG_EMU_OS_THREADS) && defined(__x86_64__) && !defined(SG_EMU_UCONTEXT)
+#define SG_EMU_ASM_SWITCH 1
+#endif
 #if defined(SG_EMU_OS_THREADS)
-#elif defined(__x86_64__)
+#elif defined(SG_EMU_ASM_SWITCH)
 #include <sys/mman.h>
 #else
 #include <sys/mman.h>
@@ -237,32 +242,32 @@ void run_block(Block& b, unsigned threads, const F& body) {
 
 #else
 // ------------------------------------------------------------------ fibers
+// Where a switched-out fiber, or the scheduler, resumes.
+struct Context {
+#if defined(SG_EMU_ASM_SWITCH)
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;  // AddressSanitizer's fake frames of the switched-out stack
+#endif
+};
+
 struct Fiber {
   ThreadRec rec;
   bool done = false;
   const void* body = nullptr;
   void (*call)(const void*) = nullptr;
   char* stack = nullptr;  // mmap'd, a guard page at the low end
-#if defined(__x86_64__)
-  void* sp = nullptr;
-#else
-  ucontext_t ctx;
-#endif
-#if defined(__SANITIZE_ADDRESS__)
-  void* fake_stack = nullptr;
-#endif
+  Context ctx;
 };
 
 struct Scheduler {  // one per OS thread
   std::vector<Fiber> fibers;
   Fiber* running = nullptr;
-#if defined(__x86_64__)
-  void* sp = nullptr;
-#else
-  ucontext_t ctx;
-#endif
+  Context ctx;
 #if defined(__SANITIZE_ADDRESS__)
-  void* fake_stack = nullptr;
   const void* stack_bottom = nullptr;
   size_t stack_size = 0;
 #endif
@@ -273,7 +278,7 @@ struct Scheduler {  // one per OS thread
 };
 inline thread_local Scheduler scheduler;
 
-#if defined(__x86_64__)
+#if defined(SG_EMU_ASM_SWITCH)
 // Saves the callee-saved registers on the current stack, stores the stack pointer in *from and
 // resumes the context whose stack pointer is to. The SSE/x87 control words are not switched:
 // nothing here changes them, and loading them costs more than the rest of the switch.
@@ -287,16 +292,16 @@ __attribute__((naked, noinline)) static void switch_stack(void** /*from*/, void*
 
 inline void to_scheduler(Fiber* f) {
 #if defined(__SANITIZE_ADDRESS__)
-  __sanitizer_start_switch_fiber(f->done ? nullptr : &f->fake_stack, scheduler.stack_bottom,
+  __sanitizer_start_switch_fiber(f->done ? nullptr : &f->ctx.fake_stack, scheduler.stack_bottom,
                                  scheduler.stack_size);
 #endif
-#if defined(__x86_64__)
-  switch_stack(&f->sp, scheduler.sp);
+#if defined(SG_EMU_ASM_SWITCH)
+  switch_stack(&f->ctx.sp, scheduler.ctx.sp);
 #else
-  swapcontext(&f->ctx, &scheduler.ctx);
+  swapcontext(&f->ctx.uc, &scheduler.ctx.uc);
 #endif
 #if defined(__SANITIZE_ADDRESS__)
-  __sanitizer_finish_switch_fiber(f->fake_stack, nullptr, nullptr);
+  __sanitizer_finish_switch_fiber(f->ctx.fake_stack, nullptr, nullptr);
 #endif
 }
 
@@ -311,7 +316,7 @@ inline void fiber_main(Fiber* f) {
   }
 }
 
-#if defined(__x86_64__)
+#if defined(SG_EMU_ASM_SWITCH)
 // A new context's first return lands here with the fiber in rbx and rsp 16-byte aligned.
 __attribute__((naked, noinline)) static void fiber_entry() {
   asm volatile("movq %rbx, %rdi\n\tcall *%r12\n\tud2\n\t");
@@ -330,7 +335,7 @@ inline void start_fiber(Fiber& f) {
     mprotect(m, 4096, PROT_NONE);  // a stack overflow faults instead of corrupting memory
     f.stack = static_cast<char*>(m);
   }
-#if defined(__x86_64__)
+#if defined(SG_EMU_ASM_SWITCH)
   // the frame switch_stack pops: r15, r14, r13, r12, rbx, rbp, return address
   // stacks are a power-of-two size apart, so their tops would share cache sets: stagger them
   const size_t stagger = ((size_t)(&f - scheduler.fibers.data()) % 64) * 192;
@@ -345,14 +350,14 @@ inline void start_fiber(Fiber& f) {
   frame[5] = 0;                                 // rbp
   sp -= 6;
   memcpy(sp, frame, sizeof frame);
-  f.sp = sp;
+  f.ctx.sp = sp;
 #else
-  getcontext(&f.ctx);
-  f.ctx.uc_stack.ss_sp = f.stack + 4096;
-  f.ctx.uc_stack.ss_size = FIBER_STACK_BYTES - 4096;
-  f.ctx.uc_link = nullptr;
+  getcontext(&f.ctx.uc);
+  f.ctx.uc.uc_stack.ss_sp = f.stack + 4096;
+  f.ctx.uc.uc_stack.ss_size = FIBER_STACK_BYTES - 4096;
+  f.ctx.uc.uc_link = nullptr;
   const uintptr_t p = (uintptr_t)&f;
-  makecontext(&f.ctx, (void (*)())fiber_entry_uc, 2, (unsigned)(p & 0xFFFFFFFFu),
+  makecontext(&f.ctx.uc, (void (*)())fiber_entry_uc, 2, (unsigned)(p & 0xFFFFFFFFu),
               (unsigned)(p >> 32));
 #endif
 }
@@ -362,16 +367,16 @@ inline void resume(Fiber& f) {
   current = &f.rec;
   threadIdx = uint3((unsigned)(&f - scheduler.fibers.data()), 0, 0);
 #if defined(__SANITIZE_ADDRESS__)
-  __sanitizer_start_switch_fiber(&scheduler.fake_stack, f.stack + 4096,
+  __sanitizer_start_switch_fiber(&scheduler.ctx.fake_stack, f.stack + 4096,
                                  FIBER_STACK_BYTES - 4096);
 #endif
-#if defined(__x86_64__)
-  switch_stack(&scheduler.sp, f.sp);
+#if defined(SG_EMU_ASM_SWITCH)
+  switch_stack(&scheduler.ctx.sp, f.ctx.sp);
 #else
-  swapcontext(&scheduler.ctx, &f.ctx);
+  swapcontext(&scheduler.ctx.uc, &f.ctx.uc);
 #endif
 #if defined(__SANITIZE_ADDRESS__)
-  __sanitizer_finish_switch_fiber(scheduler.fake_stack, nullptr, nullptr);
+  __sanitizer_finish_switch_fiber(scheduler.ctx.fake_stack, nullptr, nullptr);
 #endif
   scheduler.running = nullptr;
   current = nullptr;

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.support.paths import ROOT, load_script
+from tests.support.paths import ROOT, head_commit, load_script
 
 BENCH = ROOT / "benchmarks"
 
@@ -22,18 +22,10 @@ step_cuda = load_script("benchmarks/step_cuda.py")
 PROVENANCE_LINES = ("date:", "command:", "commit:", "cpu:")
 
 
-def _head_commit():
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _check_provenance(prov: dict, script: str, threads: int, gpu=None):
     """The fields every results file carries, as written by step_common.provenance."""
     assert script in prov["command"] and sys.executable in prov["command"], prov
-    assert prov["git_commit"] == _head_commit() and isinstance(prov["git_dirty"], (bool, type(None)))
+    assert prov["git_commit"] == head_commit() and isinstance(prov["git_dirty"], (bool, type(None)))
     assert prov["date"][:4].isdigit() and "T" in prov["date"]
     assert prov["cpu"] == step_common.cpu_model() and prov["cpu_count"] == os.cpu_count()
     assert prov["threads"] == threads and prov["gpu"] == gpu
@@ -43,7 +35,7 @@ def _check_provenance_lines(text: str, prefix: str):
     lines = text.splitlines()
     for field in PROVENANCE_LINES:
         assert any(ln.startswith(prefix + field) for ln in lines), (field, text[:2000])
-    commit = _head_commit()
+    commit = head_commit()
     if commit:
         assert commit in text
 

@@ -42,6 +42,8 @@ FLAVORS = {
     "asan": ["-O0", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
              "-fsanitize=alignment"],
     "tsan": ["-O1", "-fsanitize=thread", "-DSG_EMU_OS_THREADS"],
+    # the portable fiber switch (ucontext), which hosts other than x86-64 take
+    "ucontext": ["-O1", "-DSG_EMU_UCONTEXT"],
 }
 RUNTIME_OPTIONS = {
     "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:halt_on_error=1",
@@ -197,6 +199,13 @@ def test_driver_passes_plain(builds):
     r = run_binary(builds.get("plain"), [], "plain")
     assert_clean(r, "plain build")
     assert "grokadamw/dtypes1" in r.stdout and "supergrok/table-global/dtypes1" in r.stdout
+    assert "ok   launch limits, barriers and traps" in r.stdout
+
+
+@uses("ucontext")
+def test_driver_passes_with_the_portable_fiber_switch(builds):
+    r = run_binary(builds.get("ucontext"), [], "ucontext")
+    assert_clean(r, "ucontext build")
     assert "ok   launch limits, barriers and traps" in r.stdout
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.support.paths import ROOT
+from tests.support.paths import ROOT, head_commit
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STAGES = ("status", "tests", "memcheck", "racecheck", "benchmark")
@@ -30,21 +30,13 @@ def emulated(ext):
     return e
 
 
-def _head_commit():
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _assert_provenance_first(text: str, name: str):
     """The file starts with step_common's provenance lines, naming gpu_check.sh --dry-run."""
     head = text.splitlines()[:4]
     for line, field in zip(head, PROVENANCE, strict=True):
         assert line.startswith("  " + field), (name, head)
     assert head[1].endswith("bash benchmarks/gpu_check.sh --dry-run"), (name, head[1])
-    commit = _head_commit()
+    commit = head_commit()
     if commit:
         assert commit in head[2], (name, head[2])
 

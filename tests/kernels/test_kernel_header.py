@@ -192,6 +192,18 @@ class Case:
         return ext.Plan(self.n_tensors, self.sources, torch.tensor(self.rows, dtype=torch.long),
                         self.params, self.m, self.v, self.mu, self.steps, self.slot_of)
 
+    def resolved_plan(self, explicit_grads=False):
+        """The plan, its gradients read: handed in (as FSDP2's layout does, any of the three
+        dtypes) or from the sources' ``.grad``."""
+        plan = self.plan()
+        if explicit_grads:
+            assert plan.resolve(self.grads)
+        else:
+            for s, gr in zip(self.sources, self.grads):
+                s.grad = gr
+            assert plan.resolve()
+        return plan
+
     def snapshot(self):
         return {k: [t.clone() for t in getattr(self, k)]
                 for k in ("sources", "m", "v", "mu", "steps")}
@@ -257,15 +269,9 @@ def _emulate(kind, p, g, h, m, v, mu, row):
 
 def _run_case(case, kind, use_table, arrays=None, user_h=None, explicit_grads=False):
     ext = case.ext
-    plan = case.plan()
+    plan = case.resolved_plan(explicit_grads)
     assert plan.n_segments == len(case.rows)
     assert plan.n_chunks == sum(-(-n // ext.CHUNK) for *_, n in case.rows)
-    if explicit_grads:  # as FSDP2's layout hands them in (any of the three dtypes)
-        assert plan.resolve(case.grads)
-    else:
-        for s, gr in zip(case.sources, case.grads):
-            s.grad = gr
-        assert plan.resolve()
     code = ext.GROKADAMW if kind == "grok" else ext.SUPERGROK
     aux = {}
     if kind == "super":
