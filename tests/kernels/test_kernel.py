@@ -370,13 +370,7 @@ def test_nonfinite_gradient_writes_nothing(ext, name, policy, bad):
     for p, g in zip(params, gs):
         p.grad = g
     before = _snapshot(params, opt)
-    if policy == "skip":
-        with pytest.warns(RuntimeWarning, match="non-finite"):
-            opt.step()
-        assert opt.get_state_summary()["skipped_steps"] == 1
-    else:
-        with pytest.raises(FloatingPointError, match="non-finite"):
-            opt.step()
+    step_rejected(opt, policy)
     after = _snapshot(params, opt)
     for i, (a, b) in enumerate(zip(before, after, strict=True)):
         assert torch.equal(a, b), f"tensor {i} changed"
@@ -394,6 +388,17 @@ def test_nonfinite_gradient_writes_nothing(ext, name, policy, bad):
     for (n1, a), (_, b) in zip(tensors_of(params, opt), tensors_of(ref_params, ref), strict=True):
         assert (float(a) == float(b)) if n1.startswith("step") else rel_diff(a, b) <= FP32_RTOL, n1
     assert opt.get_global_step() == ref.get_global_step() == 3
+
+
+def step_rejected(opt, policy):
+    """A step whose gradients hold a non-finite value: skipped with a warning, or raised."""
+    if policy == "skip":
+        with pytest.warns(RuntimeWarning, match="non-finite"):
+            opt.step()
+        assert opt.get_state_summary()["skipped_steps"] == 1
+    else:
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            opt.step()
 
 
 # ---------------------------------------------------------------- determinism
