@@ -51,8 +51,15 @@ enum Column : int32_t {
   COL_EPS,
   COL_DECAY,            // 1 - lr * weight_decay
   COL_STEP_SIZE,        // -lr / (1 - beta1^t)
+  COL_STEP,             // t, the tensor's step count after this step (an integer)
+  COL_ROUNDING,         // enum Rounding's flags: which bf16 writes round stochastically
+  COL_SEED,             // the optimizer's rounding seed (an integer below 2^32)
   N_COLUMNS
 };
+
+// Which bf16 writes of phase 2 round stochastically (bit flags in COL_ROUNDING); the others
+// round to nearest even. Only bf16 storage is ever rounded stochastically.
+enum Rounding : int32_t { ROUND_STATE = 1, ROUND_PARAM = 2 };
 
 // Per-tensor sums phase 1 produces (SuperGrok order; GrokAdamW uses the first only).
 // shardgrok/reference.py's GROKADAMW_STATS / SUPERGROK_STATS name them in this order (a test
@@ -65,7 +72,7 @@ enum Stat : int32_t { ST_GRAD_SQ = 0, ST_H_SQ, ST_H_MU, ST_H_GRAD, ST_MU_SQ, ST_
 struct Scalars {  // one tensor's row of the table, in fp32 as the update uses it
   float grad_scale, alpha, one_minus_alpha, amp, smart_scale;
   float beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, decay, step_size;
-};
+};  // COL_STEP, COL_ROUNDING and COL_SEED are integers: rounding_from_row reads them
 
 SG_HD Scalars scalars_from_row(const double* r) {
   Scalars k;
@@ -159,6 +166,78 @@ template <> struct Storage<F16> {
   SG_HD float load(T x) { return f16_to_f32(x); }
   SG_HD T store(float x) { return f32_to_f16(x); }
 };
+
+// ------------------------------------------------------------------ stochastic rounding
+// A bf16 write rounds up with probability (the dropped 16 bits) / 2^16, so its expected value
+// is the fp32 value: a bf16 v decays by 0.999 per step on average where round-to-nearest would
+// keep it. The random bits are a counter-based function of (seed, step, tensor, the element's
+// index in the whole tensor, which value), with no state and no dependence on where the element
+// is computed: every layout, world size, thread count, instruction set and backend draws the
+// same bits for it. shardgrok/reference.py computes the same function with torch's integer ops
+// (a test holds both to each other).
+
+// Chris Wellons' "lowbias32" integer hash: a bijection of 32-bit words with low bias.
+SG_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// One tensor's key for one step.
+SG_HD uint32_t rounding_key(uint32_t seed, uint64_t step, uint32_t tensor) {
+  uint32_t k = mix32(seed ^ 0x9E3779B9u);
+  k = mix32(k ^ (uint32_t)step);
+  k = mix32(k ^ (uint32_t)(step >> 32));
+  return mix32(k ^ tensor);
+}
+
+// What the values of one element share: the key and the element's index in the whole tensor.
+SG_HD uint32_t rounding_base(uint32_t key, int64_t index) {
+  const uint64_t u = (uint64_t)index;
+  return mix32((uint32_t)u ^ (key + (uint32_t)(u >> 32) * 0x9E3779B9u));
+}
+
+// Which value of an element a draw is for.
+enum RoundingWhich : uint32_t { DRAW_EXP_AVG = 0, DRAW_EXP_AVG_SQ = 1, DRAW_MU = 2, DRAW_PARAM = 3 };
+
+SG_HD uint32_t rounding_bits(uint32_t base, uint32_t which) {
+  return mix32(base + (which + 1u) * 0x632BE5ABu);
+}
+
+// x rounded to bf16 up or down by the top 16 of `bits`: adding them below the kept bits
+// carries into the kept ones with probability (dropped bits) / 2^16. Infinities stay (their
+// dropped bits are zero, and no carry reaches the exponent); the largest finite values may
+// round to infinity, as a round up does; NaN becomes the canonical quiet NaN.
+SG_HD uint16_t f32_to_bf16_stochastic(float x, uint32_t bits) {
+  const uint32_t u = f32_to_bits(x);
+  return (x != x) ? (uint16_t)0x7FC0u : (uint16_t)((u + (bits >> 16)) >> 16);
+}
+
+// A tensor's rounding for one step, from its row of the scalar table.
+struct RoundingRow {
+  uint32_t key;
+  bool state, param;  // ROUND_STATE, ROUND_PARAM
+};
+
+SG_HD RoundingRow rounding_from_row(const double* r, int32_t tensor) {
+  RoundingRow out;
+  const int32_t flags = (int32_t)r[COL_ROUNDING];
+  out.state = (flags & ROUND_STATE) != 0;
+  out.param = (flags & ROUND_PARAM) != 0;
+  out.key = rounding_key((uint32_t)r[COL_SEED], (uint64_t)r[COL_STEP], (uint32_t)tensor);
+  return out;
+}
+
+// A value of storage dtype D written back: stochastically where `stochastic` (bf16 only),
+// else to nearest.
+template <int D>
+SG_HD typename Storage<D>::T store_rounded(float x, bool stochastic, uint32_t base, uint32_t which) {
+  if (D == BF16 && stochastic) return (typename Storage<D>::T)f32_to_bf16_stochastic(x, rounding_bits(base, which));
+  return Storage<D>::store(x);
+}
 
 // ------------------------------------------------------------------ exp on the clamped log-mask
 // exp(x) for x in [-SG_LOG_MASK_LIMIT, SG_LOG_MASK_LIMIT]: x = n ln2 + r, |r| <= ln2 / 2, with a

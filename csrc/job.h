@@ -21,6 +21,8 @@ struct Segment {
   void* mu;
   const float* h;       // SuperGrok with a user's meta-net: h = exp(f(g)) g, computed by PyTorch
   int64_t numel;
+  int64_t offset;       // index of the segment's first element in its whole tensor (the
+                        // stochastic rounding's counter: the same whatever the sharding)
   int32_t tensor;       // global tensor index: the row of the stats / scalar tables
   int32_t param_dtype, grad_dtype, state_dtype;
 };

@@ -53,6 +53,7 @@ struct PlanSegment {
   int64_t source;   // which source's gradient this piece reads
   int64_t offset;   // element offset of the piece inside the source's flat gradient
   int64_t numel;
+  int64_t start;    // index of the piece's first element in its whole tensor
   int32_t tensor;   // global tensor index
   at::Tensor param, exp_avg, exp_avg_sq, mu;
 };
@@ -66,9 +67,9 @@ class Plan {
       : n_tensors_(n_tensors), sources_(std::move(sources)),
         device_(sources_.empty() ? at::Device(at::kCPU) : sources_[0].device()),
         steps_(std::move(steps)) {
-    TORCH_CHECK(segments.dim() == 2 && segments.size(1) == 4 &&
+    TORCH_CHECK(segments.dim() == 2 && segments.size(1) == 5 &&
                     segments.scalar_type() == at::kLong,
-                "segments must be an int64 [S, 4] table (tensor, source, offset, numel)");
+                "segments must be an int64 [S, 5] table (tensor, source, offset, numel, start)");
     const int64_t n = segments.size(0);
     TORCH_CHECK((int64_t)params.size() == n && (int64_t)exp_avgs.size() == n &&
                     (int64_t)exp_avg_sqs.size() == n && (int64_t)mus.size() == n,
@@ -83,9 +84,10 @@ class Plan {
       TORCH_CHECK(s.numel() == 1 && s.device().is_cpu(), "a step counter is a 1-element CPU tensor");
     auto table = segments.contiguous();
     const int64_t* row = table.data_ptr<int64_t>();
-    for (int64_t i = 0; i < n; ++i, row += 4) {
-      PlanSegment s{row[1], row[2], row[3], (int32_t)row[0], params[i], exp_avgs[i],
+    for (int64_t i = 0; i < n; ++i, row += 5) {
+      PlanSegment s{row[1], row[2], row[3], row[4], (int32_t)row[0], params[i], exp_avgs[i],
                     exp_avg_sqs[i], mus[i]};
+      TORCH_CHECK(s.start >= 0, "segment ", i, ": its start in its tensor is negative");
       TORCH_CHECK(s.tensor >= 0 && s.tensor < n_tensors, "segment ", i, ": tensor index out of range");
       TORCH_CHECK(s.source >= 0 && s.source < (int64_t)sources_.size(), "segment ", i, ": source out of range");
       const at::Tensor* views[4] = {&s.param, &s.exp_avg, &s.exp_avg_sq, &s.mu};
@@ -341,6 +343,7 @@ class Plan {
       Segment& out = job_segs_[i];
       out = Segment{};
       out.numel = s.numel;
+      out.offset = s.start;
       out.tensor = s.tensor;
       if (!g.defined()) continue;
       out.param = s.param.data_ptr();

@@ -42,6 +42,37 @@ at::Tensor header_round(const at::Tensor& x, const std::string& to) {
   return out;
 }
 
+// The stochastic rounding's draws (grok_math.h) for elements `index` (int64) of one tensor at
+// one step: the 32-bit words, as int64.
+at::Tensor header_rounding_bits(int64_t seed, int64_t step, int64_t tensor, const at::Tensor& index,
+                                int64_t which) {
+  TORCH_CHECK(seed >= 0 && seed < (int64_t(1) << 32), "seed must lie in [0, 2^32)");
+  TORCH_CHECK(step >= 0 && tensor >= 0 && tensor < (int64_t(1) << 31) && which >= 0 && which < 4,
+              "step >= 0, 0 <= tensor < 2^31, 0 <= which < 4");
+  auto in = index.to(at::kLong).contiguous();
+  auto out = at::empty_like(in);
+  const uint32_t key = sg::rounding_key((uint32_t)seed, (uint64_t)step, (uint32_t)tensor);
+  const int64_t* a = in.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < in.numel(); ++i)
+    o[i] = sg::rounding_bits(sg::rounding_base(key, a[i]), (uint32_t)which);
+  return out;
+}
+
+// x (fp32) rounded to bf16 by the words `bits` (int64, low 32 bits used), back as fp32.
+at::Tensor header_round_stochastic(const at::Tensor& x, const at::Tensor& bits) {
+  auto in = x.to(at::kFloat).contiguous();
+  auto b = bits.to(at::kLong).contiguous();
+  TORCH_CHECK(in.numel() == b.numel(), "one word per value");
+  auto out = at::empty_like(in);
+  const float* a = in.data_ptr<float>();
+  const int64_t* w = b.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < in.numel(); ++i)
+    o[i] = sg::bf16_to_f32(sg::f32_to_bf16_stochastic(a[i], (uint32_t)w[i]));
+  return out;
+}
+
 at::Tensor header_table(const at::Tensor& x, const at::Tensor& bp, const at::Tensor& slopes,
                         const at::Tensor& intercepts, int64_t size) {
   TORCH_CHECK(size >= 1 && (size & (size - 1)) == 0, "table size must be a power of two, got ",
@@ -156,6 +187,9 @@ std::string lower(std::string s) {
 void sg::bind_test_hooks(py::module_& m) {
   m.def("header_exp", &header_exp);
   m.def("header_round", &header_round);
+  m.def("header_rounding_bits", &header_rounding_bits, py::arg("seed"), py::arg("step"),
+        py::arg("tensor"), py::arg("index"), py::arg("which"));
+  m.def("header_round_stochastic", &header_round_stochastic);
   m.def("header_table", &header_table);
   m.def("header_table_level", &header_table_level);
   m.def("header_table_trace", &header_table_trace, py::arg("x"), py::arg("array"),
@@ -164,7 +198,7 @@ void sg::bind_test_hooks(py::module_& m) {
   m.attr("CUDA_THREADS") = sg::cuda::THREADS;
   m.attr("CUDA_GROUP") = sg::cuda::GROUP;
 
-  py::dict columns, stats, kinds;
+  py::dict columns, stats, kinds, rounding, draws;
   SG_ENTRY(columns, COL_, GRAD_SCALE);
   SG_ENTRY(columns, COL_, ALPHA);
   SG_ENTRY(columns, COL_, ONE_MINUS_ALPHA);
@@ -178,6 +212,9 @@ void sg::bind_test_hooks(py::module_& m) {
   SG_ENTRY(columns, COL_, EPS);
   SG_ENTRY(columns, COL_, DECAY);
   SG_ENTRY(columns, COL_, STEP_SIZE);
+  SG_ENTRY(columns, COL_, STEP);
+  SG_ENTRY(columns, COL_, ROUNDING);
+  SG_ENTRY(columns, COL_, SEED);
   SG_ENTRY(stats, ST_, GRAD_SQ);
   SG_ENTRY(stats, ST_, H_SQ);
   SG_ENTRY(stats, ST_, H_MU);
@@ -186,7 +223,15 @@ void sg::bind_test_hooks(py::module_& m) {
   SG_ENTRY(stats, ST_, MU_GRAD);
   SG_ENTRY(kinds, , GROKADAMW);
   SG_ENTRY(kinds, , SUPERGROK);
+  SG_ENTRY(rounding, ROUND_, STATE);
+  SG_ENTRY(rounding, ROUND_, PARAM);
+  SG_ENTRY(draws, DRAW_, EXP_AVG);
+  SG_ENTRY(draws, DRAW_, EXP_AVG_SQ);
+  SG_ENTRY(draws, DRAW_, MU);
+  SG_ENTRY(draws, DRAW_, PARAM);
   m.attr("COLUMN_INDEX") = columns;
+  m.attr("ROUNDING_INDEX") = rounding;
+  m.attr("DRAW_INDEX") = draws;
   m.attr("STAT_INDEX") = stats;
   m.attr("KIND_INDEX") = kinds;
 }

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.header import COLUMNS, STATS
+from .kernels.header import COLUMNS, DRAWS, ROUNDING, STATS
 
 ACC = torch.float64  # accumulator dtype for the per-tensor sums
 ALPHA_MAX = 1.0 - 1e-8
@@ -47,10 +47,91 @@ class StepScalars:
     eps: float
     decay: float
     step_size: float
+    step: float       # t after this step: the stochastic rounding's counter (with the seed)
+    rounding: float   # ROUNDING flags: which bf16 writes round stochastically
+    seed: float
 
     @classmethod
     def from_row(cls, row: torch.Tensor) -> "StepScalars":
         return cls(*row.tolist())
+
+
+# ---------------------------------------------------------------- stochastic rounding
+# csrc/grok_math.h's counter-based draws, in torch's int64 arithmetic (every value kept in
+# [0, 2^32), products split so none overflows int64): the same bits for every element wherever
+# it is computed. The kernels are tested against these functions.
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for a Python int or an int64 tensor in [0, 2^32)."""
+    if isinstance(x, int):
+        return (x * c) & _M32
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def mix32(x):
+    """Wellons' lowbias32 hash of 32-bit words (a Python int or an int64 tensor)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def rounding_key(seed: int, step: int, tensor: int) -> int:
+    """One tensor's key for one step (``sg::rounding_key``)."""
+    k = mix32((seed & _M32) ^ 0x9E3779B9)
+    k = mix32(k ^ (step & _M32))
+    k = mix32(k ^ ((step >> 32) & _M32))
+    return mix32(k ^ tensor)
+
+
+def rounding_bits(key: int, index: torch.Tensor, which: int) -> torch.Tensor:
+    """The 32-bit draws (int64) of elements ``index`` (their indices in the whole tensor) for
+    value ``which`` (:data:`DRAWS`): ``sg::rounding_bits(sg::rounding_base(key, index), which)``."""
+    index = index.to(torch.int64)
+    hi = _mul32((index >> 32) & _M32, 0x9E3779B9)
+    base = mix32((index & _M32) ^ ((hi + key) & _M32))
+    return mix32((base + _mul32(which + 1, 0x632BE5AB)) & _M32)
+
+
+def round_bf16_stochastic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``x`` (fp32; fp64 is rounded to fp32 first) rounded to bfloat16 up or down by the top 16
+    of ``bits``: up with probability (dropped bits) / 2^16 (``sg::f32_to_bf16_stochastic``)."""
+    x = x.float()
+    u = x.reshape(-1).view(torch.int32).to(torch.int64) & _M32
+    r = (u + (bits.reshape(-1) >> 16)) >> 16
+    r = torch.where(torch.isnan(x.reshape(-1)), 0x7FC0, r)
+    r = torch.where(r >= 0x8000, r - 0x10000, r)  # the 16-bit pattern as int16
+    return r.to(torch.int16).view(torch.bfloat16).view(x.shape)
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How one piece's phase-2 writes round: its tensor's key for this step, the index of its
+    first element in its whole tensor, and whether bf16 state and bf16 parameters round
+    stochastically (otherwise, and for every other dtype, to nearest)."""
+
+    key: int
+    start: int
+    state: bool
+    param: bool
+
+    @classmethod
+    def of(cls, k: StepScalars, tensor: int, start: int) -> "Rounding":
+        flags = int(k.rounding)
+        return cls(rounding_key(int(k.seed), int(k.step), tensor), start,
+                   bool(flags & ROUNDING["state"]), bool(flags & ROUNDING["param"]))
+
+    def write(self, dst: torch.Tensor, src: torch.Tensor, which: str) -> None:
+        """``dst.copy_(src)``, stochastically where this piece's flags say so."""
+        stochastic = self.param if which == "param" else self.state
+        if dst.dtype != torch.bfloat16 or not stochastic:
+            dst.copy_(src)
+            return
+        index = torch.arange(self.start, self.start + dst.numel(), dtype=torch.int64)
+        dst.copy_(round_bf16_stochastic(src, rounding_bits(self.key, index, DRAWS[which])).view(dst.shape))
 
 
 def layer_beta1(beta1, gamma, layer):
@@ -129,15 +210,20 @@ def _math_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _in_math_dtype(tensors: tuple[torch.Tensor, ...], run) -> None:
+def _in_math_dtype(tensors: tuple[torch.Tensor, ...], run, rounding: Rounding | None = None,
+                   roles: tuple[str, ...] = ()) -> None:
     """``run(*work)`` on copies of ``tensors`` in their math dtype (those already in it are used
-    in place), then each copy written back once, rounded to its tensor's own dtype."""
+    in place), then each copy written back once, rounded to its tensor's own dtype (by
+    ``rounding`` where given, ``roles`` naming each tensor's draw)."""
     dtype = _math_dtype(*tensors)
     work = [t if t.dtype == dtype else t.to(dtype) for t in tensors]
     run(*work)
-    for dst, src in zip(tensors, work):
+    for j, (dst, src) in enumerate(zip(tensors, work)):
         if dst is not src:
-            dst.copy_(src)
+            if rounding is None:
+                dst.copy_(src)
+            else:
+                rounding.write(dst, src, roles[j])
 
 
 def adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -160,14 +246,16 @@ def _in_math_dtype_update(fn):
     """Run an in-place update (param, grad, [h,] exp_avg, exp_avg_sq, mu) in the math dtype of
     the parameter and its state (fp32 for bf16/fp16 storage, fp64 once any of them is fp64),
     writing the parameter and m, v, mu back once, each rounded to its own dtype: low-precision
-    parameters with fp32 state (the default) are rounded once, at the end of the update."""
-    def wrapper(param, grad, *rest, k):
+    parameters with fp32 state (the default) are rounded once, at the end of the update.
+    ``rounding`` (a :class:`Rounding`) makes the bf16 writes it names stochastic."""
+    def wrapper(param, grad, *rest, k, rounding: Rounding | None = None):
         tensors = (param, *rest[-3:])  # param, exp_avg, exp_avg_sq, mu
         dtype = _math_dtype(*tensors)
         if all(t.dtype == dtype for t in tensors):
             return fn(param, grad, *rest, k=k)
         extra = [_f32(t) for t in rest[:-3]]  # SuperGrok's h
-        _in_math_dtype(tensors, lambda p, m, v, mu: fn(p, grad, *extra, m, v, mu, k=k))
+        _in_math_dtype(tensors, lambda p, m, v, mu: fn(p, grad, *extra, m, v, mu, k=k),
+                       rounding, ("param", "exp_avg", "exp_avg_sq", "mu"))
     return wrapper
 
 

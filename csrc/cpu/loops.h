@@ -40,12 +40,17 @@ void grokadamw_phase1(const Job&, const Segment& s, int64_t b, int64_t n, double
   out[ST_GRAD_SQ] = combine(acc);
 }
 
-template <int PD, int GD, int SD>
+// RS, RP: the state's and the parameter's bf16 writes round stochastically (grok_math.h); a
+// template flag each, so the loops without them carry no hash.
+template <int PD, int GD, int SD, bool RS, bool RP>
 void grokadamw_phase2(const Job& job, const Segment& s, int64_t b, int64_t n) {
   typedef Storage<PD> P;
   typedef Storage<GD> G;
   typedef Storage<SD> S;
-  const Scalars k = scalars_from_row(job.scalars + (int64_t)s.tensor * N_COLUMNS);
+  const double* row = job.scalars + (int64_t)s.tensor * N_COLUMNS;
+  const Scalars k = scalars_from_row(row);
+  const uint32_t key = rounding_from_row(row, s.tensor).key;
+  const int64_t first = s.offset + b;  // the element's index in its whole tensor
   typename P::T* p = static_cast<typename P::T*>(s.param) + b;
   const typename G::T* g = static_cast<const typename G::T*>(s.grad) + b;
   typename S::T* m = static_cast<typename S::T*>(s.exp_avg) + b;
@@ -54,10 +59,11 @@ void grokadamw_phase2(const Job& job, const Segment& s, int64_t b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float pi = P::load(p[i]), mi = S::load(m[i]), vi = S::load(v[i]), ui = S::load(mu[i]);
     grokadamw_update(pi, G::load(g[i]), mi, vi, ui, k);
-    p[i] = P::store(pi);
-    m[i] = S::store(mi);
-    v[i] = S::store(vi);
-    mu[i] = S::store(ui);
+    const uint32_t base = (RS || RP) ? rounding_base(key, first + i) : 0u;
+    p[i] = store_rounded<PD>(pi, RP, base, DRAW_PARAM);
+    m[i] = store_rounded<SD>(mi, RS, base, DRAW_EXP_AVG);
+    v[i] = store_rounded<SD>(vi, RS, base, DRAW_EXP_AVG_SQ);
+    mu[i] = store_rounded<SD>(ui, RS, base, DRAW_MU);
   }
 }
 
@@ -231,11 +237,13 @@ void supergrok_phase1(const Job& job, const Segment& s, int64_t b, int64_t n, do
   }
 }
 
-template <int PD, int GD, int SD>
+template <int PD, int GD, int SD, bool RS, bool RP>
 void supergrok_phase2(const Job& job, const Segment& s, int64_t b, int64_t n) {
   typedef Storage<PD> P;
   typedef Storage<SD> S;
-  const Scalars k = scalars_from_row(job.scalars + (int64_t)s.tensor * N_COLUMNS);
+  const double* row = job.scalars + (int64_t)s.tensor * N_COLUMNS;
+  const Scalars k = scalars_from_row(row);
+  const uint32_t key = rounding_from_row(row, s.tensor).key;
   typename P::T* p = static_cast<typename P::T*>(s.param);
   typename S::T* m = static_cast<typename S::T*>(s.exp_avg);
   typename S::T* v = static_cast<typename S::T*>(s.exp_avg_sq);
@@ -248,10 +256,11 @@ void supergrok_phase2(const Job& job, const Segment& s, int64_t b, int64_t n) {
       const int64_t i = at + e;
       float pi = P::load(p[i]), mi = S::load(m[i]), vi = S::load(v[i]), ui = S::load(mu[i]);
       supergrok_update(pi, x[e], h[e], mi, vi, ui, k);
-      p[i] = P::store(pi);
-      m[i] = S::store(mi);
-      v[i] = S::store(vi);
-      mu[i] = S::store(ui);
+      const uint32_t base = (RS || RP) ? rounding_base(key, s.offset + i) : 0u;
+      p[i] = store_rounded<PD>(pi, RP, base, DRAW_PARAM);
+      m[i] = store_rounded<SD>(mi, RS, base, DRAW_EXP_AVG);
+      v[i] = store_rounded<SD>(vi, RS, base, DRAW_EXP_AVG_SQ);
+      mu[i] = store_rounded<SD>(ui, RS, base, DRAW_MU);
     }
   }
 }
@@ -262,9 +271,20 @@ typedef void (*Phase2Fn)(const Job&, const Segment&, int64_t, int64_t);
 
 template <int PD, int GD, int SD>
 struct Instance {
+  template <bool RS, bool RP>
+  static void run(const Job& job, const Segment& s, int64_t b, int64_t n) {
+    if (job.kind == GROKADAMW) grokadamw_phase2<PD, GD, SD, RS, RP>(job, s, b, n);
+    else supergrok_phase2<PD, GD, SD, RS, RP>(job, s, b, n);
+  }
+  // the rounding flags apply to bf16 storage only: other dtypes never instantiate them
+  static constexpr bool CAN_RS = SD == BF16, CAN_RP = PD == BF16;
   static void p2(const Job& job, const Segment& s, int64_t b, int64_t n) {
-    if (job.kind == GROKADAMW) grokadamw_phase2<PD, GD, SD>(job, s, b, n);
-    else supergrok_phase2<PD, GD, SD>(job, s, b, n);
+    const RoundingRow r = rounding_from_row(job.scalars + (int64_t)s.tensor * N_COLUMNS, s.tensor);
+    const bool rs = CAN_RS && r.state, rp = CAN_RP && r.param;
+    if (rs && rp) run<CAN_RS, CAN_RP>(job, s, b, n);
+    else if (rs) run<CAN_RS, false>(job, s, b, n);
+    else if (rp) run<false, CAN_RP>(job, s, b, n);
+    else run<false, false>(job, s, b, n);
   }
 };
 

@@ -110,6 +110,7 @@ void check_segments(uint64_t host, int64_t n_segments, int64_t kind, bool has_ta
         throw std::invalid_argument(where + "unknown dtype code " + std::to_string(code) +
                                     " (0: float32, 1: bfloat16, 2: float16)");
     if (s.numel < 0) throw std::invalid_argument(where + "negative length");
+    if (s.offset < 0) throw std::invalid_argument(where + "negative start in its tensor");
     if (s.tensor < 0 || s.tensor >= n_tensors)
       throw std::invalid_argument(where + "tensor index " + std::to_string(s.tensor) +
                                   " outside [0, " + std::to_string(n_tensors) + ")");

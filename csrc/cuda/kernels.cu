@@ -95,6 +95,20 @@ __device__ __forceinline__ void store_group(void* base, int64_t i, int n, bool v
     if (e < n) p[e] = Storage<D>::store(x[e]);
 }
 
+// store_group with bf16 rounded stochastically (grok_math.h): bases[e] is element i + e's
+// rounding_base, `which` the value's draw. Element by element: the writes are 2 bytes wide
+// and this path is taken only for bf16 storage.
+template <int D>
+__device__ __forceinline__ void store_group_rounded(void* base, int64_t i, int n, bool vec,
+                                                    const float* x, bool stochastic,
+                                                    const uint32_t* bases, uint32_t which) {
+  if (D != BF16 || !stochastic) return store_group<D>(base, i, n, vec, x);
+  uint16_t* p = static_cast<uint16_t*>(base) + i;
+#pragma unroll
+  for (int e = 0; e < GROUP; ++e)
+    if (e < n) p[e] = store_rounded<BF16>(x[e], true, bases[e], which);
+}
+
 // The block's view of the meta-net's table: in shared memory when it fits (every block
 // copies it; the copy is 12 bytes a piece, against 16384 elements of work). The pieces come
 // first: the dynamic array is float2-aligned, so they are too, whatever the size.
@@ -230,6 +244,7 @@ template <int PD, int GD, int SD, bool SUPER>
 __device__ __forceinline__ void chunk_update(const Segment& s, const Chunk& c,
                                              const DeviceTable& tab, const double* row) {
   const Scalars k = scalars_from_row(row);
+  const RoundingRow r = rounding_from_row(row, s.tensor);
   const bool vec = aligned16(s.param) && aligned16(s.grad) && aligned16(s.exp_avg) &&
                    aligned16(s.exp_avg_sq) && aligned16(s.mu) && aligned16(s.h);
   const int64_t groups = (c.size + GROUP - 1) / GROUP;
@@ -251,10 +266,15 @@ __device__ __forceinline__ void chunk_update(const Segment& s, const Chunk& c,
 #pragma unroll
       for (int e = 0; e < GROUP; ++e) grokadamw_update(p[e], g[e], m[e], v[e], u[e], k);
     }
-    store_group<PD>(s.param, i, n, vec, p);
-    store_group<SD>(s.exp_avg, i, n, vec, m);
-    store_group<SD>(s.exp_avg_sq, i, n, vec, v);
-    store_group<SD>(s.mu, i, n, vec, u);
+    uint32_t bases[GROUP];
+    if ((PD == BF16 && r.param) || (SD == BF16 && r.state)) {  // uniform over the block
+#pragma unroll
+      for (int e = 0; e < GROUP; ++e) bases[e] = rounding_base(r.key, s.offset + i + e);
+    }
+    store_group_rounded<PD>(s.param, i, n, vec, p, r.param, bases, DRAW_PARAM);
+    store_group_rounded<SD>(s.exp_avg, i, n, vec, m, r.state, bases, DRAW_EXP_AVG);
+    store_group_rounded<SD>(s.exp_avg_sq, i, n, vec, v, r.state, bases, DRAW_EXP_AVG_SQ);
+    store_group_rounded<SD>(s.mu, i, n, vec, u, r.state, bases, DRAW_MU);
   }
 }
 

@@ -112,16 +112,20 @@ def _names(values: dict[str, int], enum: str, prefix: str, count: str | None,
     return out
 
 
-def _load() -> tuple[dict[str, int], tuple[str, ...], tuple[str, ...]]:
+def _load() -> tuple[dict[str, int], tuple[str, ...], tuple[str, ...], dict[str, int], dict[str, int]]:
     job, where = _read("job.h")
     kinds = _names(parse_enum(job, "Kind", where), "Kind", "", None, where)
     math, where = _read(MARKER)
     columns = _names(parse_enum(math, "Column", where), "Column", "COL_", "N_COLUMNS", where)
     stats = _names(parse_enum(math, "Stat", where), "Stat", "ST_", "N_STATS", where)
-    return kinds, tuple(columns), tuple(stats)
+    rounding = _names(parse_enum(math, "Rounding", where), "Rounding", "ROUND_", None, where)
+    draws = _names(parse_enum(math, "RoundingWhich", where), "RoundingWhich", "DRAW_", None, where)
+    return kinds, tuple(columns), tuple(stats), rounding, draws
 
 
 # KERNEL_KINDS: the kernel kind of each optimizer, {"grokadamw": 0, "supergrok": 1};
 # COLUMNS: the scalar table's columns in index order; STATS: SuperGrok's phase-1 sums in order
-# (GrokAdamW's phase 1 computes the first only).
-KERNEL_KINDS, COLUMNS, STATS = _load()
+# (GrokAdamW's phase 1 computes the first only); ROUNDING: the flags of the rounding column,
+# {"state": 1, "param": 2}; DRAWS: which value a stochastic rounding draw is for,
+# {"exp_avg": 0, "exp_avg_sq": 1, "mu": 2, "param": 3}.
+KERNEL_KINDS, COLUMNS, STATS, ROUNDING, DRAWS = _load()

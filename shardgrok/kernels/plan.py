@@ -85,7 +85,7 @@ class FusedPlan:
             probe = s.take(torch.empty(local.shape, device="meta"))
             if not probe.is_contiguous() or probe.numel() != s.param.numel():
                 raise KernelUnsupported(f"{where}: its gradient piece is not a contiguous range")
-            rows.append([s.index, index[key], probe.storage_offset(), probe.numel()])
+            rows.append([s.index, index[key], probe.storage_offset(), probe.numel(), s.start])
             params.append(s.param.reshape(-1))
             m.append(s.state["exp_avg"].reshape(-1))
             v.append(s.state["exp_avg_sq"].reshape(-1))
@@ -104,7 +104,7 @@ class FusedPlan:
         for r in refs:
             step_of.setdefault(id(r.param), optimizer.state[r.param]["step"])
         steps = list(step_of.values())
-        table = torch.tensor(rows, dtype=torch.long).reshape(len(rows), 4)
+        table = torch.tensor(rows, dtype=torch.long).reshape(len(rows), 5)
         try:
             self.plan = ext.Plan(self.n_tensors, locals_, table, params, m, v, mu, steps,
                                  torch.tensor(slot_of, dtype=torch.long))

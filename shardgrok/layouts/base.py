@@ -29,6 +29,8 @@ class Segment:
     that tensor (the whole tensor on one process), ``state["step"]`` the step counter of the
     optimizer parameter. ``tensor`` is the optimizer parameter the piece lives in, and
     ``take(x)`` cuts this piece out of a tensor laid out like ``tensor`` (e.g. a gradient).
+    ``start`` is the index of the piece's first element in the whole original tensor (flat,
+    row-major): the counter of stochastic rounding's draws, the same whatever the sharding.
     """
 
     index: int
@@ -39,6 +41,7 @@ class Segment:
     state: dict
     tensor: torch.Tensor
     take: Callable[[torch.Tensor], torch.Tensor]
+    start: int
 
 
 class Layout:

@@ -120,7 +120,8 @@ class DeepSpeedLayout(Layout):
         self.reducer = GroupReducer(group)
         self._index = {id(p): i for i, p in enumerate(p for ps in opt.given_params for p in ps)}
         self._refs: list[TensorRef] = []
-        self._pieces: dict[int, list[tuple[TensorRef, int, int]]] = {}  # id(flat) -> pieces
+        # id(flat) -> pieces: (tensor, range in the flat, start of the piece in its tensor)
+        self._pieces: dict[int, list[tuple[TensorRef, int, int, int]]] = {}
         self.flats: list[torch.Tensor] = []
         layer_of = {}
         i = 0
@@ -163,7 +164,8 @@ class DeepSpeedLayout(Layout):
                 frag = getattr(p, "_hp_mapping", None)
                 if frag is not None:
                     a = frag.hp_fragment_address.start
-                    pieces.append((ref, a, a + frag.hp_fragment_address.numel))
+                    pieces.append((ref, a, a + frag.hp_fragment_address.numel,
+                                   frag.lp_fragment_address.start))
 
     def _map_stage3(self, zero, layer_of):
         rank = torch.distributed.get_rank(zero.dp_process_group)
@@ -178,7 +180,7 @@ class DeepSpeedLayout(Layout):
                 size = p.partition_numel()
                 held = max(0, min(size, p.ds_numel - rank * size))  # the last shards are padded
                 if held:
-                    pieces.append((ref, offset, offset + held))
+                    pieces.append((ref, offset, offset + held, rank * size))
                 offset += size
 
     # ------------------------------------------------------------------ layout protocol
@@ -215,11 +217,11 @@ class DeepSpeedLayout(Layout):
             if with_grad and flat.grad is None:
                 continue
             st = opt.state[flat]
-            for ref, a, e in self._pieces[id(flat)]:
+            for ref, a, e, start in self._pieces[id(flat)]:
                 local = {k: (v if k == "step" else v[a:e]) for k, v in st.items()}
                 grad = None if flat.grad is None else flat.grad[a:e]
                 segs.append(Segment(ref.index, ref.layer, ref.group, flat.detach()[a:e], grad,
-                                    local, flat, lambda x, a=a, e=e: x.reshape(-1)[a:e]))
+                                    local, flat, lambda x, a=a, e=e: x.reshape(-1)[a:e], start))
         return segs
 
     def plan_pieces(self, opt) -> list[Segment]:
@@ -227,10 +229,10 @@ class DeepSpeedLayout(Layout):
         segs = []
         for flat in self._current_flats(opt):
             st = opt.state[flat]
-            for ref, a, e in self._pieces[id(flat)]:
+            for ref, a, e, start in self._pieces[id(flat)]:
                 local = {k: (v if k == "step" else v[a:e]) for k, v in st.items()}
                 segs.append(Segment(ref.index, ref.layer, ref.group, flat.detach()[a:e], None,
-                                    local, flat, lambda x, a=a, e=e: x.reshape(-1)[a:e]))
+                                    local, flat, lambda x, a=a, e=e: x.reshape(-1)[a:e], start))
         return segs
 
     def plan_key(self, opt) -> tuple:
@@ -315,7 +317,7 @@ class _WholeModelView(Layout):
         return self._params
 
     def pieces(self, opt, with_grad: bool = True):
-        return [Segment(r.index, r.layer, r.group, p.detach(), g.reshape(p.shape), {}, p, whole)
+        return [Segment(r.index, r.layer, r.group, p.detach(), g.reshape(p.shape), {}, p, whole, 0)
                 for r, p, g in zip(self._refs, self._params, self._grads) if g is not None]
 
     def validation_grads(self, opt, val_closure):
@@ -360,7 +362,7 @@ class _Stage3View(_WholeModelView):
         return [w for w in self._whole if w is not None]
 
     def pieces(self, opt, with_grad: bool = True):
-        return [Segment(r.index, r.layer, r.group, w, g.reshape(w.shape), {}, p, whole)
+        return [Segment(r.index, r.layer, r.group, w, g.reshape(w.shape), {}, p, whole, 0)
                 for r, p, w, g in zip(self._refs, self._params, self._whole, self._grads)
                 if g is not None and w is not None]
 

@@ -16,6 +16,8 @@ put back afterwards.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..checkpoint import STATE_KEYS
@@ -77,7 +79,7 @@ class FSDP2Layout(_EngineSharded):
             raise ValueError("process_group is not used with DTensor (FSDP2) parameters: the "
                              "reductions follow the parameters' device mesh; drop it")
         self.mesh, self.placements = first.device_mesh, tuple(first.placements)
-        shard_dims = [d for d, pl in enumerate(self.placements) if pl.is_shard()]
+        shard_dims = [d for d, pl in enumerate(self.placements) if pl.is_shard(0)]
         repl_dims = [d for d, pl in enumerate(self.placements) if pl.is_replicate()]
         if len(shard_dims) != 1 or len(repl_dims) + 1 != len(self.placements):
             raise ValueError(f"DTensor parameters with placements {self.placements} are not "
@@ -103,6 +105,17 @@ class FSDP2Layout(_EngineSharded):
         verify_same_on_every_rank(self.reducer, optimizer, groups,
                                   lambda gi, ps: [(gi, tuple(p.shape), str(p.dtype)) for p in ps])
 
+    @staticmethod
+    def _start(p) -> int:
+        """Where this rank's rows begin in the whole tensor, as a flat index (Shard(0): the
+        local shard is whole rows, uneven ones included)."""
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        if p.dim() == 0:
+            return 0
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        return offset[0] * math.prod(p.shape[1:])
+
     def pieces(self, optimizer, with_grad: bool = True) -> list[Segment]:
         segs = []
         for ref, p in self._with_grad(optimizer, with_grad):
@@ -110,7 +123,7 @@ class FSDP2Layout(_EngineSharded):
             local = {k: (v if k == "step" else v.to_local()) for k, v in st.items()}
             grad = None if p.grad is None else p.grad.to_local()
             segs.append(Segment(ref.index, ref.layer, ref.group, p.to_local(), grad, local, p,
-                                lambda x: x.reshape(-1)))
+                                lambda x: x.reshape(-1), self._start(p)))
         return segs
 
 
@@ -216,7 +229,7 @@ class FSDP1Layout(_EngineSharded):
                 if not is_flat_param(p):
                     (ref,) = refs
                     segs.append(Segment(ref.index, ref.layer, ref.group, p.detach(), p.grad, st,
-                                        p, lambda x: x.reshape(-1)))
+                                        p, lambda x: x.reshape(-1), 0))
                     continue
                 for ref, info in zip(refs, p._shard_param_infos):
                     if not info.in_shard:
@@ -225,5 +238,6 @@ class FSDP1Layout(_EngineSharded):
                     local = {k: (v if k == "step" else v[a:e]) for k, v in st.items()}
                     grad = None if p.grad is None else p.grad[a:e]
                     segs.append(Segment(ref.index, ref.layer, ref.group, p.detach()[a:e], grad,
-                                        local, p, lambda x, a=a, e=e: x.reshape(-1)[a:e]))
+                                        local, p, lambda x, a=a, e=e: x.reshape(-1)[a:e],
+                                        info.intra_param_start_idx))
         return segs

@@ -66,7 +66,7 @@ class LocalLayout(PerTensorLayout):
         self.reducer = reducer or LocalReducer()
 
     def pieces(self, optimizer, with_grad: bool = True) -> list[Segment]:
-        return [Segment(ref.index, ref.layer, ref.group, p, p.grad, optimizer.state[p], p, whole)
+        return [Segment(ref.index, ref.layer, ref.group, p, p.grad, optimizer.state[p], p, whole, 0)
                 for ref, p in self._with_grad(optimizer, with_grad)]
 
     # ------------------------------------------------------------------ meta-step

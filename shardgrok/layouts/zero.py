@@ -108,7 +108,7 @@ class ZeroLayout(LocalLayout):
             a, e = self.span(p)
             grad = None if p.grad is None else p.grad.reshape(-1)[a:e]
             segs.append(Segment(ref.index, ref.layer, ref.group, p.detach().view(-1)[a:e], grad,
-                                optimizer.state[p], p, lambda x, a=a, e=e: x.reshape(-1)[a:e]))
+                                optimizer.state[p], p, lambda x, a=a, e=e: x.reshape(-1)[a:e], a))
         return segs
 
     def _bucket_bytes(self) -> int:

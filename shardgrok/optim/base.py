@@ -19,7 +19,7 @@ from ..kernels.plan import FusedPlan, TensorInfo
 from ..layouts import EngineWatch, LayoutSwitch, Segment, ZeroLayout, select_layout
 from ..layouts.select import on_build
 from ..placement import is_dtensor, local_tensor, to_cpu
-from ..reference import ACC
+from ..reference import ACC, COL, ROUNDING
 from .step import StepDriver
 
 
@@ -51,8 +51,12 @@ class GrokOptimizerBase(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, nonfinite: str = "skip",
                  shard: bool | None = None, process_group=None, backend: str | None = None,
-                 state_dtype: torch.dtype | None = None):
+                 state_dtype: torch.dtype | None = None, state_rounding: str = "stochastic",
+                 param_rounding: str = "nearest", rounding_seed: int = 0):
         V.choice("skip", "raise")("nonfinite", nonfinite)
+        V.choice("stochastic", "nearest")("state_rounding", state_rounding)
+        V.choice("nearest", "stochastic")("param_rounding", param_rounding)
+        V.integer(0, 2**32 - 1)("rounding_seed", rounding_seed)
         V.validate(self.SPECS, defaults)
         if state_dtype is not None and state_dtype not in STATE_DTYPES:
             allowed = ", ".join(f"torch.{str(d).split('.')[-1]}" for d in STATE_DTYPES)
@@ -60,6 +64,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                              f"parameters, the parameter's dtype otherwise) or one of "
                              f"{allowed}, got {state_dtype!r}")
         self.state_dtype = state_dtype
+        self.state_rounding = state_rounding
+        self.param_rounding = param_rounding
+        self.rounding_seed = int(rounding_seed)
         self.backend = K.choose_backend(backend)
         self._driver = StepDriver()
         on_build(self)
@@ -222,6 +229,15 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                     if isinstance(t, torch.Tensor) and not is_dtensor(t) and t.device != device:
                         st[key] = t.to(device)
 
+    def _rounding_columns(self, table: torch.Tensor, steps: torch.Tensor) -> None:
+        """Fill the stochastic rounding's columns of the host ``table`` (csrc/grok_math.h):
+        every tensor's step count, which bf16 writes round stochastically, the seed."""
+        flags = ((ROUNDING["state"] if self.state_rounding == "stochastic" else 0)
+                 | (ROUNDING["param"] if self.param_rounding == "stochastic" else 0))
+        table[:, COL["step"]] = steps
+        table[:, COL["rounding"]] = float(flags)
+        table[:, COL["seed"]] = float(self.rounding_seed)
+
     def _phase1(self, segs: list[Segment], n: int) -> tuple[torch.Tensor, Any]:
         """Reference phase 1: per-tensor partial sums [n, len(STATS)] and what phase 2 reuses."""
         raise NotImplementedError
@@ -282,11 +298,13 @@ class GrokOptimizerBase(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "global_step": self._global_step,
-                "skipped_steps": self._skipped_steps}
+                "skipped_steps": self._skipped_steps, "rounding_seed": self.rounding_seed}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self._global_step = int(extra["global_step"])
         self._skipped_steps = int(extra.get("skipped_steps", 0))
+        # a checkpoint from before stochastic rounding keeps this optimizer's own seed
+        self.rounding_seed = int(extra.get("rounding_seed", self.rounding_seed))
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's ``state``/``param_groups``; ``param_groups[0]["shardgrok"]`` holds the
@@ -389,6 +407,10 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         for old in ("_plans", "_stepping_plan", "_warned_fallback", "_own_ids",
                     "_own_groups_key", "_engine_checked"):
             state.pop(old, None)
+        # pickled before stochastic rounding: today's defaults
+        state.setdefault("state_rounding", "stochastic")
+        state.setdefault("param_rounding", "nearest")
+        state.setdefault("rounding_seed", 0)
         super().__setstate__(state)
         self._driver = StepDriver()
         # a copy's parameters are new objects: what it recognises as its own must follow

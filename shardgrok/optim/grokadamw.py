@@ -87,6 +87,17 @@ class GrokAdamW(GrokOptimizerBase):
             tensor (``torch.bfloat16`` on bf16 parameters: torch.optim's behaviour, half the
             state memory). The math is fp32 (fp64 when a parameter or its state is fp64); the
             parameter is rounded to its dtype once per update. See docs/algorithms.md.
+        state_rounding: ``"stochastic"`` (default) or ``"nearest"``: how bfloat16 m, v and mu
+            are written. Stochastic rounding rounds up with probability (the dropped bits) /
+            2^16, so a bf16 v decays as an fp32 one does on average, where round-to-nearest
+            keeps ``0.999 v`` at v; ``"nearest"`` is torch.optim's behaviour. Other state
+            dtypes always round to nearest.
+        param_rounding: ``"nearest"`` (default) or ``"stochastic"``: the same for bfloat16
+            parameters trained without fp32 master weights (other dtypes: nearest).
+        rounding_seed: an integer in [0, 2^32): with each tensor's step count, its index and
+            the element's index in the whole tensor it determines every stochastic rounding's
+            draw, so the bits do not depend on the world size, layout, thread count,
+            instruction set or backend. Saved in ``state_dict()``.
     """
 
     SPECS = GROKADAMW_SPECS
@@ -101,14 +112,17 @@ class GrokAdamW(GrokOptimizerBase):
                  grokking_signal_decay_rate: float = 0.1, gradient_clipping: float = 1.0, *,
                  grokking_signal_fn: SignalFn | None = None, nonfinite: str = "skip",
                  shard: bool | None = None, process_group=None, backend: str | None = None,
-                 state_dtype: torch.dtype | None = None):
+                 state_dtype: torch.dtype | None = None, state_rounding: str = "stochastic",
+                 param_rounding: str = "nearest", rounding_seed: int = 0):
         self.grokking_signal_fns = _signal_fns(grokking_signal_fns, grokking_signal_fn)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         alpha_init=alpha_init, lamb=lamb, gamma=gamma,
                         grokking_signal_decay_rate=grokking_signal_decay_rate,
                         gradient_clipping=gradient_clipping, layer_index=None)
         super().__init__(params, defaults, nonfinite=nonfinite, shard=shard,
-                         process_group=process_group, backend=backend, state_dtype=state_dtype)
+                         process_group=process_group, backend=backend, state_dtype=state_dtype,
+                         state_rounding=state_rounding, param_rounding=param_rounding,
+                         rounding_seed=rounding_seed)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -155,6 +169,7 @@ class GrokAdamW(GrokOptimizerBase):
         alpha_g = torch.tensor([[a, 1.0 - a] for a in alphas], dtype=R.ACC)
         table[:, [R.COL["alpha"], R.COL["one_minus_alpha"]]] = alpha_g[info.group_of]
         table[:, R.COL["grad_scale"]] = 1.0
+        self._rounding_columns(table, steps)
         table = to_device(table, dev)
         # Under DeepSpeed the engine has clipped already (same formula, global): report its
         # coefficient, apply none.
@@ -170,8 +185,9 @@ class GrokAdamW(GrokOptimizerBase):
 
     def _phase2(self, segs, table, aux) -> None:
         for s in segs:
+            k = R.StepScalars.from_row(table[s.index])
             R.grokadamw_update_(s.param, s.grad, s.state["exp_avg"], s.state["exp_avg_sq"],
-                                s.state["mu"], k=R.StepScalars.from_row(table[s.index]))
+                                s.state["mu"], k=k, rounding=R.Rounding.of(k, s.index, s.start))
 
     def _kernel_phase2(self, plan, table, aux) -> None:
         plan.phase2(self.KERNEL_KIND, table)

@@ -79,6 +79,8 @@ class SuperGrok(GrokOptimizerBase):
             meta-net of your own runs in PyTorch, the rest of the step fused.
         state_dtype: dtype of m, v and mu; ``None`` (default) is float32 for bfloat16/float16
             parameters and the parameter's dtype otherwise; see :class:`GrokAdamW`.
+        state_rounding, param_rounding, rounding_seed: how bfloat16 state and parameters are
+            written; see :class:`GrokAdamW`.
     """
 
     SPECS = SUPERGROK_SPECS
@@ -95,7 +97,8 @@ class SuperGrok(GrokOptimizerBase):
                  meta_net: nn.Module | None = None, meta_hidden_dim: int = 32, *,
                  meta_lr: float = 1e-4, nonfinite: str = "skip", shard: bool | None = None,
                  process_group=None, backend: str | None = None,
-                 state_dtype: torch.dtype | None = None):
+                 state_dtype: torch.dtype | None = None, state_rounding: str = "stochastic",
+                 param_rounding: str = "nearest", rounding_seed: int = 0):
         V.integer(1)("meta_hidden_dim", meta_hidden_dim)
         V.real(0.0, lo_open=True)("meta_lr", meta_lr)
         if meta_net is not None and not isinstance(meta_net, nn.Module):
@@ -105,7 +108,9 @@ class SuperGrok(GrokOptimizerBase):
                         warmup_steps=warmup_steps, gradient_clipping=gradient_clipping,
                         layer_index=None)
         super().__init__(params, defaults, nonfinite=nonfinite, shard=shard,
-                         process_group=process_group, backend=backend, state_dtype=state_dtype)
+                         process_group=process_group, backend=backend, state_dtype=state_dtype,
+                         state_rounding=state_rounding, param_rounding=param_rounding,
+                         rounding_seed=rounding_seed)
         self._table_cache = None  # (weights it was built from, kernel arrays)
         net = meta_net if meta_net is not None else SimpleMetaNet(hidden_dim=meta_hidden_dim)
         first = self.param_groups[0]["params"][0]
@@ -242,6 +247,7 @@ class SuperGrok(GrokOptimizerBase):
         table_h[:, R.COL["one_minus_alpha"]] = 1.0 - mu_alpha
         host[:, -2] = hyper[:, 6]                      # lamb
         host[:, -1] = amplify_g[g_of].to(R.ACC)        # past warm-up
+        self._rounding_columns(table_h, steps)
         host = to_device(host, dev)
         table = host[:, :len(R.COLUMNS)].contiguous()
         g_dev = info.on("group_of", dev)
@@ -281,8 +287,9 @@ class SuperGrok(GrokOptimizerBase):
 
     def _phase2(self, segs, table, hs) -> None:
         for s, h in zip(segs, hs):
+            k = R.StepScalars.from_row(table[s.index])
             R.supergrok_update_(s.param, s.grad, h, s.state["exp_avg"], s.state["exp_avg_sq"],
-                                s.state["mu"], k=R.StepScalars.from_row(table[s.index]))
+                                s.state["mu"], k=k, rounding=R.Rounding.of(k, s.index, s.start))
 
     def _kernel_phase2(self, plan, table, aux) -> None:
         plan.phase2(self.KERNEL_KIND, table, **aux)

@@ -315,6 +315,7 @@ bool run_case(const Case& cs) {
     s.mu = dev[i].mu;
     s.h = dev[i].h;
     s.numel = sp.numel;
+    s.offset = 0;  // the draws of stochastic rounding: off in these cases (fill_scalars)
     s.tensor = sp.tensor;
     s.param_dtype = sp.param_dtype;
     s.grad_dtype = sp.grad_dtype;

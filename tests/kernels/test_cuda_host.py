@@ -142,7 +142,9 @@ def _plan(ext, numels, with_grad):
             p.grad = torch.randn_like(p)
     state = [[torch.zeros(n) for n in numels] for _ in range(3)]
     steps = [torch.tensor(0.0) for _ in numels]
-    rows = torch.tensor([[i, i, 0, n] for i, n in enumerate(numels)], dtype=torch.long).reshape(-1, 4)
+    # each piece starting somewhere in its tensor (the segment record carries it)
+    rows = torch.tensor([[i, i, 0, n, 1000 * i + 3] for i, n in enumerate(numels)],
+                        dtype=torch.long).reshape(-1, 5)
     plan = ext.Plan(len(numels), params, rows, params, *state, steps,
                     torch.arange(len(numels), dtype=torch.long))
     return plan, params, state
@@ -178,10 +180,11 @@ def test_segment_records_carry_this_steps_gradients(ext):
     assert len(data) == len(numels) * ext.SEGMENT_BYTES
     for i, p in enumerate(params):
         # struct Segment { void* param, grad, exp_avg, exp_avg_sq, mu; const float* h;
-        #                  int64 numel; int32 tensor, param_dtype, grad_dtype, state_dtype; }
-        ptr, grad, m, v, mu, h, numel, tensor, pd, gd, sd = struct.unpack_from(
-            "<6Qq4i", data, i * ext.SEGMENT_BYTES)
-        assert (numel, tensor, h) == (numels[i], i, 0)
+        #                  int64 numel, offset; int32 tensor, param_dtype, grad_dtype,
+        #                  state_dtype; }
+        ptr, grad, m, v, mu, h, numel, start, tensor, pd, gd, sd = struct.unpack_from(
+            "<6Qqq4i", data, i * ext.SEGMENT_BYTES)
+        assert (numel, start, tensor, h) == (numels[i], 1000 * i + 3, i, 0)
         if p.grad is None:
             assert grad == 0 and ptr == 0
             continue
@@ -192,5 +195,5 @@ def test_segment_records_carry_this_steps_gradients(ext):
     plan.release()
     params[0].grad = torch.randn(5)
     assert plan.resolve()
-    grad0 = struct.unpack_from("<6Qq4i", bytes(plan.segment_table()[0].numpy().tobytes()), 0)[1]
+    grad0 = struct.unpack_from("<6Qqq4i", bytes(plan.segment_table()[0].numpy().tobytes()), 0)[1]
     assert grad0 == params[0].grad.data_ptr()

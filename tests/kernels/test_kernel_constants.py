@@ -34,6 +34,12 @@ def test_columns_match_the_extension_by_name_and_index(ext):
     assert {name: i for i, name in enumerate(header.COLUMNS)} == ext.COLUMN_INDEX
 
 
+def test_rounding_flags_and_draws_match_the_extension(ext):
+    assert header.ROUNDING == ext.ROUNDING_INDEX == {"state": 1, "param": 2}
+    assert header.DRAWS == ext.DRAW_INDEX
+    assert sorted(header.DRAWS.values()) == [0, 1, 2, 3]
+
+
 def test_stats_match_the_extension_by_name_and_index(ext):
     assert len(header.STATS) == ext.N_STATS == len(ext.STAT_INDEX)
     assert {name: i for i, name in enumerate(header.STATS)} == ext.STAT_INDEX

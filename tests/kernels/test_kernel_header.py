@@ -169,11 +169,13 @@ class Case:
         self.ext = ext
         chunk = ext.CHUNK
         big = 2 * chunk + 233  # three chunks, the last a ragged one
-        # (tensor, source, offset, numel); tensor 0 has two pieces, in two sources
         # (tensor, source, offset, numel); tensor 0 has two pieces, in two sources; tensor 2 is
         # an empty parameter (its own empty source, as the optimizers' plans have it)
         self.rows = [(0, 0, 3, 17), (1, 0, 21, 1), (2, 2, 0, 0), (3, 1, 5, big), (0, 1, big + 6, 3),
                      (4, 0, 40, 23)]
+        # where each piece starts in its whole tensor (stochastic rounding's counter): tensor 3's
+        # piece crosses element 2^32, where the counter's high word changes
+        self.starts = [0, 0, 0, 2**32 - 1000, 17, 7]
         self.n_tensors = 5
         self.sources = [torch.randn(64, generator=g).to(pdtype),
                         torch.randn(big + 20, generator=g).to(pdtype), torch.zeros(0, dtype=pdtype)]
@@ -189,7 +191,8 @@ class Case:
 
     def plan(self):
         ext = self.ext
-        return ext.Plan(self.n_tensors, self.sources, torch.tensor(self.rows, dtype=torch.long),
+        rows = [(*r, start) for r, start in zip(self.rows, self.starts)]
+        return ext.Plan(self.n_tensors, self.sources, torch.tensor(rows, dtype=torch.long),
                         self.params, self.m, self.v, self.mu, self.steps, self.slot_of)
 
     def resolved_plan(self, explicit_grads=False):
@@ -461,7 +464,7 @@ def test_plan_accepts_an_empty_piece_inside_a_source(ext):
     offset of a non-empty source must still be accepted (and left alone)."""
     src = torch.randn(40)
     old = src.clone()
-    rows = torch.tensor([[0, 0, 3, 17], [1, 0, 22, 0]], dtype=torch.long)
+    rows = torch.tensor([[0, 0, 3, 17, 0], [1, 0, 22, 0, 0]], dtype=torch.long)
     params = [src[3:20], src[22:22]]
     m, v, mu = ([torch.zeros(17), torch.zeros(0)] for _ in range(3))
     steps = [torch.tensor(0.0)]
