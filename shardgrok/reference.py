@@ -124,14 +124,19 @@ class Rounding:
         return cls(rounding_key(int(k.seed), int(k.step), tensor), start,
                    bool(flags & ROUNDING["state"]), bool(flags & ROUNDING["param"]))
 
-    def write(self, dst: torch.Tensor, src: torch.Tensor, which: str) -> None:
-        """``dst.copy_(src)``, stochastically where this piece's flags say so."""
+    def apply(self, src: torch.Tensor, dtype: torch.dtype, which: str) -> torch.Tensor:
+        """``src`` (this piece's values, in order) rounded to ``dtype`` as value ``which``
+        (:data:`DRAWS`: "param", "exp_avg", ...) is written: stochastically where this
+        piece's flags say so and ``dtype`` is bfloat16, else to nearest."""
         stochastic = self.param if which == "param" else self.state
-        if dst.dtype != torch.bfloat16 or not stochastic:
-            dst.copy_(src)
-            return
-        index = torch.arange(self.start, self.start + dst.numel(), dtype=torch.int64)
-        dst.copy_(round_bf16_stochastic(src, rounding_bits(self.key, index, DRAWS[which])).view(dst.shape))
+        if dtype != torch.bfloat16 or not stochastic:
+            return src.to(dtype)
+        index = torch.arange(self.start, self.start + src.numel(), dtype=torch.int64)
+        return round_bf16_stochastic(src, rounding_bits(self.key, index, DRAWS[which])).view(src.shape)
+
+    def write(self, dst: torch.Tensor, src: torch.Tensor, which: str) -> None:
+        """``dst.copy_(src)`` rounded as :meth:`apply` says."""
+        dst.copy_(self.apply(src, dst.dtype, which).view(dst.shape))
 
 
 def layer_beta1(beta1, gamma, layer):

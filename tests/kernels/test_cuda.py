@@ -35,7 +35,7 @@ from shardgrok.metanet.table import KernelArrays, build_table, kernel_arrays
 from tests.kernels.test_kernel import (FP32_RTOL, MIX, assert_fp32_close,
                                        assert_within_storage_ulps, make_opt, make_params,
                                        normal_grads, rel_diff, step_rejected, tensors_of)
-from tests.kernels.test_kernel_header import DTYPES, Case, _emulate, _net, _scalar_table
+from tests.kernels.test_kernel_header import DTYPES, Case, _emulate, _net, _scalar_table, stored
 from tests.support.helpers import meta_net
 
 TARGETS = ["emulated", "gpu"]
@@ -258,7 +258,8 @@ def chunk_records(plan):
     return [CHUNK.unpack_from(raw, i * CHUNK.size) for i in range(plan.n_chunks)]
 
 
-def launch_case(target, ext, case, kind, arrays=None, hs=None, explicit_grads=False):
+def launch_case(target, ext, case, kind, arrays=None, hs=None, explicit_grads=False,
+                rounding=0, seed=0):
     """One step of ``case`` through the CUDA glue on ``target``: phase 1 into a reduction buffer,
     the step counters, a scalar table, phase 2. Returns (stats [n, k], present, steps, table)."""
     plan = case.resolved_plan(explicit_grads)
@@ -279,7 +280,7 @@ def launch_case(target, ext, case, kind, arrays=None, hs=None, explicit_grads=Fa
     target.sync()
     present = buf[n * k:].cpu()
     steps = plan.bump_steps(present > 0)
-    table = _scalar_table(kind, steps)
+    table = _scalar_table(kind, steps, rounding, seed)
     launches.phase2(code, table.to(target.device), **aux)
     target.sync()
     plan.release()
@@ -364,6 +365,30 @@ def test_every_dtype_combination_at_odd_offsets_bitwise(target, ext, kind, pdt, 
           if kind == "super" else None)
     result = launch_case(target, ext, case, kind, arrays=arrays, explicit_grads=True)
     check_case(ext, case, old, kind, result, hs)
+
+
+@pytest.mark.parametrize("kind", ["grok", "super"])
+@pytest.mark.parametrize("pdt,sdt,flags", [("bf16", "bf16", 3), ("f32", "bf16", 1),
+                                           ("bf16", "f32", 2)])
+def test_stochastic_rounding_bitwise(target, ext, kind, pdt, sdt, flags):
+    """bf16 writes rounded stochastically: each stored value is the header's fp32 result rounded
+    by the reference's draws for its element's index in the whole tensor, bit for bit (as the
+    CPU kernel's test_plan_stochastic_rounding_bitwise checks), vectorised groups and scalar
+    tails alike."""
+    case = case_on(Case(ext, DTYPES[pdt], DTYPES[sdt], seed=4), target.device)
+    old = snapshot_cpu(case)
+    arrays = kernel_arrays(build_table(_net("random"))) if kind == "super" else None
+    *_, table, _ = launch_case(target, ext, case, kind, arrays=arrays, explicit_grads=True,
+                               rounding=flags, seed=77)
+    for i, (t, s, o, n_el) in enumerate(case.rows):
+        g = case.grad_piece(i).cpu()
+        p0 = old["sources"][s].view(-1)[o:o + n_el]
+        h = masked_by_header(ext, arrays, g) if kind == "super" else g
+        want = _emulate(kind, p0, g, h, old["m"][i], old["v"][i], old["mu"][i], table[t])
+        got = (case.params[i], case.m[i], case.v[i], case.mu[i])
+        for name, a, b in zip(("param", "exp_avg", "exp_avg_sq", "mu"), got, want):
+            a, b = a.cpu(), stored(b, a.dtype, table[t], t, case.starts[i], name)
+            assert torch.equal(a, b), f"segment {i} {name}: {int((a != b).sum())} differ"
 
 
 @pytest.mark.parametrize("size", [64, 2048, 4096, 16384], ids=lambda s: f"table{s}")

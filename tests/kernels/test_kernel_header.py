@@ -216,10 +216,10 @@ class Case:
         return self.grads[s][o:o + n]
 
 
-def _scalar_table(kind: str, steps) -> torch.Tensor:
+def _scalar_table(kind: str, steps, rounding: int = 0, seed: int = 0) -> torch.Tensor:
     """Per-tensor rows as the optimizers' _decide builds them, with distinct values per tensor
     (so a wrong row or column shows), SuperGrok's gate off on tensor 1 and a first step
-    (alpha 0) on tensor 3."""
+    (alpha 0) on tensor 3; ``rounding`` the stochastic rounding flags (header.ROUNDING)."""
     n = len(steps)
     t = torch.zeros(n, len(R.COLUMNS), dtype=F64)
     C = R.COL
@@ -240,6 +240,9 @@ def _scalar_table(kind: str, steps) -> torch.Tensor:
         t[i, C["eps"]] = 1e-8
         t[i, C["decay"]] = 1 - 1e-3 * 0.01
         t[i, C["step_size"]] = -1e-3 * (1 + i) / (1 - (b1 if kind == "super" else 0.9) ** step)
+        t[i, C["step"]] = step
+        t[i, C["rounding"]] = rounding
+        t[i, C["seed"]] = seed
     return t
 
 
@@ -270,7 +273,16 @@ def _emulate(kind, p, g, h, m, v, mu, row):
     return p, m, v, mu
 
 
-def _run_case(case, kind, use_table, arrays=None, user_h=None, explicit_grads=False):
+def stored(value: torch.Tensor, dtype: torch.dtype, row: torch.Tensor, tensor: int, start: int,
+           which: str) -> torch.Tensor:
+    """An fp32 result as phase 2 writes it to ``dtype`` storage: rounded stochastically where
+    the row's flags say so (bf16 only), by the reference's draws, else to nearest."""
+    k = R.StepScalars.from_row(row)
+    return R.Rounding.of(k, tensor, start).apply(value.float(), dtype, which)
+
+
+def _run_case(case, kind, use_table, arrays=None, user_h=None, explicit_grads=False,
+              rounding=0, seed=0):
     ext = case.ext
     plan = case.resolved_plan(explicit_grads)
     assert plan.n_segments == len(case.rows)
@@ -285,7 +297,7 @@ def _run_case(case, kind, use_table, arrays=None, user_h=None, explicit_grads=Fa
             aux = dict(hs=user_h)
     stats, present = plan.phase1(code, **aux)
     steps = plan.bump_steps(present)
-    table = _scalar_table(kind, steps)
+    table = _scalar_table(kind, steps, rounding, seed)
     plan.phase2(code, table, **aux)
     return stats, present, steps, table
 
@@ -374,6 +386,40 @@ def _close_to_reference(name, got, want, seg):
         ulp = torch.exp2(torch.floor(torch.log2(torch.maximum(a.abs(), b.abs()).clamp_min(1e-300))) - mant)
         ulp = ulp.clamp_min(tiny)
         assert bool(((a - b).abs() <= ulp).all()), f"segment {seg} {name}: more than 1 ulp"
+
+
+@pytest.mark.parametrize("kind", ["grok", "super"])
+@pytest.mark.parametrize("pdt,sdt,flags", [("bf16", "bf16", 3), ("f32", "bf16", 1),
+                                           ("bf16", "f32", 2), ("bf16", "bf16", 1),
+                                           ("f16", "f16", 3)])
+def test_plan_stochastic_rounding_bitwise(isa_restored, kind, pdt, sdt, flags):
+    """bf16 writes rounded stochastically (the flags of the rounding column): on every
+    instruction set, each stored value is the header's fp32 result rounded by the reference's
+    draws for its element's index in the whole tensor (tensor 3's piece starts 1,000 elements
+    before 2^32), bit for bit; what the flags leave out, and fp16, round to nearest."""
+    ext = isa_restored
+    arrays = kernel_arrays(build_table(_net("random")))
+    for isa in ext.supported_isas():
+        ext.set_isa(isa)
+        case = Case(ext, DTYPES[pdt], DTYPES[sdt], seed=4)
+        old = case.snapshot()
+        _, _, _, table = _run_case(case, kind, use_table=True, arrays=arrays, rounding=flags,
+                                   seed=12345)
+        for i, (t, s, o, n_el) in enumerate(case.rows):
+            g = case.grad_piece(i)
+            p0 = old["sources"][s].view(-1)[o:o + n_el]
+            want = _emulate(kind, p0, g, _masked(ext, arrays, g), old["m"][i], old["v"][i],
+                            old["mu"][i], table[t])
+            got = (case.params[i], case.m[i], case.v[i], case.mu[i])
+            for name, a, b in zip(("param", "exp_avg", "exp_avg_sq", "mu"), got, want):
+                b = stored(b, a.dtype, table[t], t, case.starts[i], name)
+                assert torch.equal(a, b), (f"{isa}: segment {i} {name}: "
+                                           f"{int((a != b).sum())} of {a.numel()} differ")
+        # the flags did something: the same step rounded to nearest differs somewhere
+        if (pdt == "bf16" and flags & 2) or (sdt == "bf16" and flags & 1):
+            near = Case(ext, DTYPES[pdt], DTYPES[sdt], seed=4)
+            _run_case(near, kind, use_table=True, arrays=arrays)
+            assert any(not torch.equal(a, b) for a, b in zip(_outputs(case), _outputs(near)))
 
 
 @pytest.mark.parametrize("pdt", ["f32", "bf16"])
