@@ -407,10 +407,12 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         for old in ("_plans", "_stepping_plan", "_warned_fallback", "_own_ids",
                     "_own_groups_key", "_engine_checked"):
             state.pop(old, None)
-        # pickled before stochastic rounding: today's defaults
-        state.setdefault("state_rounding", "stochastic")
-        state.setdefault("param_rounding", "nearest")
-        state.setdefault("rounding_seed", 0)
+        # pickled before stochastic rounding: today's defaults (torch.optim's load_state_dict
+        # calls this too, with only its own keys: what this object has stays)
+        for key, default in (("state_rounding", "stochastic"), ("param_rounding", "nearest"),
+                             ("rounding_seed", 0)):
+            if key not in state and key not in self.__dict__:
+                state[key] = default
         super().__setstate__(state)
         self._driver = StepDriver()
         # a copy's parameters are new objects: what it recognises as its own must follow
