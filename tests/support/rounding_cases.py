@@ -1,0 +1,76 @@
+"""Stochastic rounding under sharding: scenarios for tests/distributed/test_rounding_ranks.py.
+
+One schedule (``rounding_run``) on bf16 parameters with bf16 state, both rounded stochastically,
+run by every layout and by one process; what it returns is whole (gathered), so the pytest side
+compares the layouts with one process bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import shardgrok
+from tests.support.helpers import meta_net
+from tests.support.worker_registry import Ctx, scenario
+
+BF16 = torch.bfloat16
+# rows that split unevenly over 2 and 4 ranks, a piece crossing a ZeRO-1 cut, a scalar-like tensor
+SHAPES = [(37, 11), (5,), (301,), (4109,), (1,), (3, 130)]
+STEPS = 6
+SEED = 5
+
+
+def _opt(kind, params, backend, **kw):
+    kw = dict(lr=1e-3, state_dtype=BF16, param_rounding="stochastic", rounding_seed=SEED,
+              backend=backend, **kw)
+    if kind == "grokadamw":
+        return shardgrok.GrokAdamW(params, **kw)
+    return shardgrok.SuperGrok(params, warmup_steps=0, meta_net=meta_net("random"), **kw)
+
+
+def rounding_run(kind: str, layout: str, backend: str = "kernel") -> dict:
+    """The schedule on ``layout`` ("one": this process alone; "zero1"; "fsdp2": DTensor
+    parameters sharded by rows over the default group); whole parameters and m, v, mu back."""
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=g).to(BF16) for s in SHAPES]
+    mesh = None
+    if layout == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        mesh = init_device_mesh("cpu", (Ctx.world,))
+        params = [nn.Parameter(distribute_tensor(f, mesh, [Shard(0)])) for f in full]
+    else:
+        params = [nn.Parameter(f.clone()) for f in full]
+    opt = _opt(kind, params, backend, **({"shard": layout == "zero1"} if layout != "fsdp2" else {}))
+    for t in range(STEPS):
+        gg = torch.Generator().manual_seed(100 + t)
+        grads = [torch.randn(s, generator=gg).to(BF16) for s in SHAPES]
+        for p, gr in zip(params, grads):
+            p.grad = distribute_tensor(gr, mesh, [Shard(0)]) if mesh is not None else gr
+        opt.step(**({"train_loss": 1.0, "val_loss": 1.2 + 0.1 * t} if kind == "supergrok" else {}))
+    if layout == "fsdp2":
+        whole = [p.detach().full_tensor() for p in params]
+        state = [[opt.state[p][k].full_tensor() for k in ("exp_avg", "exp_avg_sq", "mu")]
+                 for p in params]
+    elif layout == "zero1":
+        whole = [p.detach().clone() for p in params]
+        sd = opt.full_state_dict(to=None)["state"]
+        state = [[sd[i][k].reshape(SHAPES[i]) for k in ("exp_avg", "exp_avg_sq", "mu")]
+                 for i in range(len(params))]
+    else:
+        whole = [p.detach().clone() for p in params]
+        state = [[opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq", "mu")]
+                 for p in params]
+    return {"params": whole, "state": state, "backend": opt.get_state_summary()["backend"],
+            "sharded": opt.is_sharded}
+
+
+for _kind in ("grokadamw", "supergrok"):
+    for _layout in ("zero1", "fsdp2"):
+        for _backend in ("kernel", "reference"):
+            def _make(kind=_kind, layout=_layout, backend=_backend):
+                def run(args):
+                    return rounding_run(kind, layout, backend)
+                run.__name__ = f"rounding_{layout}_{kind}_{backend}"
+                return run
+            scenario(_make())
