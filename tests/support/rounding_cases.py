@@ -74,3 +74,54 @@ for _kind in ("grokadamw", "supergrok"):
                 run.__name__ = f"rounding_{layout}_{kind}_{backend}"
                 return run
             scenario(_make())
+
+
+# ---------------------------------------------------------------- DeepSpeed
+# DeepSpeed hands the optimizer flat fp32 partitions (its master weights), so here only the
+# state is bf16; tensors are cut where the partitions end, anywhere inside them.
+DS_KW = dict(lr=1e-2, gradient_clipping=0.0, state_dtype=BF16, rounding_seed=SEED)
+
+
+def ds_rounding_oracle(steps: int = 8) -> dict:
+    """One process, no DeepSpeed: the toy model's whole parameters and m, v, mu."""
+    from tests.support import scenarios as S
+    from tests.support.helpers import backward, toy
+    model = toy(S.DTYPE, dead=False)
+    opt = shardgrok.GrokAdamW(S.default_groups(model), **DS_KW)
+    for t in range(steps):
+        backward(model, t)
+        opt.step()
+    params = list(model.parameters())
+    return {"params": [p.detach().clone() for p in params],
+            "state": [[opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq", "mu")]
+                      for p in params]}
+
+
+@scenario
+def rounding_ds(args, steps: int = 8):
+    """ZeRO 1-3 with the optimizer built by a callable (bf16 state is no JSON value), the
+    engine's clipping off (the oracle's too): whole fp32 parameters and m, v, mu gathered by
+    DeepSpeed's own helpers."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+    from tests.support import ds_cases as D
+    from tests.support import scenarios as S
+    from tests.support.helpers import batch, toy
+    deepspeed = D._deepspeed()
+    out = {}
+    for stage in (1, 2, 3):
+        model = toy(S.DTYPE, dead=False)
+        cfg = {"train_micro_batch_size_per_gpu": 12, "gradient_clipping": 0.0,
+               "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
+               "zero_allow_untested_optimizer": True}
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=S.default_groups(model), config=cfg,
+            optimizer=lambda ps: shardgrok.GrokAdamW(ps, **DS_KW))
+        for t in range(steps):
+            x, y = batch(t, S.DTYPE)
+            engine.backward(((engine(x) - y) ** 2).mean() * 20)
+            engine.step()
+        params = list(model.parameters())
+        out[stage] = {"params": D.full_params(model, stage),
+                      "state": [[safe_get_full_optimizer_state(p, k).reshape(p.ds_shape if stage == 3 else p.shape)
+                                 for k in ("exp_avg", "exp_avg_sq", "mu")] for p in params]}
+    return out
