@@ -130,6 +130,7 @@ class FSDP2Layout(_EngineSharded):
 class FSDP1Layout(_EngineSharded):
     def __init__(self, process_group=None):
         self.reducer = GroupReducer(process_group)
+        self._starts: dict[int, int] = {}  # id(original parameter's piece) -> its start
 
     def add_group(self, optimizer, group_index: int) -> None:
         for j, p in enumerate(optimizer.param_groups[group_index]["params"]):
@@ -146,6 +147,25 @@ class FSDP1Layout(_EngineSharded):
             lambda gi, ps: [(gi, p.numel() if is_flat_param(p) else "piece", str(p.dtype))
                             for p in ps])
         self._check_coverage(optimizer, groups)
+        self._record_starts(optimizer, groups)
+
+    def _record_starts(self, optimizer, groups=None) -> None:
+        """Where each original parameter's local piece (``use_orig_params=True``) starts in its
+        tensor. FSDP1 cuts the flat parameter into rank-ordered shards and each original tensor
+        is one range of it, so the piece starts after the pieces of the lower ranks: an
+        exclusive prefix sum of every rank's piece sizes (one small all-reduce)."""
+        groups = groups if groups is not None else range(len(optimizer.param_groups))
+        pieces = [p for gi in groups for p in optimizer.param_groups[gi]["params"]
+                  if not is_flat_param(p)]
+        if not pieces:
+            return
+        world, rank = self.reducer.world_size, self.reducer.rank
+        sizes = torch.zeros(world, len(pieces), dtype=torch.float64)
+        sizes[rank] = torch.tensor([float(p.numel()) for p in pieces], dtype=torch.float64)
+        self.reducer.all_reduce_(sizes.view(-1))
+        below = sizes[:rank].sum(0)
+        for p, start in zip(pieces, below.tolist()):
+            self._starts[id(p)] = int(start)
 
     def _check_coverage(self, optimizer, groups=None) -> None:
         """The group's shards of each FlatParameter must cover every original element exactly
@@ -229,7 +249,7 @@ class FSDP1Layout(_EngineSharded):
                 if not is_flat_param(p):
                     (ref,) = refs
                     segs.append(Segment(ref.index, ref.layer, ref.group, p.detach(), p.grad, st,
-                                        p, lambda x: x.reshape(-1), 0))
+                                        p, lambda x: x.reshape(-1), self._starts[id(p)]))
                     continue
                 for ref, info in zip(refs, p._shard_param_infos):
                     if not info.in_shard:

@@ -47,10 +47,11 @@ def test_sharded_equals_one_process_bit_for_bit(results, kind, layout, backend):
 
 # ---------------------------------------------------------------- DeepSpeed
 @pytest.fixture(scope="module")
-def ds_results(tmp_path_factory):
+def engine_results(tmp_path_factory):
+    """The DeepSpeed and FSDP1 jobs (one launch; DeepSpeed must be installed)."""
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("rounding-ds")
-    _, res = launch(2, out, ["rounding_ds"], out, timeout=600)
+    _, res = launch(2, out, ["rounding_ds", "rounding_fsdp1"], out, timeout=600)
     return res
 
 
@@ -59,7 +60,7 @@ def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_deepspeed_partitions_draw_as_one_process(ds_results, stage):
+def test_deepspeed_partitions_draw_as_one_process(engine_results, stage):
     """ZeRO 1-3 at world size 2 cut the tensors anywhere: bf16 state rounded stochastically
     equals one process's wherever their fp32 inputs agree. DeepSpeed's own gradient averaging
     and norms leave the fp32 values a last bit apart now and then, so: every value within one
@@ -67,7 +68,7 @@ def test_deepspeed_partitions_draw_as_one_process(ds_results, stage):
     48-66 apart when the layout hands the kernel 0 as every piece's start in its tensor)."""
     from tests.support.rounding_cases import ds_rounding_oracle
     want = ds_rounding_oracle()
-    for rank, got in enumerate(ok(ds_results, "rounding_ds")):
+    for rank, got in enumerate(ok(engine_results, "rounding_ds")):
         g = got[stage]
         for i, (a, b) in enumerate(zip(g["params"], want["params"], strict=True)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"rank {rank} param {i}")
@@ -82,3 +83,18 @@ def test_deepspeed_partitions_draw_as_one_process(ds_results, stage):
                 apart += int((d > 0).sum())
                 total += a.numel()
         assert apart <= total // 100, (stage, apart, total)
+
+
+# ---------------------------------------------------------------- FSDP1
+@pytest.mark.parametrize("orig", [False, True], ids=["flat", "orig_params"])
+def test_fsdp1_pieces_draw_as_one_process(engine_results, orig):
+    """FSDP1 at world size 2, FlatParameters and use_orig_params=True: the parameters equal one
+    process's bit for bit after 8 steps with bf16 m, v, mu rounded stochastically (a draw at
+    the wrong index moves m or v by an ulp, and the parameters with it)."""
+    from tests.support.rounding_cases import ds_rounding_oracle
+    want = ds_rounding_oracle(one_group=True)
+    for rank, got in enumerate(ok(engine_results, "rounding_fsdp1")):
+        g = got[orig]
+        assert g["sharded"]
+        for i, (a, b) in enumerate(zip(g["params"], want["params"], strict=True)):
+            assert torch.equal(a, b), f"rank {rank} param {i}: {float((a - b).abs().max())}"

@@ -82,12 +82,13 @@ for _kind in ("grokadamw", "supergrok"):
 DS_KW = dict(lr=1e-2, gradient_clipping=0.0, state_dtype=BF16, rounding_seed=SEED)
 
 
-def ds_rounding_oracle(steps: int = 8) -> dict:
-    """One process, no DeepSpeed: the toy model's whole parameters and m, v, mu."""
+def ds_rounding_oracle(steps: int = 8, one_group: bool = False) -> dict:
+    """One process, no engine: the toy model's whole parameters and m, v, mu."""
     from tests.support import scenarios as S
     from tests.support.helpers import backward, toy
     model = toy(S.DTYPE, dead=False)
-    opt = shardgrok.GrokAdamW(S.default_groups(model), **DS_KW)
+    groups = S.one_group(model) if one_group else S.default_groups(model)
+    opt = shardgrok.GrokAdamW(groups, **DS_KW)
     for t in range(steps):
         backward(model, t)
         opt.step()
@@ -124,4 +125,27 @@ def rounding_ds(args, steps: int = 8):
         out[stage] = {"params": D.full_params(model, stage),
                       "state": [[safe_get_full_optimizer_state(p, k).reshape(p.ds_shape if stage == 3 else p.shape)
                                  for k in ("exp_avg", "exp_avg_sq", "mu")] for p in params]}
+    return out
+
+
+@scenario
+def rounding_fsdp1(args, steps: int = 8):
+    """FSDP1, FlatParameters and original parameters: the pieces' starts come from FSDP's shard
+    metadata and from the ranks' piece sizes. The parameters after the run, whole: they follow
+    m and v, so a draw taken at the wrong index shows in them."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from tests.support import scenarios as S
+    from tests.support.fsdp_cases import fsdp1_params
+    from tests.support.helpers import batch, toy
+    out = {}
+    for orig in (False, True):
+        model = FSDP(toy(S.DTYPE, dead=False), device_id=torch.device("cpu"), use_orig_params=orig)
+        opt = shardgrok.GrokAdamW(model.parameters(), **DS_KW)
+        for t in range(steps):
+            model.zero_grad(set_to_none=True)
+            x, y = batch(t, S.DTYPE)
+            (((model(x) - y) ** 2).mean() * 20).backward()
+            opt.step()
+        out[orig] = {"params": fsdp1_params(model), "sharded": opt.is_sharded}
     return out
