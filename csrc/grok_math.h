@@ -27,8 +27,9 @@
 
 namespace sg {
 
-// Storage dtypes a segment's parameter, gradient or state may have.
-enum Dtype : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
+// Storage dtypes a segment's parameter, gradient or state may have; Q8 is the state's 8-bit
+// blockwise format (state only: m and mu int8 codes, v uint8 codes, fp32 scales per block).
+enum Dtype : int32_t { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3 };
 
 // The enums below (Column, Stat) and job.h's Kind are the one definition of these names:
 // shardgrok/kernels/header.py reads them from this text for the Python side (no compiler
@@ -215,6 +216,71 @@ SG_HD uint16_t f32_to_bf16_stochastic(float x, uint32_t bits) {
   const uint32_t u = f32_to_bits(x);
   return (x != x) ? (uint16_t)0x7FC0u : (uint16_t)((u + (bits >> 16)) >> 16);
 }
+
+// ------------------------------------------------------------------ 8-bit blockwise state
+// state_dtype="int8": m, v and mu as 8-bit codes, one fp32 scale per block of QBLOCK elements
+// along the tensor's own element index (the block's largest magnitude; 0 for a block of
+// zeros). A code is a small float relative to its block's scale, non-linear like bitsandbytes'
+// and torchao's dynamic maps but computed from the fp32 bits, not looked up: magnitude codes
+// q >= 8 are (e << 3 | f), worth 2^(e - B) (1 + f / 8) for e in [1, B], and codes q < 8 are
+// q * 2^(-B - 2) (the linear steps below the smallest of those, as IEEE subnormals). The
+// scale itself (|x| / scale = 1) is code B << 3, the largest used.
+// - m and mu: signed codes (int8, two's complement, -120..120) of B = 15: three bits of
+//   mantissa over 15 binades, down to 2^-17 of the scale;
+// - v: unsigned codes (uint8, 0..248) of B = 31: v is a square, so twice the binades, down to
+//   2^-33 of the scale (the smallest gradients' v stays non-zero where their m does).
+// Writing rounds to nearest (ties of the subnormal steps up), or stochastically with the same
+// draws as bf16 (state_rounding="stochastic", the default), which keeps the codes unbiased.
+constexpr int32_t QBLOCK = 256;        // elements per scale
+constexpr int64_t QMIN_NUMEL = 4096;   // smaller tensors keep fp32 state (as torchao does)
+enum QuantBias : int32_t { QBIAS_SIGNED = 15, QBIAS_UNSIGNED = 31 };
+
+// The magnitude code of n >= 0 (finite; at most 1 plus a few ulps: x * (1 / scale)).
+template <int B>
+SG_HD uint32_t quantize_magnitude(float n, bool stochastic, uint32_t bits) {
+  const uint32_t u = f32_to_bits(n);
+  if (u >= ((uint32_t)(128 - B) << 23)) {  // n >= 2^(1 - B): the exponent-and-mantissa codes
+    const uint32_t add = stochastic ? (bits >> 12) : 0x7FFFFu + ((u >> 20) & 1u);
+    const uint32_t q = (u - ((uint32_t)(127 - B) << 23) + add) >> 20;
+    return q < ((uint32_t)B << 3) ? q : ((uint32_t)B << 3);
+  }
+  // the linear codes: t in [0, 8) exactly, plus 1/2 or a draw in [0, 1) of 20 bits (fine enough
+  // that t + d is exact for every code's own value, which then stays whatever the draw)
+  const float t = n * bits_to_f32((uint32_t)(127 + B + 2) << 23);
+  const float d = stochastic ? (float)(bits >> 12) * 0x1p-20f : 0.5f;
+  return (uint32_t)(t + d);  // 8 when it carries into the smallest exponent code: the same value
+}
+
+template <int B>
+SG_HD float dequantize_magnitude(uint32_t q) {
+  return q >= 8u ? bits_to_f32((q << 20) + ((uint32_t)(127 - B) << 23))
+                 : (float)q * bits_to_f32((uint32_t)(127 - B - 2) << 23);
+}
+
+// m and mu: x * inv_scale in [-1, 1] to a signed code, and back.
+SG_HD int8_t quantize_signed(float x, float inv_scale, bool stochastic, uint32_t bits) {
+  const float n = x * inv_scale;
+  const float a = bits_to_f32(f32_to_bits(n) & 0x7FFFFFFFu);  // |n|, -0 included
+  const int32_t q = (int32_t)quantize_magnitude<QBIAS_SIGNED>(a, stochastic, bits);
+  return (int8_t)(n < 0.0f ? -q : q);
+}
+
+SG_HD float dequantize_signed(int8_t c, float scale) {
+  const float mag = dequantize_magnitude<QBIAS_SIGNED>((uint32_t)(c < 0 ? -(int32_t)c : (int32_t)c)) * scale;
+  return c < 0 ? -mag : mag;
+}
+
+// v >= 0.
+SG_HD uint8_t quantize_unsigned(float x, float inv_scale, bool stochastic, uint32_t bits) {
+  return (uint8_t)quantize_magnitude<QBIAS_UNSIGNED>(x * inv_scale, stochastic, bits);
+}
+
+SG_HD float dequantize_unsigned(uint8_t c, float scale) {
+  return dequantize_magnitude<QBIAS_UNSIGNED>((uint32_t)c) * scale;
+}
+
+// What multiplies a block's values before quantizing: 1 / scale, 0 for a block of zeros.
+SG_HD float inverse_scale(float scale) { return scale > 0.0f ? 1.0f / scale : 0.0f; }
 
 // A tensor's rounding for one step, from its row of the scalar table.
 struct RoundingRow {

@@ -20,6 +20,9 @@ struct Segment {
   void* exp_avg_sq;
   void* mu;
   const float* h;       // SuperGrok with a user's meta-net: h = exp(f(g)) g, computed by PyTorch
+  float* exp_avg_scale;     // state_dtype Q8: one scale per block the segment touches (the
+  float* exp_avg_sq_scale;  // first is the block holding element `offset` of the tensor);
+  float* mu_scale;          // null otherwise
   int64_t numel;
   int64_t offset;       // index of the segment's first element in its whole tensor (the
                         // stochastic rounding's counter: the same whatever the sharding)
@@ -42,12 +45,22 @@ enum Kind : int32_t { GROKADAMW = 0, SUPERGROK = 1 };
 // enough that 2-16 threads balance on a 1M-element model. A multiple of every lane count.
 constexpr int64_t CHUNK = 16384;
 
-// The chunk table of segments of the given lengths, in segment order.
-inline std::vector<Chunk> cut_chunks(const std::vector<int64_t>& numels) {
+// The chunk table of segments of the given lengths, in segment order. A segment with a `lead`
+// (8-bit state whose first element sits `lead` elements into a block of its tensor) gets a
+// first chunk that much shorter, so every later chunk begins on a block of the tensor and no
+// block is shared by two chunks (two threads would each settle its scale).
+inline std::vector<Chunk> cut_chunks(const std::vector<int64_t>& numels,
+                                     const std::vector<int64_t>& leads = {}) {
   std::vector<Chunk> out;
-  for (size_t i = 0; i < numels.size(); ++i)
-    for (int64_t b = 0; b < numels[i]; b += CHUNK)
-      out.push_back({(int32_t)i, b, numels[i] - b < CHUNK ? numels[i] - b : CHUNK});
+  for (size_t i = 0; i < numels.size(); ++i) {
+    const int64_t lead = i < leads.size() ? leads[i] : 0;
+    for (int64_t b = 0; b < numels[i];) {
+      const int64_t size = (b == 0 ? CHUNK - lead : CHUNK);
+      const int64_t n = numels[i] - b < size ? numels[i] - b : size;
+      out.push_back({(int32_t)i, b, n});
+      b += n;
+    }
+  }
   return out;
 }
 

@@ -56,14 +56,22 @@ struct PlanSegment {
   int64_t start;    // index of the piece's first element in its whole tensor
   int32_t tensor;   // global tensor index
   at::Tensor param, exp_avg, exp_avg_sq, mu;
+  std::vector<at::Tensor> scales;  // 8-bit state: the blocks' scales of m, v, mu; else empty
+  int32_t state_dtype;             // sg::Dtype of the state (Q8 for 8-bit codes)
 };
+
+// How many blocks of 8-bit state a piece of `numel` elements from element `start` touches.
+int64_t blocks_of(int64_t start, int64_t numel) {
+  return numel == 0 ? 0 : (start + numel - 1) / sg::QBLOCK - start / sg::QBLOCK + 1;
+}
 
 class Plan {
  public:
   Plan(int64_t n_tensors, std::vector<at::Tensor> sources, at::Tensor segments,
        std::vector<at::Tensor> params, std::vector<at::Tensor> exp_avgs,
        std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> mus,
-       std::vector<at::Tensor> steps, at::Tensor slot_of_tensor)
+       std::vector<at::Tensor> steps, at::Tensor slot_of_tensor,
+       std::vector<std::vector<at::Tensor>> scales)
       : n_tensors_(n_tensors), sources_(std::move(sources)),
         device_(sources_.empty() ? at::Device(at::kCPU) : sources_[0].device()),
         steps_(std::move(steps)) {
@@ -74,6 +82,8 @@ class Plan {
     TORCH_CHECK((int64_t)params.size() == n && (int64_t)exp_avgs.size() == n &&
                     (int64_t)exp_avg_sqs.size() == n && (int64_t)mus.size() == n,
                 "one parameter and state view per segment");
+    TORCH_CHECK(scales.empty() || (int64_t)scales.size() == n,
+                "scales: none, or one list per segment (empty unless its state is 8-bit)");
     TORCH_CHECK(slot_of_tensor.scalar_type() == at::kLong && slot_of_tensor.numel() == n_tensors,
                 "slot_of_tensor must be int64 [n_tensors]");
     slot_of_tensor_ = slot_of_tensor.contiguous();
@@ -86,12 +96,14 @@ class Plan {
     const int64_t* row = table.data_ptr<int64_t>();
     for (int64_t i = 0; i < n; ++i, row += 5) {
       PlanSegment s{row[1], row[2], row[3], row[4], (int32_t)row[0], params[i], exp_avgs[i],
-                    exp_avg_sqs[i], mus[i]};
+                    exp_avg_sqs[i], mus[i], scales.empty() ? std::vector<at::Tensor>{} : scales[i],
+                    sg::F32};
       TORCH_CHECK(s.start >= 0, "segment ", i, ": its start in its tensor is negative");
       TORCH_CHECK(s.tensor >= 0 && s.tensor < n_tensors, "segment ", i, ": tensor index out of range");
       TORCH_CHECK(s.source >= 0 && s.source < (int64_t)sources_.size(), "segment ", i, ": source out of range");
       const at::Tensor* views[4] = {&s.param, &s.exp_avg, &s.exp_avg_sq, &s.mu};
       const char* names[4] = {"parameter", "exp_avg", "exp_avg_sq", "mu"};
+      const bool q8 = !s.scales.empty();
       for (int k = 0; k < 4; ++k) {
         const at::Tensor& t = *views[k];
         TORCH_CHECK(t.device() == device_, "segment ", i, ": the ", names[k], " is on ",
@@ -99,19 +111,43 @@ class Plan {
                     " (one plan, one device)");
         TORCH_CHECK(t.is_contiguous() && t.numel() == s.numel, "segment ", i, ": the ", names[k],
                     " view must be contiguous with ", s.numel, " elements, got ", describe(t));
-        TORCH_CHECK(dtype_code(t) >= 0, "segment ", i, ": the kernel takes fp32, bf16 and fp16 ",
-                    names[k], "s, got ", describe(t));
+        if (k == 0 || !q8)
+          TORCH_CHECK(dtype_code(t) >= 0, "segment ", i, ": the kernel takes fp32, bf16 and fp16 ",
+                      names[k], "s, got ", describe(t));
       }
-      TORCH_CHECK(s.exp_avg.scalar_type() == s.exp_avg_sq.scalar_type() &&
-                      s.exp_avg.scalar_type() == s.mu.scalar_type(),
-                  "segment ", i, ": exp_avg, exp_avg_sq and mu must share a dtype");
+      if (q8) {  // 8-bit state: int8 m and mu, uint8 v, three fp32 scale vectors
+        TORCH_CHECK(s.exp_avg.scalar_type() == at::kChar && s.exp_avg_sq.scalar_type() == at::kByte &&
+                        s.mu.scalar_type() == at::kChar,
+                    "segment ", i, ": 8-bit state is int8 exp_avg and mu and uint8 exp_avg_sq, got ",
+                    describe(s.exp_avg), ", ", describe(s.exp_avg_sq), ", ", describe(s.mu));
+        TORCH_CHECK(s.scales.size() == 3, "segment ", i, ": 8-bit state needs the scales of "
+                    "exp_avg, exp_avg_sq and mu");
+        const int64_t nb = blocks_of(s.start, s.numel);
+        for (const at::Tensor& t : s.scales)
+          TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device() == device_ &&
+                          t.numel() == nb,
+                      "segment ", i, ": a scale vector must be contiguous fp32 on ", device_.str(),
+                      " with ", nb, " entries (the blocks of elements ", s.start, "..",
+                      s.start + s.numel, "), got ", describe(t));
+        s.state_dtype = sg::Q8;
+      } else {
+        TORCH_CHECK(s.exp_avg.scalar_type() == s.exp_avg_sq.scalar_type() &&
+                        s.exp_avg.scalar_type() == s.mu.scalar_type(),
+                    "segment ", i, ": exp_avg, exp_avg_sq and mu must share a dtype");
+        TORCH_CHECK(dtype_code(s.mu) >= 0, "segment ", i, ": the kernel takes fp32, bf16, fp16 "
+                    "and 8-bit state");
+        s.state_dtype = dtype_code(s.mu);
+      }
       TORCH_CHECK(s.offset >= 0 && s.offset + s.numel <= sources_[s.source].numel(), "segment ", i,
                   ": its range lies outside its source");
       segs_.push_back(std::move(s));
     }
-    std::vector<int64_t> numels;
-    for (const PlanSegment& s : segs_) numels.push_back(s.numel);
-    chunks_ = sg::cut_chunks(numels);
+    std::vector<int64_t> numels, leads;
+    for (const PlanSegment& s : segs_) {
+      numels.push_back(s.numel);
+      leads.push_back(s.state_dtype == sg::Q8 ? s.start % sg::QBLOCK : 0);
+    }
+    chunks_ = sg::cut_chunks(numels, leads);
     for (const at::Tensor& t : sources_)
       TORCH_CHECK(t.device() == device_, "every source must be on ", device_.str(), ", got ",
                   describe(t));
@@ -353,7 +389,12 @@ class Plan {
       out.mu = s.mu.data_ptr();
       out.param_dtype = dtype_code(s.param);
       out.grad_dtype = dtype_code(g);
-      out.state_dtype = dtype_code(s.mu);
+      out.state_dtype = s.state_dtype;
+      if (s.state_dtype == sg::Q8) {
+        out.exp_avg_scale = s.scales[0].data_ptr<float>();
+        out.exp_avg_sq_scale = s.scales[1].data_ptr<float>();
+        out.mu_scale = s.scales[2].data_ptr<float>();
+      }
       if (with_h) {
         const auto& h = (*hs)[i];
         TORCH_CHECK(h.has_value() && h->scalar_type() == at::kFloat && h->is_contiguous() &&
@@ -396,7 +437,10 @@ void sg::bind_plan(py::module_& m) {
   py::class_<Plan>(m, "Plan")
       .def(py::init<int64_t, std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>, at::Tensor>())
+                    std::vector<at::Tensor>, at::Tensor, std::vector<std::vector<at::Tensor>>>(),
+           py::arg("n_tensors"), py::arg("sources"), py::arg("segments"), py::arg("params"),
+           py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("mus"), py::arg("steps"),
+           py::arg("slot_of_tensor"), py::arg("scales") = std::vector<std::vector<at::Tensor>>{})
       .def_property_readonly("n_segments", &Plan::n_segments)
       .def_property_readonly("n_chunks", &Plan::n_chunks)
       .def_property_readonly("device", &Plan::device)

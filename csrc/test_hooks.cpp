@@ -73,6 +73,43 @@ at::Tensor header_round_stochastic(const at::Tensor& x, const at::Tensor& bits) 
   return out;
 }
 
+// The 8-bit state's codes (grok_math.h) of x (fp32) at 1 / scale = inv_scale, "signed" (m, mu)
+// or "unsigned" (v), rounded to nearest or, with `bits` (int64, low 32 bits), stochastically;
+// as int64. And back: the values of codes at `scale`.
+at::Tensor header_quantize(const at::Tensor& x, double inv_scale, const std::string& kind,
+                           const c10::optional<at::Tensor>& bits) {
+  TORCH_CHECK(kind == "signed" || kind == "unsigned", "kind must be signed or unsigned");
+  auto in = x.to(at::kFloat).contiguous();
+  auto out = at::empty(in.sizes(), at::kLong);
+  at::Tensor b;
+  if (bits.has_value()) {
+    b = bits->to(at::kLong).contiguous();
+    TORCH_CHECK(b.numel() == in.numel(), "one word per value");
+  }
+  const float* a = in.data_ptr<float>();
+  const int64_t* w = bits.has_value() ? b.data_ptr<int64_t>() : nullptr;
+  int64_t* o = out.data_ptr<int64_t>();
+  const float inv = (float)inv_scale;
+  for (int64_t i = 0; i < in.numel(); ++i) {
+    const uint32_t r = w ? (uint32_t)w[i] : 0u;
+    o[i] = kind == "signed" ? (int64_t)sg::quantize_signed(a[i], inv, w != nullptr, r)
+                            : (int64_t)sg::quantize_unsigned(a[i], inv, w != nullptr, r);
+  }
+  return out;
+}
+
+at::Tensor header_dequantize(const at::Tensor& codes, double scale, const std::string& kind) {
+  TORCH_CHECK(kind == "signed" || kind == "unsigned", "kind must be signed or unsigned");
+  auto in = codes.to(at::kLong).contiguous();
+  auto out = at::empty(in.sizes(), at::kFloat);
+  const int64_t* a = in.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < in.numel(); ++i)
+    o[i] = kind == "signed" ? sg::dequantize_signed((int8_t)a[i], (float)scale)
+                            : sg::dequantize_unsigned((uint8_t)a[i], (float)scale);
+  return out;
+}
+
 at::Tensor header_table(const at::Tensor& x, const at::Tensor& bp, const at::Tensor& slopes,
                         const at::Tensor& intercepts, int64_t size) {
   TORCH_CHECK(size >= 1 && (size & (size - 1)) == 0, "table size must be a power of two, got ",
@@ -190,6 +227,12 @@ void sg::bind_test_hooks(py::module_& m) {
   m.def("header_rounding_bits", &header_rounding_bits, py::arg("seed"), py::arg("step"),
         py::arg("tensor"), py::arg("index"), py::arg("which"));
   m.def("header_round_stochastic", &header_round_stochastic);
+  m.def("header_quantize", &header_quantize, py::arg("x"), py::arg("inv_scale"), py::arg("kind"),
+        py::arg("bits") = py::none());
+  m.def("header_dequantize", &header_dequantize, py::arg("codes"), py::arg("scale"),
+        py::arg("kind"));
+  m.attr("QBLOCK") = sg::QBLOCK;
+  m.attr("QMIN_NUMEL") = sg::QMIN_NUMEL;
   m.def("header_table", &header_table);
   m.def("header_table_level", &header_table_level);
   m.def("header_table_trace", &header_table_trace, py::arg("x"), py::arg("array"),

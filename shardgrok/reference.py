@@ -11,11 +11,12 @@ Phase 1 writes nothing, so a step found non-finite after the reduction leaves al
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from .kernels.header import COLUMNS, DRAWS, ROUNDING, STATS
+from .kernels.header import COLUMNS, DRAWS, QUANT, ROUNDING, STATS
 
 ACC = torch.float64  # accumulator dtype for the per-tensor sums
 ALPHA_MAX = 1.0 - 1e-8
@@ -105,6 +106,142 @@ def round_bf16_stochastic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     r = torch.where(torch.isnan(x.reshape(-1)), 0x7FC0, r)
     r = torch.where(r >= 0x8000, r - 0x10000, r)  # the 16-bit pattern as int16
     return r.to(torch.int16).view(torch.bfloat16).view(x.shape)
+
+
+# ---------------------------------------------------------------- 8-bit blockwise state
+# csrc/grok_math.h's codes (state_dtype="int8"): the same integer and fp32 operations, in torch.
+QBLOCK = QUANT["block"]          # elements per scale, along the tensor's own element index
+QMIN_NUMEL = QUANT["min_numel"]  # smaller tensors keep fp32 state
+SIGNED, UNSIGNED = QUANT["signed"], QUANT["unsigned"]  # the codes' exponent bias (m, mu / v)
+CODE_DTYPE = {SIGNED: torch.int8, UNSIGNED: torch.uint8}
+#: per state key: the bias of its codes
+QUANT_BIAS = {"exp_avg": SIGNED, "exp_avg_sq": UNSIGNED, "mu": SIGNED}
+
+
+def _f32_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.float().contiguous().view(torch.int32).to(torch.int64) & _M32
+
+
+def _bits_f32(u: torch.Tensor) -> torch.Tensor:
+    u = torch.where(u >= 2**31, u - 2**32, u)
+    return u.to(torch.int32).view(torch.float32)
+
+
+def quantize_magnitude(n: torch.Tensor, bias: int, bits: torch.Tensor | None) -> torch.Tensor:
+    """``sg::quantize_magnitude<bias>`` of fp32 ``n >= 0``: int64 codes, to nearest or (with
+    ``bits``, int64 words) stochastically."""
+    u = _f32_bits(n)
+    if bits is None:
+        add = 0x7FFFF + ((u >> 20) & 1)
+        d = torch.tensor(0.5, dtype=torch.float32)
+    else:
+        add = bits >> 12
+        d = (bits >> 12).to(torch.float32) * 2.0**-20
+    normal = ((u - ((127 - bias) << 23) + add) >> 20).clamp(max=bias << 3)
+    t = n.float() * 2.0 ** (bias + 2)  # exact: a power of two
+    low = (t + d).to(torch.int64)  # fp32 sum, truncated
+    return torch.where(u >= ((128 - bias) << 23), normal, low)
+
+
+def dequantize_magnitude(q: torch.Tensor, bias: int) -> torch.Tensor:
+    q = q.to(torch.int64)
+    high = _bits_f32((q << 20) + ((127 - bias) << 23))
+    return torch.where(q >= 8, high, q.to(torch.float32) * 2.0 ** (-bias - 2))
+
+
+def quantize_codes(x: torch.Tensor, inv_scale: torch.Tensor, bias: int,
+                   bits: torch.Tensor | None) -> torch.Tensor:
+    """Codes of fp32 ``x`` at ``inv_scale`` (per element, broadcast from its block's):
+    signed (two's complement int8) for :data:`SIGNED`, unsigned (uint8) for :data:`UNSIGNED`."""
+    n = x.float() * inv_scale
+    q = quantize_magnitude(n.abs(), bias, bits)
+    if bias == SIGNED:
+        q = torch.where(n < 0, -q, q)
+    return q.to(CODE_DTYPE[bias])
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, bias: int) -> torch.Tensor:
+    c = codes.to(torch.int64)
+    mag = dequantize_magnitude(c.abs(), bias) * scale
+    return torch.where(c < 0, -mag, mag)
+
+
+def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale (fp32), 0 for a block of zeros (``sg::inverse_scale``)."""
+    scale = scale.float()
+    return torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, 1.0), 0.0)
+
+
+def block_index(start: int, numel: int) -> torch.Tensor:
+    """For each element of a piece starting at element ``start`` of its tensor, its block
+    among the piece's blocks (blocks lie along the tensor's element index)."""
+    return (torch.arange(start, start + numel) // QBLOCK) - start // QBLOCK
+
+
+def n_blocks(start: int, numel: int) -> int:
+    """How many blocks a piece of ``numel`` elements from element ``start`` touches."""
+    return 0 if numel == 0 else (start + numel - 1) // QBLOCK - start // QBLOCK + 1
+
+
+def block_absmax(x: torch.Tensor, start: int) -> torch.Tensor:
+    """Each touched block's largest magnitude of the piece ``x`` (flat, from ``start``)."""
+    x = x.reshape(-1).float()
+    out = torch.zeros(n_blocks(start, x.numel()), dtype=torch.float32)
+    return out.scatter_reduce_(0, block_index(start, x.numel()), x.abs(), "amax")
+
+
+def dequantize_state(codes: torch.Tensor, scales: torch.Tensor, key: str, start: int) -> torch.Tensor:
+    """The fp32 values of one state (``key``: "exp_avg", ...) of a piece from ``start``."""
+    flat = codes.reshape(-1)
+    per = scales.float()[block_index(start, flat.numel())]
+    return dequantize_codes(flat, per, QUANT_BIAS[key]).view(codes.shape)
+
+
+def quantize_state_(codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor, key: str,
+                    start: int, rounding: "Rounding | None") -> None:
+    """Write fp32 ``values`` of a piece from ``start`` into its ``codes`` and per-block
+    ``scales`` (each block's largest magnitude), stochastically where ``rounding`` says so."""
+    flat = values.reshape(-1).float()
+    scale = block_absmax(flat, start)
+    bits = None
+    if rounding is not None and rounding.state:
+        index = torch.arange(rounding.start, rounding.start + flat.numel(), dtype=torch.int64)
+        bits = rounding_bits(rounding.key, index, DRAWS[key])
+    inv = inverse_scale(scale)[block_index(start, flat.numel())]
+    codes.copy_(quantize_codes(flat, inv, QUANT_BIAS[key], bits).view(codes.shape))
+    scales.copy_(scale)
+
+
+#: the scale vector of each state key in an 8-bit state (state_dtype="int8")
+SCALE_KEYS = {key: key + "_scale" for key in QUANT_BIAS}
+
+
+def is_quantized(state: dict) -> bool:
+    """Whether a state dict entry (one tensor's, or a piece's) holds 8-bit codes."""
+    return "exp_avg_scale" in state
+
+
+def state_value(state: dict, key: str, start: int) -> torch.Tensor:
+    """State ``key`` of a piece from element ``start`` of its tensor as values (the codes
+    dequantized for 8-bit state; the tensor itself otherwise)."""
+    if not is_quantized(state):
+        return state[key]
+    return dequantize_state(state[key], state[SCALE_KEYS[key]], key, start)
+
+
+@contextmanager
+def state_values(state: dict, start: int, rounding: "Rounding | None"):
+    """m, v, mu of a piece to update in place: the state tensors themselves, or for 8-bit
+    state fp32 values that are quantized back, block by block, when the block exits without
+    an error (stochastically where ``rounding`` says so)."""
+    keys = ("exp_avg", "exp_avg_sq", "mu")
+    if not is_quantized(state):
+        yield tuple(state[k] for k in keys)
+        return
+    values = [state_value(state, k, start) for k in keys]
+    yield tuple(values)
+    for k, v in zip(keys, values):
+        quantize_state_(state[k], state[SCALE_KEYS[k]], v, k, start, rounding)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,65 @@ constexpr int LANES = 8;    // fp64 accumulators per sum: element i of a chunk g
 constexpr int BLOCK = 256;  // elements staged at a time for the meta-net's table search
 
 static_assert(CHUNK % BLOCK == 0 && BLOCK % LANES == 0, "chunks hold whole blocks of lanes");
+static_assert(CHUNK % QBLOCK == 0, "chunks after a segment's first hold whole blocks of 8-bit state");
+
+// ---------------------------------------------------------------- 8-bit state
+// The index among a segment's scales of the block holding its element i.
+SG_HD int64_t scale_index(const Segment& s, int64_t i) {
+  return (s.offset + i) / QBLOCK - s.offset / QBLOCK;
+}
+
+// Where the block holding segment element i ends, as a segment index (at most `end`).
+SG_HD int64_t block_end(const Segment& s, int64_t i, int64_t end) {
+  const int64_t e = i + (QBLOCK - (s.offset + i) % QBLOCK);
+  return e < end ? e : end;
+}
+
+// mu as fp32, from any state storage (phase 1 of SuperGrok reads it).
+template <int SD>
+struct MuReader {
+  const typename Storage<SD>::T* mu;
+  explicit MuReader(const Segment& s) : mu(static_cast<const typename Storage<SD>::T*>(s.mu)) {}
+  float operator()(const Segment&, int64_t i) const { return Storage<SD>::load(mu[i]); }
+};
+template <>
+struct MuReader<Q8> {
+  const int8_t* mu;
+  explicit MuReader(const Segment& s) : mu(static_cast<const int8_t*>(s.mu)) {}
+  float operator()(const Segment& s, int64_t i) const {
+    return dequantize_signed(mu[i], s.mu_scale[scale_index(s, i)]);
+  }
+};
+
+// A block's new values of one state written as codes: its scale is their largest magnitude.
+SG_HD float block_absmax(const float* x, int64_t n) {
+  float a = 0.0f;
+  for (int64_t e = 0; e < n; ++e) {
+    const float y = x[e] < 0.0f ? -x[e] : x[e];
+    a = y > a ? y : a;
+  }
+  return a;
+}
+
+template <bool RS>
+void store_codes(const Segment& s, int64_t lo, int64_t n, uint32_t key, const float* m,
+                 const float* v, const float* u) {
+  const int64_t blk = scale_index(s, lo);
+  const float am = block_absmax(m, n), av = block_absmax(v, n), au = block_absmax(u, n);
+  const float im = inverse_scale(am), iv = inverse_scale(av), iu = inverse_scale(au);
+  int8_t* mc = static_cast<int8_t*>(s.exp_avg) + lo;
+  uint8_t* vc = static_cast<uint8_t*>(s.exp_avg_sq) + lo;
+  int8_t* uc = static_cast<int8_t*>(s.mu) + lo;
+  for (int64_t e = 0; e < n; ++e) {
+    const uint32_t base = RS ? rounding_base(key, s.offset + lo + e) : 0u;
+    mc[e] = quantize_signed(m[e], im, RS, RS ? rounding_bits(base, DRAW_EXP_AVG) : 0u);
+    vc[e] = quantize_unsigned(v[e], iv, RS, RS ? rounding_bits(base, DRAW_EXP_AVG_SQ) : 0u);
+    uc[e] = quantize_signed(u[e], iu, RS, RS ? rounding_bits(base, DRAW_MU) : 0u);
+  }
+  s.exp_avg_scale[blk] = am;
+  s.exp_avg_sq_scale[blk] = av;
+  s.mu_scale[blk] = au;
+}
 
 SG_HD double combine(const double* a) {
   return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
@@ -64,6 +123,38 @@ void grokadamw_phase2(const Job& job, const Segment& s, int64_t b, int64_t n) {
     m[i] = store_rounded<SD>(mi, RS, base, DRAW_EXP_AVG);
     v[i] = store_rounded<SD>(vi, RS, base, DRAW_EXP_AVG_SQ);
     mu[i] = store_rounded<SD>(ui, RS, base, DRAW_MU);
+  }
+}
+
+// 8-bit state: block by block (a chunk holds whole blocks of its tensor, but its first), the
+// update in fp32 from the dequantized state, the parameter written, then the block's codes.
+template <int PD, int GD, bool RS, bool RP>
+void grokadamw_phase2_q8(const Job& job, const Segment& s, int64_t b, int64_t n) {
+  typedef Storage<PD> P;
+  typedef Storage<GD> G;
+  const double* row = job.scalars + (int64_t)s.tensor * N_COLUMNS;
+  const Scalars k = scalars_from_row(row);
+  const uint32_t key = rounding_from_row(row, s.tensor).key;
+  typename P::T* p = static_cast<typename P::T*>(s.param);
+  const typename G::T* g = static_cast<const typename G::T*>(s.grad);
+  const int8_t* mc = static_cast<const int8_t*>(s.exp_avg);
+  const uint8_t* vc = static_cast<const uint8_t*>(s.exp_avg_sq);
+  const int8_t* uc = static_cast<const int8_t*>(s.mu);
+  alignas(64) float m[QBLOCK], v[QBLOCK], u[QBLOCK];
+  for (int64_t lo = b; lo < b + n;) {
+    const int64_t hi = block_end(s, lo, b + n), blk = scale_index(s, lo);
+    const float sm = s.exp_avg_scale[blk], sv = s.exp_avg_sq_scale[blk], su = s.mu_scale[blk];
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t e = i - lo;
+      float pi = P::load(p[i]);
+      m[e] = dequantize_signed(mc[i], sm);
+      v[e] = dequantize_unsigned(vc[i], sv);
+      u[e] = dequantize_signed(uc[i], su);
+      grokadamw_update(pi, G::load(g[i]), m[e], v[e], u[e], k);
+      p[i] = store_rounded<PD>(pi, RP, RP ? rounding_base(key, s.offset + i) : 0u, DRAW_PARAM);
+    }
+    store_codes<RS>(s, lo, hi - lo, key, m, v, u);
+    lo = hi;
   }
 }
 
@@ -202,8 +293,7 @@ void stage_masked(const Job& job, const Segment& s, int64_t at, int64_t n, float
 
 template <int GD, int SD>
 void supergrok_phase1(const Job& job, const Segment& s, int64_t b, int64_t n, double* out) {
-  typedef Storage<SD> S;
-  const typename S::T* mu = static_cast<const typename S::T*>(s.mu);
+  const MuReader<SD> mu(s);
   // GCC vector types: one 8-double "lane group" per sum, the same per-lane operations on every
   // target (one zmm, two ymm or four xmm registers)
   typedef double v8d __attribute__((vector_size(64)));
@@ -213,7 +303,7 @@ void supergrok_phase1(const Job& job, const Segment& s, int64_t b, int64_t n, do
   for (int64_t at = b; at < b + n; at += BLOCK) {
     const int64_t len = (b + n - at) < BLOCK ? (b + n - at) : BLOCK;
     stage_masked<GD>(job, s, at, len, x, h);
-    for (int e = 0; e < len; ++e) u[e] = S::load(mu[at + e]);
+    for (int e = 0; e < len; ++e) u[e] = mu(s, at + e);
     for (int e = (int)len; e < BLOCK; ++e) u[e] = 0.0f;
     for (int i = 0; i < BLOCK; i += LANES) {
       v8f xf, hf, uf;
@@ -265,9 +355,60 @@ void supergrok_phase2(const Job& job, const Segment& s, int64_t b, int64_t n) {
   }
 }
 
+template <int PD, int GD, bool RS, bool RP>
+void supergrok_phase2_q8(const Job& job, const Segment& s, int64_t b, int64_t n) {
+  typedef Storage<PD> P;
+  const double* row = job.scalars + (int64_t)s.tensor * N_COLUMNS;
+  const Scalars k = scalars_from_row(row);
+  const uint32_t key = rounding_from_row(row, s.tensor).key;
+  typename P::T* p = static_cast<typename P::T*>(s.param);
+  const int8_t* mc = static_cast<const int8_t*>(s.exp_avg);
+  const uint8_t* vc = static_cast<const uint8_t*>(s.exp_avg_sq);
+  const int8_t* uc = static_cast<const int8_t*>(s.mu);
+  alignas(64) float x[BLOCK], h[BLOCK], m[QBLOCK], v[QBLOCK], u[QBLOCK];
+  static_assert(BLOCK == QBLOCK, "one staging block per block of 8-bit state");
+  for (int64_t lo = b; lo < b + n;) {
+    const int64_t hi = block_end(s, lo, b + n), blk = scale_index(s, lo);
+    const float sm = s.exp_avg_scale[blk], sv = s.exp_avg_sq_scale[blk], su = s.mu_scale[blk];
+    stage_masked<GD>(job, s, lo, hi - lo, x, h);
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t e = i - lo;
+      float pi = P::load(p[i]);
+      m[e] = dequantize_signed(mc[i], sm);
+      v[e] = dequantize_unsigned(vc[i], sv);
+      u[e] = dequantize_signed(uc[i], su);
+      supergrok_update(pi, x[e], h[e], m[e], v[e], u[e], k);
+      p[i] = store_rounded<PD>(pi, RP, RP ? rounding_base(key, s.offset + i) : 0u, DRAW_PARAM);
+    }
+    store_codes<RS>(s, lo, hi - lo, key, m, v, u);
+    lo = hi;
+  }
+}
+
 // ---------------------------------------------------------------- dtype dispatch
 typedef void (*Phase1Fn)(const Job&, const Segment&, int64_t, int64_t, double*);
 typedef void (*Phase2Fn)(const Job&, const Segment&, int64_t, int64_t);
+
+template <int PD, int GD, int SD>
+struct Instance;
+
+template <int PD, int GD>
+struct Instance<PD, GD, Q8> {
+  template <bool RS, bool RP>
+  static void run(const Job& job, const Segment& s, int64_t b, int64_t n) {
+    if (job.kind == GROKADAMW) grokadamw_phase2_q8<PD, GD, RS, RP>(job, s, b, n);
+    else supergrok_phase2_q8<PD, GD, RS, RP>(job, s, b, n);
+  }
+  static constexpr bool CAN_RP = PD == BF16;
+  static void p2(const Job& job, const Segment& s, int64_t b, int64_t n) {
+    const RoundingRow r = rounding_from_row(job.scalars + (int64_t)s.tensor * N_COLUMNS, s.tensor);
+    const bool rp = CAN_RP && r.param;
+    if (r.state && rp) run<true, CAN_RP>(job, s, b, n);
+    else if (r.state) run<true, false>(job, s, b, n);
+    else if (rp) run<false, CAN_RP>(job, s, b, n);
+    else run<false, false>(job, s, b, n);
+  }
+};
 
 template <int PD, int GD, int SD>
 struct Instance {
@@ -294,14 +435,15 @@ void phase1_of(const Job& job, const Segment& s, int64_t b, int64_t n, double* o
   else supergrok_phase1<GD, SD>(job, s, b, n, out);
 }
 
-#define SG_ROW(P, G) {Instance<P, G, F32>::p2, Instance<P, G, BF16>::p2, Instance<P, G, F16>::p2}
+#define SG_ROW(P, G) \
+  {Instance<P, G, F32>::p2, Instance<P, G, BF16>::p2, Instance<P, G, F16>::p2, Instance<P, G, Q8>::p2}
 #define SG_PLANE(P) {SG_ROW(P, F32), SG_ROW(P, BF16), SG_ROW(P, F16)}
-const Phase2Fn PHASE2[3][3][3] = {SG_PLANE(F32), SG_PLANE(BF16), SG_PLANE(F16)};
+const Phase2Fn PHASE2[3][3][4] = {SG_PLANE(F32), SG_PLANE(BF16), SG_PLANE(F16)};
 #undef SG_PLANE
 #undef SG_ROW
-const Phase1Fn PHASE1[3][3] = {{phase1_of<F32, F32>, phase1_of<F32, BF16>, phase1_of<F32, F16>},
-                               {phase1_of<BF16, F32>, phase1_of<BF16, BF16>, phase1_of<BF16, F16>},
-                               {phase1_of<F16, F32>, phase1_of<F16, BF16>, phase1_of<F16, F16>}};
+#define SG_ROW(G) {phase1_of<G, F32>, phase1_of<G, BF16>, phase1_of<G, F16>, phase1_of<G, Q8>}
+const Phase1Fn PHASE1[3][4] = {SG_ROW(F32), SG_ROW(BF16), SG_ROW(F16)};
+#undef SG_ROW
 
 void run_phase1(const Job& job, int64_t first, int64_t last) {
   for (int64_t c = first; c < last; ++c) {

@@ -90,6 +90,14 @@ def parse_enum(text: str, name: str, where: str = "<text>") -> dict[str, int]:
     return out
 
 
+def parse_constant(text: str, name: str, where: str = "<text>") -> int:
+    """The integer literal of ``constexpr <type> name = <literal>;`` in the comment-free ``text``."""
+    found = re.findall(rf"\bconstexpr\s+[\w:]+\s+{name}\s*=\s*([0-9xXa-fA-F]+)[uUlL]*\s*;", text)
+    if len(found) != 1:
+        raise ValueError(f"{where}: expected one constexpr integer {name}, found {len(found)}")
+    return int(found[0], 0)
+
+
 def _names(values: dict[str, int], enum: str, prefix: str, count: str | None,
            where: str) -> dict[str, int]:
     """``values`` keyed by lower-case names without ``prefix``; with ``count``, that last
@@ -112,7 +120,7 @@ def _names(values: dict[str, int], enum: str, prefix: str, count: str | None,
     return out
 
 
-def _load() -> tuple[dict[str, int], tuple[str, ...], tuple[str, ...], dict[str, int], dict[str, int]]:
+def _load() -> tuple:
     job, where = _read("job.h")
     kinds = _names(parse_enum(job, "Kind", where), "Kind", "", None, where)
     math, where = _read(MARKER)
@@ -120,12 +128,16 @@ def _load() -> tuple[dict[str, int], tuple[str, ...], tuple[str, ...], dict[str,
     stats = _names(parse_enum(math, "Stat", where), "Stat", "ST_", "N_STATS", where)
     rounding = _names(parse_enum(math, "Rounding", where), "Rounding", "ROUND_", None, where)
     draws = _names(parse_enum(math, "RoundingWhich", where), "RoundingWhich", "DRAW_", None, where)
-    return kinds, tuple(columns), tuple(stats), rounding, draws
+    quant = _names(parse_enum(math, "QuantBias", where), "QuantBias", "QBIAS_", None, where)
+    quant.update(block=parse_constant(math, "QBLOCK", where),
+                 min_numel=parse_constant(math, "QMIN_NUMEL", where))
+    return kinds, tuple(columns), tuple(stats), rounding, draws, quant
 
 
 # KERNEL_KINDS: the kernel kind of each optimizer, {"grokadamw": 0, "supergrok": 1};
 # COLUMNS: the scalar table's columns in index order; STATS: SuperGrok's phase-1 sums in order
 # (GrokAdamW's phase 1 computes the first only); ROUNDING: the flags of the rounding column,
 # {"state": 1, "param": 2}; DRAWS: which value a stochastic rounding draw is for,
-# {"exp_avg": 0, "exp_avg_sq": 1, "mu": 2, "param": 3}.
-KERNEL_KINDS, COLUMNS, STATS, ROUNDING, DRAWS = _load()
+# {"exp_avg": 0, "exp_avg_sq": 1, "mu": 2, "param": 3}; QUANT: the 8-bit state's constants,
+# {"signed": 15, "unsigned": 31, "block": 256, "min_numel": 4096}.
+KERNEL_KINDS, COLUMNS, STATS, ROUNDING, DRAWS, QUANT = _load()

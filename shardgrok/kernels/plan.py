@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference as R
 from ..placement import is_dtensor, to_device
 
 
@@ -21,11 +22,14 @@ class KernelUnsupported(Exception):
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _why_not(name: str, t: torch.Tensor, where: str, device: torch.device) -> str | None:
+def _why_not(name: str, t: torch.Tensor, where: str, device: torch.device,
+             codes: bool = False) -> str | None:
     if t.device.type not in ("cpu", "cuda"):
         return f"{where}: {name} is on {t.device} (the kernels take CPU and CUDA tensors)"
     if t.device != device:
         return f"{where}: {name} is on {t.device}, other tensors on {device} (one plan, one device)"
+    if codes:  # 8-bit state: the C++ plan checks the codes' dtypes and the scales
+        return None if t.is_contiguous() else f"{where}: {name} is not contiguous"
     if t.dtype not in _DTYPES:
         return f"{where}: {name} is {t.dtype} (the kernel takes float32, bfloat16 and float16)"
     if not t.is_contiguous():
@@ -66,16 +70,22 @@ class FusedPlan:
         self.n_tensors = len(refs)
         self.shapes = {}
         sources, index = [], {}
-        rows, params, m, v, mu = [], [], [], [], []
+        rows, params, m, v, mu, scales = [], [], [], [], [], []
         for s in segs:
             where = f"parameter tensor #{s.index} {tuple(s.param.shape)}"
+            q8 = R.is_quantized(s.state)
+            if q8 and (emulated or self.device.type == "cuda"):
+                raise KernelUnsupported(f"{where}: 8-bit (int8) state runs on the CPU kernel and "
+                                        "the reference path; the CUDA kernel does not take it yet")
             for name, t in (("the parameter", s.param), ("exp_avg", s.state["exp_avg"]),
                             ("exp_avg_sq", s.state["exp_avg_sq"]), ("mu", s.state["mu"])):
-                why = _why_not(name, t, where, self.device)
+                why = _why_not(name, t, where, self.device, codes=q8 and name != "the parameter")
                 if why:
                     raise KernelUnsupported(why)
-            if len({s.state[k].dtype for k in ("exp_avg", "exp_avg_sq", "mu")}) != 1:
+            if not q8 and len({s.state[k].dtype for k in ("exp_avg", "exp_avg_sq", "mu")}) != 1:
                 raise KernelUnsupported(f"{where}: exp_avg, exp_avg_sq and mu differ in dtype")
+            scales.append([s.state[R.SCALE_KEYS[k]] for k in ("exp_avg", "exp_avg_sq", "mu")]
+                          if q8 else [])
             key = id(s.tensor)
             if key not in index:
                 index[key] = len(sources)
@@ -107,7 +117,7 @@ class FusedPlan:
         table = torch.tensor(rows, dtype=torch.long).reshape(len(rows), 5)
         try:
             self.plan = ext.Plan(self.n_tensors, locals_, table, params, m, v, mu, steps,
-                                 torch.tensor(slot_of, dtype=torch.long))
+                                 torch.tensor(slot_of, dtype=torch.long), scales)
         except RuntimeError as e:  # the C++ checks name the segment and the rule
             raise KernelUnsupported(str(e).splitlines()[0]) from e
         self.n_segments = len(rows)

@@ -16,16 +16,42 @@ from ..checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, checked
                           without_extra)
 from .. import kernels as K
 from ..kernels.plan import FusedPlan, TensorInfo
-from ..layouts import EngineWatch, LayoutSwitch, Segment, ZeroLayout, select_layout
+from ..layouts import EngineWatch, LayoutSwitch, LocalLayout, Segment, ZeroLayout, select_layout
 from ..layouts.select import on_build
 from ..placement import is_dtensor, local_tensor, to_cpu
+from .. import reference as R
 from ..reference import ACC, COL, ROUNDING
 from .step import StepDriver
 
 
-#: the dtypes ``state_dtype=`` may name; None picks per parameter (:meth:`state_dtype_for`)
+#: the dtypes ``state_dtype=`` may name (or their names, "float32", ...), besides "int8" (the
+#: 8-bit blockwise format) and None (per parameter: :meth:`state_format_for`)
 STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+INT8 = "int8"
+_BY_NAME = {str(d).split(".")[-1]: d for d in STATE_DTYPES}
 _LOW = (torch.bfloat16, torch.float16)
+#: the version of the 8-bit codes (csrc/grok_math.h) a checkpoint's int8 state was written in
+INT8_FORMAT = 1
+
+
+def parse_state_dtype(name: str, value: Any):
+    """``value`` as a state format: None, a torch dtype of :data:`STATE_DTYPES` or "int8";
+    the dtypes may be given by name ("bfloat16"), as a JSON config must."""
+    if value is None:
+        return None
+    if isinstance(value, str) and (value == INT8 or value in _BY_NAME):
+        return _BY_NAME.get(value, value)
+    if isinstance(value, torch.dtype) and value in STATE_DTYPES:
+        return value
+    allowed = ", ".join(f"torch.{n}" for n in _BY_NAME)
+    raise ValueError(f"{name} must be None (float32 state for bfloat16/float16 parameters, the "
+                     f"parameter's dtype otherwise), \"int8\" (8-bit blockwise state), or one "
+                     f"of {allowed} (or their names, e.g. \"bfloat16\"), got {value!r}")
+
+
+def state_dtype_name(value) -> str | None:
+    """The JSON-friendly name a param group keeps: None, "int8" or "bfloat16", ..."""
+    return value if value is None or value == INT8 else str(value).split(".")[-1]
 
 
 class GrokOptimizerBase(torch.optim.Optimizer):
@@ -58,12 +84,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         V.choice("nearest", "stochastic")("param_rounding", param_rounding)
         V.integer(0, 2**32 - 1)("rounding_seed", rounding_seed)
         V.validate(self.SPECS, defaults)
-        if state_dtype is not None and state_dtype not in STATE_DTYPES:
-            allowed = ", ".join(f"torch.{str(d).split('.')[-1]}" for d in STATE_DTYPES)
-            raise ValueError(f"state_dtype must be None (float32 state for bfloat16/float16 "
-                             f"parameters, the parameter's dtype otherwise) or one of "
-                             f"{allowed}, got {state_dtype!r}")
-        self.state_dtype = state_dtype
+        self.state_dtype = parse_state_dtype("state_dtype", state_dtype)
         self.state_rounding = state_rounding
         self.param_rounding = param_rounding
         self.rounding_seed = int(rounding_seed)
@@ -118,6 +139,10 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         merged = {**self.defaults, **param_group}
         V.validate(self.SPECS, merged)
+        if "state_dtype" in param_group:  # a group's own state format, by name
+            param_group = {**param_group, "state_dtype": state_dtype_name(
+                parse_state_dtype(f"param group {len(self.param_groups)}: state_dtype",
+                                  param_group["state_dtype"]))}
         name = type(self).__name__
         for p in params:
             if isinstance(p, torch.Tensor) and (p.is_complex() or not p.is_floating_point()):
@@ -141,29 +166,65 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             self._group_params.pop()
             raise
         for p in self.param_groups[-1]["params"]:
-            self._init_state(p)
+            self._init_state(p, self.param_groups[-1])
         if self._built:
             self._engine_watch.forget(self)
         self._driver.clear()
 
-    def state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
-        """The dtype of optimizer parameter ``p``'s m, v and mu: ``state_dtype`` if one was
-        given, else float32 for bfloat16/float16 parameters and the parameter's own dtype
-        otherwise (a bf16 v cannot follow ``v = 0.999 v + ...``: see docs/algorithms.md)."""
-        if self.state_dtype is not None:
-            return self.state_dtype
+    def state_format_for(self, p: torch.Tensor, group: dict | None = None):
+        """The format of optimizer parameter ``p``'s m, v and mu: its group's ``state_dtype``
+        or else the optimizer's; "int8" for tensors of at least 4,096 elements (smaller ones
+        keep float32 state, as torchao does); None: float32 for bfloat16/float16 parameters
+        and the parameter's own dtype otherwise (a bf16 v rounded to nearest cannot follow
+        ``v = 0.999 v + ...``: see docs/algorithms.md). A torch dtype, or "int8"."""
+        if group is None:
+            group = self._group_of(p)
+        fmt = parse_state_dtype("state_dtype", group.get("state_dtype", self.state_dtype))
+        if fmt == INT8:
+            return INT8 if p.numel() >= R.QMIN_NUMEL else torch.float32
+        if fmt is not None:
+            return fmt
         return torch.float32 if p.dtype in _LOW else p.dtype
 
-    def _init_state(self, p: torch.Tensor) -> None:
+    def _group_of(self, p: torch.Tensor) -> dict:
+        for g in self.param_groups:
+            if any(q is p for q in g["params"]):
+                return g
+        raise KeyError("not a parameter of this optimizer")
+
+    def state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype of ``p``'s state tensors where they are plain values (float32 for 8-bit
+        state, whose fp32 values the codes hold)."""
+        fmt = self.state_format_for(p)
+        return torch.float32 if fmt == INT8 else fmt
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> None:
         # Eager, so every rank and every checkpoint has the same keys from the start. Under
         # sharding m, v, mu cover only this rank's part; "step" is kept for every tensor.
         st = self.state[p]
         if not st:
             st["step"] = torch.tensor(0.0)
             local = self._layout.state_like(p)
-            dtype = self.state_dtype_for(p)
+            fmt = self.state_format_for(p, group)
+            if fmt == INT8:
+                st.update(self._int8_state(p, local))
+                return
             for key in STATE_KEYS[1:]:
-                st[key] = torch.zeros_like(local, dtype=dtype, memory_format=torch.preserve_format)
+                st[key] = torch.zeros_like(local, dtype=fmt, memory_format=torch.preserve_format)
+
+    def _int8_state(self, p: torch.Tensor, local: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zero 8-bit state for ``p``: codes shaped like its local piece, one scale per block."""
+        if not isinstance(self._layout, LocalLayout):
+            raise ValueError(f"{type(self).__name__}: state_dtype=\"int8\" runs in one process "
+                             f"(or with shard=False) in this version; the {type(self._layout).__name__} "
+                             "layout keeps float32, bfloat16 or float16 state")
+        st = {}
+        for key, bias in R.QUANT_BIAS.items():
+            st[key] = torch.zeros_like(local, dtype=R.CODE_DTYPE[bias],
+                                       memory_format=torch.contiguous_format)
+            st[R.SCALE_KEYS[key]] = torch.zeros(R.n_blocks(0, local.numel()), dtype=torch.float32,
+                                                device=local.device)
+        return st
 
     # ------------------------------------------------------------------ engines
     def _follow_engine(self, stepping: bool = False) -> None:
@@ -191,7 +252,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             self._param_groups_full = self.param_groups
             self._engine_watch.forget(self)
         for p in switch.owners:
-            self._init_state(p)
+            self._init_state(p, self._group_of(p))
 
     # ------------------------------------------------------------------ the step
     def _tensors(self) -> list:
@@ -224,7 +285,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 if not st:
                     continue
                 device = local_tensor(p).device
-                for key in STATE_KEYS[1:]:
+                for key in (*STATE_KEYS[1:], *R.SCALE_KEYS.values()):
                     t = st.get(key)
                     if isinstance(t, torch.Tensor) and not is_dtensor(t) and t.device != device:
                         st[key] = t.to(device)
@@ -279,8 +340,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         for ref in tensors:
             sums[ref.index, 0] = float(self.state[ref.param]["step"] > 0)
         for s in self._layout.pieces(self, with_grad=False):
-            sums[s.index, 1] += float(s.state["mu"].double().square().sum())
-            sums[s.index, 2] += float(s.state["exp_avg"].double().square().sum())
+            for col, key in ((1, "mu"), (2, "exp_avg")):
+                value = R.state_value(s.state, key, s.start)
+                sums[s.index, col] += float(value.double().square().sum())
         self._reducer.all_reduce_(sums)
         stepped = sums[:, 0] > 0
         mu = sums[stepped, 1].sqrt()
@@ -298,7 +360,8 @@ class GrokOptimizerBase(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "global_step": self._global_step,
-                "skipped_steps": self._skipped_steps, "rounding_seed": self.rounding_seed}
+                "skipped_steps": self._skipped_steps, "rounding_seed": self.rounding_seed,
+                "int8_format": INT8_FORMAT}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self._global_step = int(extra["global_step"])
@@ -369,8 +432,20 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         self._follow_engine()
         self._consolidated = None
         extra = checked_extra(state_dict)
+        quantized = any(R.is_quantized(st) for st in state_dict["state"].values())
+        if quantized and extra.get("int8_format") != INT8_FORMAT:
+            raise ValueError(f"state_dict holds 8-bit state in codes of version "
+                             f"{extra.get('int8_format')!r}; this version reads version {INT8_FORMAT}")
+        if quantized and not isinstance(self._layout, LocalLayout):
+            raise ValueError(f"{type(self).__name__}: a checkpoint with 8-bit (int8) state loads "
+                             "in one process (or with shard=False) in this version")
+        formats = [g.get("state_dtype") for g in self.param_groups]
         rest = self._layout.import_state(self, without_extra(state_dict), extra)
         super().load_state_dict(rest)
+        for g, fmt in zip(self.param_groups, formats):  # the state format is this optimizer's
+            g.pop("state_dtype", None)
+            if fmt is not None:
+                g["state_dtype"] = fmt
         self._restore_state_dtype(rest)
         self._driver.clear()  # torch.optim put new state tensors in
         self._param_groups_full = self.param_groups  # torch.optim rebuilt the list
@@ -379,20 +454,40 @@ class GrokOptimizerBase(torch.optim.Optimizer):
     def _restore_state_dtype(self, loaded: dict[str, Any]) -> None:
         """torch.optim's load casts every floating state tensor to its parameter's dtype (fp32
         m, v, mu of a bf16 parameter would come back rounded to bf16): take m, v and mu again
-        from the loaded dict, in this optimizer's state dtype (a checkpoint with state of another
-        dtype is converted)."""
+        from the loaded dict, in this optimizer's state format. A checkpoint with state of
+        another format is converted: to values (8-bit codes dequantized), then to this
+        optimizer's dtype, or quantized (rounded to nearest) where it keeps 8-bit state."""
         saved_ids = [i for g in loaded["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
         by_id = dict(zip(saved_ids, params))
         for i, st in loaded["state"].items():
-            p = by_id.get(i)
-            if p is None or p not in self.state:
+            if i not in by_id:
                 continue
+            p, group = by_id[i]
+            if p not in self.state or not all(isinstance(st.get(k), torch.Tensor)
+                                              for k in STATE_KEYS[1:]):
+                continue
+            values = {k: R.state_value(st, k, 0) for k in STATE_KEYS[1:]}
             mine = self.state[p]
-            for key in STATE_KEYS[1:]:
-                v = st.get(key)
-                if isinstance(v, torch.Tensor) and v.is_floating_point():
-                    mine[key] = v.to(device=p.device, dtype=self.state_dtype_for(p))
+            for k in list(mine):  # this optimizer's own keys only
+                if k != "step" and k not in self._fresh_state_keys(p, group):
+                    del mine[k]
+            fmt = self.state_format_for(p, group)
+            if fmt == INT8:
+                fresh = self._int8_state(p, self._layout.state_like(p))
+                for k, v in values.items():
+                    R.quantize_state_(fresh[k], fresh[R.SCALE_KEYS[k]],
+                                      v.to(device=p.device, dtype=torch.float32), k, 0, None)
+                mine.update(fresh)
+            else:
+                for k, v in values.items():
+                    mine[k] = v.to(device=p.device, dtype=fmt)
+
+    def _fresh_state_keys(self, p: torch.Tensor, group: dict) -> tuple[str, ...]:
+        keys = STATE_KEYS[1:]
+        if self.state_format_for(p, group) == INT8:
+            keys += tuple(R.SCALE_KEYS.values())
+        return keys
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults/state/param_groups; ours has more (global step,

@@ -186,8 +186,9 @@ class GrokAdamW(GrokOptimizerBase):
     def _phase2(self, segs, table, aux) -> None:
         for s in segs:
             k = R.StepScalars.from_row(table[s.index])
-            R.grokadamw_update_(s.param, s.grad, s.state["exp_avg"], s.state["exp_avg_sq"],
-                                s.state["mu"], k=k, rounding=R.Rounding.of(k, s.index, s.start))
+            rounding = R.Rounding.of(k, s.index, s.start)
+            with R.state_values(s.state, s.start, rounding) as (m, v, mu):
+                R.grokadamw_update_(s.param, s.grad, m, v, mu, k=k, rounding=rounding)
 
     def _kernel_phase2(self, plan, table, aux) -> None:
         plan.phase2(self.KERNEL_KIND, table)

@@ -166,7 +166,7 @@ class SuperGrok(GrokOptimizerBase):
         for s in segs:
             h = masked_grad(self.meta_net, s.grad)
             hs.append(h)
-            partials.append(R.supergrok_partial_stats(s.grad, h, s.state["mu"]))
+            partials.append(R.supergrok_partial_stats(s.grad, h, R.state_value(s.state, "mu", s.start)))
         return scatter_stats(segs, partials, n, len(self.STATS)), hs
 
     def _kernel_table(self):
@@ -288,8 +288,9 @@ class SuperGrok(GrokOptimizerBase):
     def _phase2(self, segs, table, hs) -> None:
         for s, h in zip(segs, hs):
             k = R.StepScalars.from_row(table[s.index])
-            R.supergrok_update_(s.param, s.grad, h, s.state["exp_avg"], s.state["exp_avg_sq"],
-                                s.state["mu"], k=k, rounding=R.Rounding.of(k, s.index, s.start))
+            rounding = R.Rounding.of(k, s.index, s.start)
+            with R.state_values(s.state, s.start, rounding) as (m, v, mu):
+                R.supergrok_update_(s.param, s.grad, h, m, v, mu, k=k, rounding=rounding)
 
     def _kernel_phase2(self, plan, table, aux) -> None:
         plan.phase2(self.KERNEL_KIND, table, **aux)

@@ -40,7 +40,7 @@ from tests.support.helpers import meta_net
 
 TARGETS = ["emulated", "gpu"]
 SIZES = {"1": [1], "3": [3], "17": [17], "65537": [65537], "empty": [0], "mix": MIX}
-SEG = struct.Struct("<6Qqq4i")  # csrc/job.h's Segment, as the plan writes it
+SEG = struct.Struct("<9Qqq4i")  # csrc/job.h's Segment, as the plan writes it
 CHUNK = struct.Struct("<i4xqq")  # csrc/job.h's Chunk
 
 
@@ -463,7 +463,7 @@ def test_glue_refuses_supergrok_without_a_table_or_h(target, ext):
 
 def _records(param, grad, m, v, mu, numel, codes, tensor=0):
     seg = torch.frombuffer(bytearray(SEG.pack(param.data_ptr(), grad.data_ptr(), m.data_ptr(),
-                                              v.data_ptr(), mu.data_ptr(), 0, numel, 0, tensor,
+                                              v.data_ptr(), mu.data_ptr(), 0, 0, 0, 0, numel, 0, tensor,
                                               *codes)), dtype=torch.uint8)
     chunk = torch.frombuffer(bytearray(CHUNK.pack(0, 0, numel)), dtype=torch.uint8)
     return seg, chunk

@@ -180,11 +180,12 @@ def test_segment_records_carry_this_steps_gradients(ext):
     assert len(data) == len(numels) * ext.SEGMENT_BYTES
     for i, p in enumerate(params):
         # struct Segment { void* param, grad, exp_avg, exp_avg_sq, mu; const float* h;
+        #                  float* exp_avg_scale, exp_avg_sq_scale, mu_scale;
         #                  int64 numel, offset; int32 tensor, param_dtype, grad_dtype,
         #                  state_dtype; }
-        ptr, grad, m, v, mu, h, numel, start, tensor, pd, gd, sd = struct.unpack_from(
-            "<6Qqq4i", data, i * ext.SEGMENT_BYTES)
-        assert (numel, start, tensor, h) == (numels[i], 1000 * i + 3, i, 0)
+        ptr, grad, m, v, mu, h, s1, s2, s3, numel, start, tensor, pd, gd, sd = struct.unpack_from(
+            "<9Qqq4i", data, i * ext.SEGMENT_BYTES)
+        assert (numel, start, tensor, h, s1, s2, s3) == (numels[i], 1000 * i + 3, i, 0, 0, 0, 0)
         if p.grad is None:
             assert grad == 0 and ptr == 0
             continue
@@ -195,5 +196,5 @@ def test_segment_records_carry_this_steps_gradients(ext):
     plan.release()
     params[0].grad = torch.randn(5)
     assert plan.resolve()
-    grad0 = struct.unpack_from("<6Qqq4i", bytes(plan.segment_table()[0].numpy().tobytes()), 0)[1]
+    grad0 = struct.unpack_from("<9Qqq4i", bytes(plan.segment_table()[0].numpy().tobytes()), 0)[1]
     assert grad0 == params[0].grad.data_ptr()

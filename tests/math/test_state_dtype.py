@@ -177,7 +177,7 @@ def test_explicit_state_dtype_applies_to_every_tensor(name, state_dtype):
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-@pytest.mark.parametrize("bad", ["float32", torch.int32, torch.complex64, torch.float8_e4m3fn, 32,
+@pytest.mark.parametrize("bad", ["float8", torch.int32, torch.complex64, torch.float8_e4m3fn, 32,
                                  torch.tensor(1.0)],
                          ids=["str", "int32", "complex64", "fp8", "int", "tensor"])
 def test_bad_state_dtype_is_refused(name, bad):
