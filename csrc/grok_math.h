@@ -196,9 +196,23 @@ SG_HD uint32_t rounding_key(uint32_t seed, uint64_t step, uint32_t tensor) {
 }
 
 // What the values of one element share: the key and the element's index in the whole tensor.
+// In two parts, so a loop over elements whose index has one high word runs on 32-bit words:
+// the key with the index's high word folded in, then the low word.
+SG_HD uint32_t rounding_key_hi(uint32_t key, int64_t index) {
+  return key + (uint32_t)((uint64_t)index >> 32) * 0x9E3779B9u;
+}
+
+SG_HD uint32_t rounding_base_lo(uint32_t key_hi, uint32_t low) { return mix32(low ^ key_hi); }
+
 SG_HD uint32_t rounding_base(uint32_t key, int64_t index) {
-  const uint64_t u = (uint64_t)index;
-  return mix32((uint32_t)u ^ (key + (uint32_t)(u >> 32) * 0x9E3779B9u));
+  return rounding_base_lo(rounding_key_hi(key, index), (uint32_t)(uint64_t)index);
+}
+
+// Where the run of segment elements from `i` whose tensor index keeps its high word ends
+// (at most `end`; segment indices, the segment starting at element `offset` of its tensor).
+SG_HD int64_t high_word_end(int64_t offset, int64_t i, int64_t end) {
+  const int64_t next = (int64_t)(((uint64_t)(offset + i) | 0xFFFFFFFFull) + 1ull) - offset;
+  return next < end ? next : end;
 }
 
 // Which value of an element a draw is for.
@@ -236,25 +250,30 @@ constexpr int64_t QMIN_NUMEL = 4096;   // smaller tensors keep fp32 state (as to
 enum QuantBias : int32_t { QBIAS_SIGNED = 15, QBIAS_UNSIGNED = 31 };
 
 // The magnitude code of n >= 0 (finite; at most 1 plus a few ulps: x * (1 / scale)).
+// Both candidates are computed and one selected (no branch: the CPU loops vectorise).
 template <int B>
 SG_HD uint32_t quantize_magnitude(float n, bool stochastic, uint32_t bits) {
   const uint32_t u = f32_to_bits(n);
-  if (u >= ((uint32_t)(128 - B) << 23)) {  // n >= 2^(1 - B): the exponent-and-mantissa codes
-    const uint32_t add = stochastic ? (bits >> 12) : 0x7FFFFu + ((u >> 20) & 1u);
-    const uint32_t q = (u - ((uint32_t)(127 - B) << 23) + add) >> 20;
-    return q < ((uint32_t)B << 3) ? q : ((uint32_t)B << 3);
-  }
-  // the linear codes: t in [0, 8) exactly, plus 1/2 or a draw in [0, 1) of 20 bits (fine enough
-  // that t + d is exact for every code's own value, which then stays whatever the draw)
-  const float t = n * bits_to_f32((uint32_t)(127 + B + 2) << 23);
-  const float d = stochastic ? (float)(bits >> 12) * 0x1p-20f : 0.5f;
-  return (uint32_t)(t + d);  // 8 when it carries into the smallest exponent code: the same value
+  // n >= 2^(1 - B): the exponent-and-mantissa codes, rounded in the fp32 bits as bf16 is
+  const uint32_t add = stochastic ? (bits >> 12) : 0x7FFFFu + ((u >> 20) & 1u);
+  uint32_t high = (u - ((uint32_t)(127 - B) << 23) + add) >> 20;
+  high = high < ((uint32_t)B << 3) ? high : ((uint32_t)B << 3);
+  // below: the linear codes, t in [0, 8) exactly, plus 1/2 or a draw in [0, 1) of 20 bits (fine
+  // enough that t + d is exact for every code's own value, which then stays whatever the draw);
+  // 8 when it carries into the smallest exponent code, the same value. (t is clamped for the
+  // lanes that take the other candidate, so the conversion stays in range.)
+  float t = n * bits_to_f32((uint32_t)(127 + B + 2) << 23);
+  t = t < 8.0f ? t : 8.0f;
+  const float d = stochastic ? (float)(int32_t)(bits >> 12) * 0x1p-20f : 0.5f;
+  const uint32_t low = (uint32_t)(int32_t)(t + d);
+  return u >= ((uint32_t)(128 - B) << 23) ? high : low;
 }
 
 template <int B>
 SG_HD float dequantize_magnitude(uint32_t q) {
-  return q >= 8u ? bits_to_f32((q << 20) + ((uint32_t)(127 - B) << 23))
-                 : (float)q * bits_to_f32((uint32_t)(127 - B - 2) << 23);
+  const float high = bits_to_f32((q << 20) + ((uint32_t)(127 - B) << 23));
+  const float low = (float)(int32_t)q * bits_to_f32((uint32_t)(127 - B - 2) << 23);
+  return q >= 8u ? high : low;
 }
 
 // m and mu: x * inv_scale in [-1, 1] to a signed code, and back.

@@ -46,14 +46,16 @@ struct MuReader<Q8> {
   }
 };
 
-// A block's new values of one state written as codes: its scale is their largest magnitude.
+// A block's new values of one state written as codes: its scale is their largest magnitude,
+// taken over the fp32 bits without the sign (ordered as the magnitudes for finite values), an
+// integer maximum the compiler vectorises.
 SG_HD float block_absmax(const float* x, int64_t n) {
-  float a = 0.0f;
+  uint32_t a = 0u;
   for (int64_t e = 0; e < n; ++e) {
-    const float y = x[e] < 0.0f ? -x[e] : x[e];
+    const uint32_t y = f32_to_bits(x[e]) & 0x7FFFFFFFu;
     a = y > a ? y : a;
   }
-  return a;
+  return bits_to_f32(a);
 }
 
 template <bool RS>
@@ -62,14 +64,24 @@ void store_codes(const Segment& s, int64_t lo, int64_t n, uint32_t key, const fl
   const int64_t blk = scale_index(s, lo);
   const float am = block_absmax(m, n), av = block_absmax(v, n), au = block_absmax(u, n);
   const float im = inverse_scale(am), iv = inverse_scale(av), iu = inverse_scale(au);
-  int8_t* mc = static_cast<int8_t*>(s.exp_avg) + lo;
-  uint8_t* vc = static_cast<uint8_t*>(s.exp_avg_sq) + lo;
-  int8_t* uc = static_cast<int8_t*>(s.mu) + lo;
+  int8_t* __restrict mc = static_cast<int8_t*>(s.exp_avg) + lo;
+  uint8_t* __restrict vc = static_cast<uint8_t*>(s.exp_avg_sq) + lo;
+  int8_t* __restrict uc = static_cast<int8_t*>(s.mu) + lo;
+  // a block never straddles a multiple of 2^32: one high word for its draws
+  const uint32_t khi = rounding_key_hi(key, s.offset + lo), first = (uint32_t)(s.offset + lo);
+  // the codes as 32-bit integers first, then narrowed: GCC vectorises the two loops, not one
+  // that mixes 32-bit arithmetic with byte stores
+  alignas(64) int32_t qm[QBLOCK], qv[QBLOCK], qu[QBLOCK];
   for (int64_t e = 0; e < n; ++e) {
-    const uint32_t base = RS ? rounding_base(key, s.offset + lo + e) : 0u;
-    mc[e] = quantize_signed(m[e], im, RS, RS ? rounding_bits(base, DRAW_EXP_AVG) : 0u);
-    vc[e] = quantize_unsigned(v[e], iv, RS, RS ? rounding_bits(base, DRAW_EXP_AVG_SQ) : 0u);
-    uc[e] = quantize_signed(u[e], iu, RS, RS ? rounding_bits(base, DRAW_MU) : 0u);
+    const uint32_t base = RS ? rounding_base_lo(khi, first + (uint32_t)e) : 0u;
+    qm[e] = quantize_signed(m[e], im, RS, RS ? rounding_bits(base, DRAW_EXP_AVG) : 0u);
+    qv[e] = quantize_unsigned(v[e], iv, RS, RS ? rounding_bits(base, DRAW_EXP_AVG_SQ) : 0u);
+    qu[e] = quantize_signed(u[e], iu, RS, RS ? rounding_bits(base, DRAW_MU) : 0u);
+  }
+  for (int64_t e = 0; e < n; ++e) {
+    mc[e] = (int8_t)qm[e];
+    vc[e] = (uint8_t)qv[e];
+    uc[e] = (int8_t)qu[e];
   }
   s.exp_avg_scale[blk] = am;
   s.exp_avg_sq_scale[blk] = av;
@@ -115,14 +127,21 @@ void grokadamw_phase2(const Job& job, const Segment& s, int64_t b, int64_t n) {
   typename S::T* m = static_cast<typename S::T*>(s.exp_avg) + b;
   typename S::T* v = static_cast<typename S::T*>(s.exp_avg_sq) + b;
   typename S::T* mu = static_cast<typename S::T*>(s.mu) + b;
-  for (int64_t i = 0; i < n; ++i) {
-    float pi = P::load(p[i]), mi = S::load(m[i]), vi = S::load(v[i]), ui = S::load(mu[i]);
-    grokadamw_update(pi, G::load(g[i]), mi, vi, ui, k);
-    const uint32_t base = (RS || RP) ? rounding_base(key, first + i) : 0u;
-    p[i] = store_rounded<PD>(pi, RP, base, DRAW_PARAM);
-    m[i] = store_rounded<SD>(mi, RS, base, DRAW_EXP_AVG);
-    v[i] = store_rounded<SD>(vi, RS, base, DRAW_EXP_AVG_SQ);
-    mu[i] = store_rounded<SD>(ui, RS, base, DRAW_MU);
+  // runs of one high word of the tensor index (all of the chunk but where it crosses a
+  // multiple of 2^32), so the draws' words are 32-bit in the vectorised loop
+  for (int64_t lo = 0; lo < n;) {
+    const int64_t hi = high_word_end(first, lo, n);
+    const uint32_t khi = rounding_key_hi(key, first + lo), low = (uint32_t)(first + lo);
+    for (int64_t i = lo; i < hi; ++i) {
+      float pi = P::load(p[i]), mi = S::load(m[i]), vi = S::load(v[i]), ui = S::load(mu[i]);
+      grokadamw_update(pi, G::load(g[i]), mi, vi, ui, k);
+      const uint32_t base = (RS || RP) ? rounding_base_lo(khi, low + (uint32_t)(i - lo)) : 0u;
+      p[i] = store_rounded<PD>(pi, RP, base, DRAW_PARAM);
+      m[i] = store_rounded<SD>(mi, RS, base, DRAW_EXP_AVG);
+      v[i] = store_rounded<SD>(vi, RS, base, DRAW_EXP_AVG_SQ);
+      mu[i] = store_rounded<SD>(ui, RS, base, DRAW_MU);
+    }
+    lo = hi;
   }
 }
 
@@ -144,6 +163,7 @@ void grokadamw_phase2_q8(const Job& job, const Segment& s, int64_t b, int64_t n)
   for (int64_t lo = b; lo < b + n;) {
     const int64_t hi = block_end(s, lo, b + n), blk = scale_index(s, lo);
     const float sm = s.exp_avg_scale[blk], sv = s.exp_avg_sq_scale[blk], su = s.mu_scale[blk];
+    const uint32_t khi = rounding_key_hi(key, s.offset + lo), low = (uint32_t)(s.offset + lo);
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t e = i - lo;
       float pi = P::load(p[i]);
@@ -151,7 +171,7 @@ void grokadamw_phase2_q8(const Job& job, const Segment& s, int64_t b, int64_t n)
       v[e] = dequantize_unsigned(vc[i], sv);
       u[e] = dequantize_signed(uc[i], su);
       grokadamw_update(pi, G::load(g[i]), m[e], v[e], u[e], k);
-      p[i] = store_rounded<PD>(pi, RP, RP ? rounding_base(key, s.offset + i) : 0u, DRAW_PARAM);
+      p[i] = store_rounded<PD>(pi, RP, RP ? rounding_base_lo(khi, low + (uint32_t)e) : 0u, DRAW_PARAM);
     }
     store_codes<RS>(s, lo, hi - lo, key, m, v, u);
     lo = hi;
@@ -342,15 +362,21 @@ void supergrok_phase2(const Job& job, const Segment& s, int64_t b, int64_t n) {
   for (int64_t at = b; at < b + n; at += BLOCK) {
     const int64_t len = (b + n - at) < BLOCK ? (b + n - at) : BLOCK;
     stage_masked<GD>(job, s, at, len, x, h);
-    for (int64_t e = 0; e < len; ++e) {
-      const int64_t i = at + e;
-      float pi = P::load(p[i]), mi = S::load(m[i]), vi = S::load(v[i]), ui = S::load(mu[i]);
-      supergrok_update(pi, x[e], h[e], mi, vi, ui, k);
-      const uint32_t base = (RS || RP) ? rounding_base(key, s.offset + i) : 0u;
-      p[i] = store_rounded<PD>(pi, RP, base, DRAW_PARAM);
-      m[i] = store_rounded<SD>(mi, RS, base, DRAW_EXP_AVG);
-      v[i] = store_rounded<SD>(vi, RS, base, DRAW_EXP_AVG_SQ);
-      mu[i] = store_rounded<SD>(ui, RS, base, DRAW_MU);
+    for (int64_t e0 = 0; e0 < len;) {  // runs of one high word, as in grokadamw_phase2
+      const int64_t e1 = high_word_end(s.offset + at, e0, len);
+      const uint32_t khi = rounding_key_hi(key, s.offset + at + e0);
+      const uint32_t low = (uint32_t)(s.offset + at + e0);
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t i = at + e;
+        float pi = P::load(p[i]), mi = S::load(m[i]), vi = S::load(v[i]), ui = S::load(mu[i]);
+        supergrok_update(pi, x[e], h[e], mi, vi, ui, k);
+        const uint32_t base = (RS || RP) ? rounding_base_lo(khi, low + (uint32_t)(e - e0)) : 0u;
+        p[i] = store_rounded<PD>(pi, RP, base, DRAW_PARAM);
+        m[i] = store_rounded<SD>(mi, RS, base, DRAW_EXP_AVG);
+        v[i] = store_rounded<SD>(vi, RS, base, DRAW_EXP_AVG_SQ);
+        mu[i] = store_rounded<SD>(ui, RS, base, DRAW_MU);
+      }
+      e0 = e1;
     }
   }
 }
@@ -371,6 +397,7 @@ void supergrok_phase2_q8(const Job& job, const Segment& s, int64_t b, int64_t n)
     const int64_t hi = block_end(s, lo, b + n), blk = scale_index(s, lo);
     const float sm = s.exp_avg_scale[blk], sv = s.exp_avg_sq_scale[blk], su = s.mu_scale[blk];
     stage_masked<GD>(job, s, lo, hi - lo, x, h);
+    const uint32_t khi = rounding_key_hi(key, s.offset + lo), low = (uint32_t)(s.offset + lo);
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t e = i - lo;
       float pi = P::load(p[i]);
@@ -378,7 +405,7 @@ void supergrok_phase2_q8(const Job& job, const Segment& s, int64_t b, int64_t n)
       v[e] = dequantize_unsigned(vc[i], sv);
       u[e] = dequantize_signed(uc[i], su);
       supergrok_update(pi, x[e], h[e], m[e], v[e], u[e], k);
-      p[i] = store_rounded<PD>(pi, RP, RP ? rounding_base(key, s.offset + i) : 0u, DRAW_PARAM);
+      p[i] = store_rounded<PD>(pi, RP, RP ? rounding_base_lo(khi, low + (uint32_t)e) : 0u, DRAW_PARAM);
     }
     store_codes<RS>(s, lo, hi - lo, key, m, v, u);
     lo = hi;
