@@ -26,9 +26,13 @@ from typing import Any
 
 import torch
 
+from .reference import QBLOCK, SCALE_KEYS as _SCALE_KEYS
+
 CHECKPOINT_KEY = "shardgrok"
 CHECKPOINT_FORMAT = 1
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "mu")
+#: 8-bit state's per-block scales of exp_avg, exp_avg_sq and mu
+SCALE_KEYS = tuple(_SCALE_KEYS.values())
 
 
 def extra_of(sd: dict[str, Any]) -> dict[str, Any] | None:
@@ -60,12 +64,15 @@ def without_extra(sd: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_full_state(sd: dict[str, Any], params: list[torch.Tensor]) -> None:
-    """A full state dict must hold whole tensors for these parameters."""
+    """A full state dict must hold whole tensors for these parameters (and, for 8-bit state,
+    one scale per block of each)."""
     for i, p in enumerate(params):
         for key, v in sd.get("state", {}).get(i, {}).items():
-            if key in STATE_KEYS[1:] and v.numel() != p.numel():
+            want = (p.numel() if key in STATE_KEYS[1:] else
+                    -(-p.numel() // QBLOCK) if key in SCALE_KEYS else None)
+            if want is not None and v.numel() != want:
                 raise ValueError(f"state_dict['state'][{i}][{key!r}] has {v.numel()} elements "
-                                 f"but parameter {i} has {p.numel()} (shape {tuple(p.shape)}): "
+                                 f"but parameter {i} (shape {tuple(p.shape)}) needs {want}: "
                                  "the checkpoint is for another model")
 
 
@@ -106,6 +113,15 @@ def consolidate_state_dict(shards: list[dict[str, Any]]) -> dict[str, Any]:
             if covered != numel:
                 raise ValueError(f"the shards cover {covered} of tensor {i}'s {numel} elements")
             entry[key] = full.view(shape)
+        for key in SCALE_KEYS if SCALE_KEYS[0] in first["state"][i] else ():
+            # 8-bit state: each shard holds the scales of its (whole) blocks
+            full = torch.zeros(-(-numel // QBLOCK), dtype=torch.float32)
+            for j in order:
+                a, e = metas[j]["spans"][i]
+                if a < e:
+                    full[a // QBLOCK:a // QBLOCK + shards[j]["state"][i][key].numel()] = \
+                        shards[j]["state"][i][key].float().cpu()
+            entry[key] = full
         state[i] = entry
     groups = [dict(g) for g in first["param_groups"]]
     groups[0][CHECKPOINT_KEY] = {k: v for k, v in extra_of(first).items() if k != "sharding"}

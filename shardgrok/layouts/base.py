@@ -88,6 +88,14 @@ class Layout:
         """What m, v, mu of optimizer parameter ``p`` are ``zeros_like``."""
         return p
 
+    def state_start(self, p: torch.Tensor) -> int:
+        """Where ``state_like(p)`` starts in ``p``'s elements: the first block of its 8-bit
+        state's scales (blocks lie along the whole tensor's element index)."""
+        return 0
+
+    #: whether this layout keeps 8-bit state (its pieces start on whole blocks of the tensor)
+    takes_int8 = False
+
     # ------------------------------------------------------------------ the step
     def new_round(self, optimizer) -> bool:
         """Whether this step() call begins a new optimizer step (False for an engine's second

@@ -61,6 +61,7 @@ class LocalLayout(PerTensorLayout):
     """Every tensor whole on this process: the single-process path and the oracle."""
 
     sharded = False
+    takes_int8 = True
 
     def __init__(self, reducer=None):
         self.reducer = reducer or LocalReducer()

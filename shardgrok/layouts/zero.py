@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import reference as R
 from ..checkpoint import STATE_KEYS, check_full_state
 from ..comm import bucket_bytes
 from .base import Segment, verify_same_on_every_rank
@@ -67,15 +68,25 @@ class ZeroLayout(LocalLayout):
                                  "Make it contiguous before building the optimizer, or pass "
                                  "shard=False")
         buckets: dict[tuple, _Bucket] = {}
+        group = optimizer.param_groups[group_index]
+        aligned = set()
         for p in params:
             key = (p.dtype, p.device)
             b = buckets.setdefault(key, _Bucket(group_index, key))
+            if optimizer.state_format_for(p, group) == "int8":
+                # 8-bit state: the tensor starts on a whole block of the bucket, and the shares
+                # are whole blocks, so every cut falls between blocks of the tensor (the gap
+                # before it is padding no tensor owns, as the last share's tail)
+                b.total += -b.total % R.QBLOCK
+                aligned.add(key)
             b.params.append(p)
             b.offsets.append(b.total)
             b.total += p.numel()
         n, r = self.world_size, self.rank
-        for b in buckets.values():
+        for key, b in buckets.items():
             b.share = -(-b.total // n)
+            if key in aligned:
+                b.share += -b.share % R.QBLOCK
             lo, hi = r * b.share, min((r + 1) * b.share, b.total)
             for p, off in zip(b.params, b.offsets):
                 if p.numel():
@@ -98,6 +109,9 @@ class ZeroLayout(LocalLayout):
     def state_like(self, p: torch.Tensor) -> torch.Tensor:
         a, e = self.span(p)
         return p.detach().view(-1)[a:e]
+
+    def state_start(self, p: torch.Tensor) -> int:
+        return self.span(p)[0]
 
     # ------------------------------------------------------------------ the step
     def pieces(self, optimizer, with_grad: bool = True) -> list[Segment]:
@@ -261,7 +275,9 @@ class ZeroLayout(LocalLayout):
         state = {}
         for i, st in sd["state"].items():
             a, e = self.span(params[i])
-            state[i] = {k: (v.reshape(-1)[a:e].clone() if k in STATE_KEYS[1:] else v)
+            b0, b1 = a // R.QBLOCK, a // R.QBLOCK + R.n_blocks(a, e - a)  # 8-bit state's blocks
+            state[i] = {k: (v.reshape(-1)[a:e].clone() if k in STATE_KEYS[1:] else
+                            v[b0:b1].clone() if k in R.SCALE_KEYS.values() else v)
                         for k, v in st.items()}
         return {**sd, "state": state}
 
@@ -277,9 +293,15 @@ class ZeroLayout(LocalLayout):
         mine = to is None or self.rank == to
         buffers: dict = {}  # one set of gather buffers for m, v and mu
         for key in STATE_KEYS[1:]:
-            def dtype_of(p, key=key):
-                return optimizer.state[p][key].dtype
-            dest = {p: torch.empty(p.shape, dtype=dtype_of(p), device="cpu")
+            # One dtype travels per key: the state's own, or where tensors differ (8-bit codes
+            # beside the fp32 state of small tensors) one every value fits exactly (fp32, fp64)
+            dtypes = {optimizer.state[p][key].dtype for p in index}
+            carrier = (dtypes.pop() if len(dtypes) == 1 else
+                       torch.float64 if torch.float64 in dtypes else torch.float32)
+
+            def dtype_of(p, carrier=carrier):
+                return carrier
+            dest = {p: torch.empty(p.shape, dtype=optimizer.state[p][key].dtype, device="cpu")
                     for p in index} if mine else {}
 
             def to_host(p, a, e, values, dest=dest):
@@ -288,4 +310,34 @@ class ZeroLayout(LocalLayout):
                              to_host if mine else None, dtype_of, buffers, on_host=True)
             for p, t in dest.items():
                 sd["state"][index[p]][key] = t
+        for p, scales in self._gather_scales(optimizer, list(index)).items():
+            if mine:
+                sd["state"][index[p]].update(scales)
         return sd if mine else None
+
+    def _gather_scales(self, optimizer, params) -> dict:
+        """Every 8-bit tensor's whole scale vectors on every rank: each rank's blocks are its
+        own (the shares are whole blocks), so one sum over the group of vectors that are zero
+        outside a rank's blocks assembles them."""
+        quantized = [p for p in params if R.is_quantized(optimizer.state[p])]
+        if not quantized:
+            return {}
+        keys = list(R.SCALE_KEYS.values())
+        sizes = [R.n_blocks(0, p.numel()) for p in quantized]
+        device = optimizer.state[quantized[0]][keys[0]].device
+        buf = torch.zeros(len(keys) * sum(sizes), dtype=torch.float64, device=device)
+        at = 0
+        for p, size in zip(quantized, sizes):
+            first = self.span(p)[0] // R.QBLOCK
+            for k in keys:
+                local = optimizer.state[p][k]
+                buf[at + first:at + first + local.numel()] = local.double()
+                at += size
+        self.reducer.all_reduce_(buf)
+        out, at = {}, 0
+        for p, size in zip(quantized, sizes):
+            out[p] = {}
+            for k in keys:
+                out[p][k] = buf[at:at + size].float().cpu()
+                at += size
+        return out

@@ -16,7 +16,7 @@ from ..checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, checked
                           without_extra)
 from .. import kernels as K
 from ..kernels.plan import FusedPlan, TensorInfo
-from ..layouts import EngineWatch, LayoutSwitch, LocalLayout, Segment, ZeroLayout, select_layout
+from ..layouts import EngineWatch, LayoutSwitch, Segment, ZeroLayout, select_layout
 from ..layouts.select import on_build
 from ..placement import is_dtensor, local_tensor, to_cpu
 from .. import reference as R
@@ -214,16 +214,18 @@ class GrokOptimizerBase(torch.optim.Optimizer):
 
     def _int8_state(self, p: torch.Tensor, local: torch.Tensor) -> dict[str, torch.Tensor]:
         """Zero 8-bit state for ``p``: codes shaped like its local piece, one scale per block."""
-        if not isinstance(self._layout, LocalLayout):
+        if not self._layout.takes_int8:
             raise ValueError(f"{type(self).__name__}: state_dtype=\"int8\" runs in one process "
-                             f"(or with shard=False) in this version; the {type(self._layout).__name__} "
-                             "layout keeps float32, bfloat16 or float16 state")
+                             f"and under ZeRO-1 (torchrun/DDP) in this version; the "
+                             f"{type(self._layout).__name__} layout keeps float32, bfloat16 or "
+                             "float16 state")
+        start = self._layout.state_start(p)
         st = {}
         for key, bias in R.QUANT_BIAS.items():
             st[key] = torch.zeros_like(local, dtype=R.CODE_DTYPE[bias],
                                        memory_format=torch.contiguous_format)
-            st[R.SCALE_KEYS[key]] = torch.zeros(R.n_blocks(0, local.numel()), dtype=torch.float32,
-                                                device=local.device)
+            st[R.SCALE_KEYS[key]] = torch.zeros(R.n_blocks(start, local.numel()),
+                                                dtype=torch.float32, device=local.device)
         return st
 
     # ------------------------------------------------------------------ engines
@@ -409,7 +411,8 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             return
         full = self.full_state_dict(to=to)
         if full is not None:
-            self._consolidated = {i: {k: st[k] for k in STATE_KEYS[1:]}
+            self._consolidated = {i: {k: st[k] for k in (*STATE_KEYS[1:], *R.SCALE_KEYS.values())
+                                      if k in st}
                                   for i, st in full["state"].items()}
 
     def full_state_dict(self, to: int | None = 0) -> dict[str, Any] | None:
@@ -436,9 +439,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         if quantized and extra.get("int8_format") != INT8_FORMAT:
             raise ValueError(f"state_dict holds 8-bit state in codes of version "
                              f"{extra.get('int8_format')!r}; this version reads version {INT8_FORMAT}")
-        if quantized and not isinstance(self._layout, LocalLayout):
+        if quantized and not self._layout.takes_int8:
             raise ValueError(f"{type(self).__name__}: a checkpoint with 8-bit (int8) state loads "
-                             "in one process (or with shard=False) in this version")
+                             "in one process and under ZeRO-1 in this version")
         formats = [g.get("state_dtype") for g in self.param_groups]
         rest = self._layout.import_state(self, without_extra(state_dict), extra)
         super().load_state_dict(rest)
@@ -467,7 +470,8 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             if p not in self.state or not all(isinstance(st.get(k), torch.Tensor)
                                               for k in STATE_KEYS[1:]):
                 continue
-            values = {k: R.state_value(st, k, 0) for k in STATE_KEYS[1:]}
+            start = self._layout.state_start(p)
+            values = {k: R.state_value(st, k, start) for k in STATE_KEYS[1:]}
             mine = self.state[p]
             for k in list(mine):  # this optimizer's own keys only
                 if k != "step" and k not in self._fresh_state_keys(p, group):
@@ -477,7 +481,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 fresh = self._int8_state(p, self._layout.state_like(p))
                 for k, v in values.items():
                     R.quantize_state_(fresh[k], fresh[R.SCALE_KEYS[k]],
-                                      v.to(device=p.device, dtype=torch.float32), k, 0, None)
+                                      v.to(device=p.device, dtype=torch.float32), k, start, None)
                 mine.update(fresh)
             else:
                 for k, v in values.items():

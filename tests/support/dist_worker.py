@@ -404,6 +404,8 @@ def main():
         from tests.support import ds_cases  # noqa: F401  (DeepSpeed: imported only when asked for)
     if any(n.startswith("ranks_") for n in args.scenarios.split(",")):
         from tests.support import device_ranks  # noqa: F401  (two ranks on one device)
+    if any(n.startswith("int8_") for n in args.scenarios.split(",")):
+        from tests.support import int8_cases  # noqa: F401  (8-bit state)
     if any(n.startswith("rounding_") for n in args.scenarios.split(",")):
         from tests.support import rounding_cases  # noqa: F401  (stochastic rounding)
     if any(n.startswith("ds_offload") for n in args.scenarios.split(",")):
