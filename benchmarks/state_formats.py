@@ -8,7 +8,8 @@ AdamW(fused=True) with fp32 state, measured in the same run.
     python benchmarks/state_formats.py --quick              # smoke run (100k/10)
     python benchmarks/state_formats.py --json out.json
 
-Rows: AdamW (fused, fp32 state; the baseline), GrokAdamW and SuperGrok on the compiled kernel
+The tensors: the even split of each size, each rounded down to whole blocks of 256 elements
+(``block_shapes``). Rows: AdamW (fused, fp32 state; the baseline), GrokAdamW and SuperGrok on the compiled kernel
 with fp32, bf16 (stochastic rounding) and int8 (8-bit blockwise) state, and, where they import
 and run on this CPU, torchao's ``AdamW8bit`` and bitsandbytes' 8-bit ``AdamW`` on the same
 tensors (a row that cannot run says why). fp32 parameters and gradients throughout.
@@ -38,13 +39,22 @@ TARGETS = [("GrokAdamW, bf16 state <= 1.1x AdamW fused at 10M/100", "grok-bf16",
            ("GrokAdamW, int8 state <= 1.0x AdamW fused at 10M/100", "grok-int8", 1.0)]
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    """Storage bytes of a state tensor; a tensor subclass (torchao's 8-bit state) by the plain
+    tensors it is made of."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_nbytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def state_bytes(opt, params) -> float:
     """Bytes of optimizer state per parameter: every tensor in ``opt.state`` but 0-dim counters."""
     total = 0
     for p in params:
         for t in opt.state.get(p, {}).values():
             if isinstance(t, torch.Tensor) and t.dim() > 0:
-                total += t.numel() * t.element_size()
+                total += _nbytes(t)
     return total / sum(p.numel() for p in params)
 
 
@@ -85,8 +95,15 @@ def make(key: str, params):
     return opt, step
 
 
+def block_shapes(n: int, count: int) -> list[tuple[int]]:
+    """The even split, each tensor rounded down to whole blocks of 256 elements: torchao's 8-bit
+    state applies only to tensors of such sizes (others keep fp32 state); shardgrok's takes any.
+    Both keep fp32 state below 4,096 elements (1M/300: every tensor)."""
+    return [(max(256, s - s % 256),) for (s,) in C.make_shapes(n, count, "even")]
+
+
 def rows_for(n: int, count: int, args) -> list[dict]:
-    shapes = C.make_shapes(n, count, "even")
+    shapes = block_shapes(n, count)
     keys = [BASELINE] + [f"{fam}-{fmt}" for fam in ("grok", "super") for fmt in FORMATS]
     keys += ["torchao-adamw8bit", "bnb-adamw8bit"]
     gen = torch.Generator().manual_seed(args.seed)
@@ -145,8 +162,9 @@ def main(argv=None) -> int:
     for label, n, count in args.sizes:
         rows = rows_for(n, count, args)
         out["sizes"].append({"size": label, "params": n, "tensors": count, "rows": rows})
-        print(f"\n{label} ({n:,} parameters in {count} tensors), {args.rounds} rounds x "
-              f"{args.steps} steps, median")
+        total = sum(s[0] for s in block_shapes(n, count))
+        print(f"\n{label}: {total:,} parameters in {count} tensors of whole 256-blocks, "
+              f"{args.rounds} rounds x {args.steps} steps, median")
         print(f"  {'optimizer':<20} {'state B/param':>13} {'moved B/param':>13} {'ms/step':>9} "
               f"{'x AdamW':>8}  note")
         for r in rows:

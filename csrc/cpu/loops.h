@@ -30,21 +30,23 @@ SG_HD int64_t block_end(const Segment& s, int64_t i, int64_t end) {
   return e < end ? e : end;
 }
 
-// mu as fp32, from any state storage (phase 1 of SuperGrok reads it).
+// u[0:len] = mu[at:at + len] as fp32, from any state storage (phase 1 of SuperGrok reads it);
+// 8-bit codes in runs of one block, one scale each (a loop the compiler vectorises).
 template <int SD>
-struct MuReader {
-  const typename Storage<SD>::T* mu;
-  explicit MuReader(const Segment& s) : mu(static_cast<const typename Storage<SD>::T*>(s.mu)) {}
-  float operator()(const Segment&, int64_t i) const { return Storage<SD>::load(mu[i]); }
-};
+void read_mu(const Segment& s, int64_t at, int64_t len, float* __restrict u) {
+  const typename Storage<SD>::T* __restrict mu = static_cast<const typename Storage<SD>::T*>(s.mu) + at;
+  for (int64_t e = 0; e < len; ++e) u[e] = Storage<SD>::load(mu[e]);
+}
 template <>
-struct MuReader<Q8> {
-  const int8_t* mu;
-  explicit MuReader(const Segment& s) : mu(static_cast<const int8_t*>(s.mu)) {}
-  float operator()(const Segment& s, int64_t i) const {
-    return dequantize_signed(mu[i], s.mu_scale[scale_index(s, i)]);
+void read_mu<Q8>(const Segment& s, int64_t at, int64_t len, float* __restrict u) {
+  const int8_t* __restrict mu = static_cast<const int8_t*>(s.mu);
+  for (int64_t lo = at; lo < at + len;) {
+    const int64_t hi = block_end(s, lo, at + len);
+    const float scale = s.mu_scale[scale_index(s, lo)];
+    for (int64_t i = lo; i < hi; ++i) u[i - at] = dequantize_signed(mu[i], scale);
+    lo = hi;
   }
-};
+}
 
 // A block's new values of one state written as codes: its scale is their largest magnitude,
 // taken over the fp32 bits without the sign (ordered as the magnitudes for finite values), an
@@ -313,7 +315,6 @@ void stage_masked(const Job& job, const Segment& s, int64_t at, int64_t n, float
 
 template <int GD, int SD>
 void supergrok_phase1(const Job& job, const Segment& s, int64_t b, int64_t n, double* out) {
-  const MuReader<SD> mu(s);
   // GCC vector types: one 8-double "lane group" per sum, the same per-lane operations on every
   // target (one zmm, two ymm or four xmm registers)
   typedef double v8d __attribute__((vector_size(64)));
@@ -323,7 +324,7 @@ void supergrok_phase1(const Job& job, const Segment& s, int64_t b, int64_t n, do
   for (int64_t at = b; at < b + n; at += BLOCK) {
     const int64_t len = (b + n - at) < BLOCK ? (b + n - at) : BLOCK;
     stage_masked<GD>(job, s, at, len, x, h);
-    for (int e = 0; e < len; ++e) u[e] = mu(s, at + e);
+    read_mu<SD>(s, at, len, u);
     for (int e = (int)len; e < BLOCK; ++e) u[e] = 0.0f;
     for (int i = 0; i < BLOCK; i += LANES) {
       v8f xf, hf, uf;
