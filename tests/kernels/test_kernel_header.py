@@ -422,6 +422,79 @@ def test_plan_stochastic_rounding_bitwise(isa_restored, kind, pdt, sdt, flags):
             assert any(not torch.equal(a, b) for a, b in zip(_outputs(case), _outputs(near)))
 
 
+def _int8_case(ext, pdtype, seed):
+    """Case's segments with 8-bit state, at starts that are not whole blocks (the first chunk
+    of each is shortened to end on one) and one piece 1,000 elements below 2^32: random codes
+    (every code of the maps) and positive scales, one per block each piece touches."""
+    case = Case(ext, pdtype, torch.float32, seed=seed)
+    case.starts = [100, 255, 0, 2**32 - 1000 + 37, 17, 7]
+    g = torch.Generator().manual_seed(seed + 50)
+    case.m, case.v, case.mu, case.scales = [], [], [], []
+    for (*_, n), start in zip(case.rows, case.starts):
+        nb = R.n_blocks(start, n)
+        case.m.append(torch.randint(-120, 121, (n,), generator=g).to(torch.int8))
+        case.v.append(torch.randint(0, 249, (n,), generator=g).to(torch.uint8))
+        case.mu.append(torch.randint(-120, 121, (n,), generator=g).to(torch.int8))
+        case.scales.append([torch.rand(nb, generator=g) * s + 1e-3 for s in (0.1, 0.01, 0.5)])
+    return case
+
+
+@pytest.mark.parametrize("kind", ["grok", "super"])
+@pytest.mark.parametrize("pdt,flags", [("f32", 0), ("f32", 1), ("bf16", 3)])
+def test_plan_int8_state_bitwise(isa_restored, kind, pdt, flags):
+    """8-bit state through the plan on every instruction set: phase 1 against the reference's
+    sums of the dequantized mu, phase 2's parameters, codes and scales bit for bit against the
+    header's fp32 update of the dequantized state, quantized block by block by the reference
+    (the blocks along each tensor's element index, whatever the piece's start)."""
+    ext = isa_restored
+    arrays = kernel_arrays(build_table(_net("random")))
+    keys = ("exp_avg", "exp_avg_sq", "mu")
+    for isa in ext.supported_isas():
+        ext.set_isa(isa)
+        case = _int8_case(ext, DTYPES[pdt], seed=6)
+        old = {k: [t.clone() for t in getattr(case, k)] for k in ("sources", "m", "v", "mu")}
+        old_scales = [[t.clone() for t in sc] for sc in case.scales]
+        rows = [(*r, start) for r, start in zip(case.rows, case.starts)]
+        plan = ext.Plan(case.n_tensors, case.sources, torch.tensor(rows, dtype=torch.long),
+                        case.params, case.m, case.v, case.mu, case.steps, case.slot_of,
+                        case.scales)
+        for src, gr in zip(case.sources, case.grads):
+            src.grad = gr
+        assert plan.resolve()
+        code = ext.GROKADAMW if kind == "grok" else ext.SUPERGROK
+        aux = {} if kind == "grok" else dict(breakpoints=arrays.breakpoints, slopes=arrays.slopes,
+                                             intercepts=arrays.intercepts,
+                                             table_size=arrays.breakpoints.numel())
+        stats, present = plan.phase1(code, **aux)
+        steps = plan.bump_steps(present)
+        table = _scalar_table(kind, steps, flags, seed=99)
+        plan.phase2(code, table, **aux)
+        want_stats = torch.zeros_like(stats)
+        for i, (t, s, o, n) in enumerate(case.rows):
+            g, start = case.grad_piece(i), case.starts[i]
+            state = [R.dequantize_state(c, sc, k, start)
+                     for c, sc, k in zip((old["m"][i], old["v"][i], old["mu"][i]), old_scales[i], keys)]
+            h = _masked(ext, arrays, g)
+            if kind == "grok":
+                want_stats[t] += R.grokadamw_partial_stats(g)
+            else:
+                want_stats[t] += R.supergrok_partial_stats(g, h, state[2])
+            p0 = old["sources"][s].view(-1)[o:o + n]
+            p1, m1, v1, u1 = _emulate(kind, p0, g, h, *state, table[t])
+            assert torch.equal(case.params[i], stored(p1, case.params[i].dtype, table[t], t, start, "param")), \
+                f"{isa}: segment {i} param"
+            k = R.StepScalars.from_row(table[t])
+            rounding = R.Rounding.of(k, t, start)
+            for key, got, got_sc, value in zip(keys, (case.m[i], case.v[i], case.mu[i]),
+                                               case.scales[i], (m1, v1, u1)):
+                codes, scales = torch.empty_like(got), torch.empty_like(got_sc)
+                R.quantize_state_(codes, scales, value, key, start, rounding)
+                assert torch.equal(got_sc, scales), f"{isa}: segment {i} {key} scales"
+                assert torch.equal(got, codes), (f"{isa}: segment {i} {key}: "
+                                                 f"{int((got != codes).sum())} codes differ")
+        torch.testing.assert_close(stats, want_stats, rtol=1e-12, atol=1e-30)
+
+
 @pytest.mark.parametrize("pdt", ["f32", "bf16"])
 def test_plan_user_meta_net_h_path(ext, pdt):
     """SuperGrok with masked gradients given (a user's meta-net): the kernel takes h as is."""
