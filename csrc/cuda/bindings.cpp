@@ -84,10 +84,11 @@ void phase1(int64_t kind, uint64_t segments, uint64_t chunks, int64_t n_chunks,
 
 void phase2(int64_t kind, uint64_t segments, uint64_t chunks, int64_t n_chunks, int64_t n_tensors,
             uint64_t scalars, uint64_t nodes, uint64_t pieces, int64_t table_size,
-            uint64_t stream) {
+            uint64_t stream, bool has_q8) {
   sg::cuda::DeviceJob job = job_of(kind, segments, chunks, n_chunks, 0, 0, n_tensors, nodes,
                                    pieces, table_size);
   job.scalars = address<const double>(scalars);
+  job.has_q8 = has_q8 ? 1 : 0;
   if (n_chunks > 0 && scalars == 0) throw std::invalid_argument("phase 2 needs the scalar table");
   const char* failed = "";
   const cudaError_t err = sg::cuda::phase2(job, address<CUstream_st>(stream), &failed);
@@ -96,31 +97,42 @@ void phase2(int64_t kind, uint64_t segments, uint64_t chunks, int64_t n_chunks, 
 
 // A step's segment records, checked on the host before they are copied to the device: what the
 // kernels would otherwise read through a null or misread record. ``has_table``: SuperGrok's h
-// comes from the table, so a segment needs none. Raises naming the first bad record.
-void check_segments(uint64_t host, int64_t n_segments, int64_t kind, bool has_table,
+// comes from the table, so a segment needs none. Raises naming the first bad record; returns
+// whether a segment that steps has 8-bit state (phase 2's second launch).
+bool check_segments(uint64_t host, int64_t n_segments, int64_t kind, bool has_table,
                     int64_t n_tensors) {
   if (n_segments < 0) throw std::invalid_argument("negative segment count");
   if (n_segments > 0 && host == 0) throw std::invalid_argument("no segment table");
   const sg::Segment* segs = address<const sg::Segment>(host);
+  bool q8 = false;
   for (int64_t i = 0; i < n_segments; ++i) {
     const sg::Segment& s = segs[i];
     const std::string where = "segment " + std::to_string(i) + ": ";
-    for (int32_t code : {s.param_dtype, s.grad_dtype, s.state_dtype})
+    for (int32_t code : {s.param_dtype, s.grad_dtype})
       if (code != sg::F32 && code != sg::BF16 && code != sg::F16)
         throw std::invalid_argument(where + "unknown dtype code " + std::to_string(code) +
                                     " (0: float32, 1: bfloat16, 2: float16)");
+    if (s.state_dtype != sg::F32 && s.state_dtype != sg::BF16 && s.state_dtype != sg::F16 &&
+        s.state_dtype != sg::Q8)
+      throw std::invalid_argument(where + "unknown dtype code " + std::to_string(s.state_dtype) +
+                                  " (0: float32, 1: bfloat16, 2: float16, 3: 8-bit state)");
     if (s.numel < 0) throw std::invalid_argument(where + "negative length");
     if (s.offset < 0) throw std::invalid_argument(where + "negative start in its tensor");
     if (s.tensor < 0 || s.tensor >= n_tensors)
       throw std::invalid_argument(where + "tensor index " + std::to_string(s.tensor) +
                                   " outside [0, " + std::to_string(n_tensors) + ")");
     if (s.grad == nullptr || s.numel == 0) continue;  // skipped by the kernels
+    q8 = q8 || s.state_dtype == sg::Q8;
     if (s.param == nullptr || s.exp_avg == nullptr || s.exp_avg_sq == nullptr || s.mu == nullptr)
       throw std::invalid_argument(where + "a parameter or state address is null");
+    if (s.state_dtype == sg::Q8 &&
+        (s.exp_avg_scale == nullptr || s.exp_avg_sq_scale == nullptr || s.mu_scale == nullptr))
+      throw std::invalid_argument(where + "8-bit state without its scales");
     if (kind == sg::SUPERGROK && !has_table && s.h == nullptr)
       throw std::invalid_argument(where + "SuperGrok needs either the meta-net's table or the "
                                   "masked gradient h, and it has neither");
   }
+  return q8;
 }
 
 // The chunk table against the segments' lengths, once per plan.
@@ -166,7 +178,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("pieces") = 0, py::arg("table_size") = 0, py::arg("stream") = 0);
   m.def("phase2", &phase2, py::arg("kind"), py::arg("segments"), py::arg("chunks"),
         py::arg("n_chunks"), py::arg("n_tensors"), py::arg("scalars"), py::arg("nodes") = 0,
-        py::arg("pieces") = 0, py::arg("table_size") = 0, py::arg("stream") = 0);
+        py::arg("pieces") = 0, py::arg("table_size") = 0, py::arg("stream") = 0,
+        py::arg("has_q8") = false);
   m.def("check_segments", &check_segments, py::arg("segments"), py::arg("n_segments"),
         py::arg("kind"), py::arg("has_table"), py::arg("n_tensors"));
   m.def("check_chunks", &check_chunks, py::arg("chunks"), py::arg("n_chunks"),

@@ -21,7 +21,7 @@ namespace {
 // Each code on its own: the switches below combine them into one case index, where an unknown
 // code would alias a known combination.
 __device__ __forceinline__ bool known_dtypes(const Segment& s) {
-  return (uint32_t)s.param_dtype < 3u && (uint32_t)s.grad_dtype < 3u && (uint32_t)s.state_dtype < 3u;
+  return (uint32_t)s.param_dtype < 3u && (uint32_t)s.grad_dtype < 3u && (uint32_t)s.state_dtype < 4u;
 }
 
 __device__ __forceinline__ bool aligned16(const void* p) {
@@ -109,6 +109,23 @@ __device__ __forceinline__ void store_group_rounded(void* base, int64_t i, int n
     if (e < n) p[e] = store_rounded<BF16>(x[e], true, bases[e], which);
 }
 
+// mu as fp32 for phase 1: GROUP elements from i (n of them valid), any state storage; 8-bit
+// codes element by element, each with its block's scale.
+template <int SD>
+__device__ __forceinline__ void load_mu(const Segment& s, int64_t i, int n, bool vec, float* u) {
+  if constexpr (SD == Q8) {
+    const int8_t* codes = static_cast<const int8_t*>(s.mu);
+#pragma unroll
+    for (int e = 0; e < GROUP; ++e) {
+      const int64_t j = i + e;
+      u[e] = e < n ? dequantize_signed(codes[j], s.mu_scale[(s.offset + j) / QBLOCK - s.offset / QBLOCK])
+                   : 0.0f;
+    }
+  } else {
+    load_group<SD>(s.mu, i, n, vec, u);
+  }
+}
+
 // The block's view of the meta-net's table: in shared memory when it fits (every block
 // copies it; the copy is 12 bytes a piece, against 16384 elements of work). The pieces come
 // first: the dynamic array is float2-aligned, so they are too, whatever the size.
@@ -170,7 +187,7 @@ __device__ __forceinline__ void chunk_sums(const Segment& s, const Chunk& c,
       continue;
     }
     float u[GROUP], h[GROUP];
-    load_group<SD>(s.mu, i, n, vec, u);
+    load_mu<SD>(s, i, n, vec, u);
     masked_group(s, tab, i, n, vec, g, h);
 #pragma unroll
     for (int e = 0; e < GROUP; ++e) {
@@ -200,12 +217,12 @@ __global__ void __launch_bounds__(THREADS) phase1_chunks(DeviceJob job) {
   if (s.grad != nullptr) {  // uniform over the block
     DeviceTable tab = job.table;
     if (SUPER && job.has_table) tab = block_table(job, smem);
-    switch (s.grad_dtype * 3 + (SUPER ? s.state_dtype : 0)) {
+    switch (s.grad_dtype * 4 + (SUPER ? s.state_dtype : 0)) {
 #define SG_CASE(G, S) \
-  case G * 3 + S: chunk_sums<G, S, SUPER>(s, c, tab, acc); break;
-      SG_CASE(F32, F32) SG_CASE(F32, BF16) SG_CASE(F32, F16)
-      SG_CASE(BF16, F32) SG_CASE(BF16, BF16) SG_CASE(BF16, F16)
-      SG_CASE(F16, F32) SG_CASE(F16, BF16) SG_CASE(F16, F16)
+  case G * 4 + S: chunk_sums<G, S, SUPER>(s, c, tab, acc); break;
+      SG_CASE(F32, F32) SG_CASE(F32, BF16) SG_CASE(F32, F16) SG_CASE(F32, Q8)
+      SG_CASE(BF16, F32) SG_CASE(BF16, BF16) SG_CASE(BF16, F16) SG_CASE(BF16, Q8)
+      SG_CASE(F16, F32) SG_CASE(F16, BF16) SG_CASE(F16, F16) SG_CASE(F16, Q8)
 #undef SG_CASE
       default: __trap();
     }
@@ -278,6 +295,94 @@ __device__ __forceinline__ void chunk_update(const Segment& s, const Chunk& c,
   }
 }
 
+// 8-bit state: the chunk in rounds of THREADS * GROUP elements counted from the start of its
+// first block of the tensor (earlier only for a segment's first chunk), so that each warp's
+// 32 x GROUP = 256 elements are one block. A thread updates its valid elements (inside the
+// chunk), the warp's largest magnitudes meet in shared memory, and the thread writes its codes
+// against the block's new scales. Element by element: the codes are bytes, the scales per block.
+static_assert(32 * GROUP == QBLOCK, "a warp's elements are one block of 8-bit state");
+static_assert(THREADS % 32 == 0 && CHUNK % QBLOCK == 0, "rounds of whole blocks");
+
+template <int PD, int GD, bool SUPER>
+__device__ __forceinline__ void chunk_update_q8(const Segment& s, const Chunk& c,
+                                                const DeviceTable& tab, const double* row,
+                                                uint32_t (*red)[THREADS]) {
+  typedef Storage<PD> P;
+  typedef Storage<GD> G;
+  const Scalars k = scalars_from_row(row);
+  const RoundingRow r = rounding_from_row(row, s.tensor);
+  typename P::T* p = static_cast<typename P::T*>(s.param);
+  const typename G::T* g = static_cast<const typename G::T*>(s.grad);
+  int8_t* mc = static_cast<int8_t*>(s.exp_avg);
+  uint8_t* vc = static_cast<uint8_t*>(s.exp_avg_sq);
+  int8_t* uc = static_cast<int8_t*>(s.mu);
+  const int64_t lead = (s.offset + c.begin) % QBLOCK;
+  const int64_t first = c.begin - lead, end = c.begin + c.size;
+  const int64_t rounds = (lead + c.size + (int64_t)THREADS * GROUP - 1) / ((int64_t)THREADS * GROUP);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int64_t round = 0; round < rounds; ++round) {  // uniform over the block
+    const int64_t block0 = first + round * THREADS * GROUP + (int64_t)warp * QBLOCK;
+    const bool live = block0 < end && block0 + QBLOCK > c.begin;  // uniform over the warp
+    const int64_t blk = (s.offset + block0) / QBLOCK - s.offset / QBLOCK;
+    const float sm = live ? s.exp_avg_scale[blk] : 0.0f, sv = live ? s.exp_avg_sq_scale[blk] : 0.0f,
+                su = live ? s.mu_scale[blk] : 0.0f;
+    const int64_t i0 = block0 + (int64_t)lane * GROUP;
+    float m[GROUP], v[GROUP], u[GROUP];
+    uint32_t am = 0u, av = 0u, au = 0u;
+#pragma unroll
+    for (int e = 0; e < GROUP; ++e) {
+      const int64_t i = i0 + e;
+      m[e] = v[e] = u[e] = 0.0f;
+      if (i < c.begin || i >= end) continue;
+      float pi = P::load(p[i]);
+      const float gi = G::load(g[i]);
+      m[e] = dequantize_signed(mc[i], sm);
+      v[e] = dequantize_unsigned(vc[i], sv);
+      u[e] = dequantize_signed(uc[i], su);
+      if (SUPER) {
+        const float h = s.h != nullptr ? s.h[i] : masked(table_level_log_mask(tab, gi), gi);
+        supergrok_update(pi, gi, h, m[e], v[e], u[e], k);
+      } else {
+        grokadamw_update(pi, gi, m[e], v[e], u[e], k);
+      }
+      p[i] = store_rounded<PD>(pi, r.param, r.param ? rounding_base(r.key, s.offset + i) : 0u,
+                               DRAW_PARAM);
+      const uint32_t bm = f32_to_bits(m[e]) & 0x7FFFFFFFu, bv = f32_to_bits(v[e]) & 0x7FFFFFFFu,
+                     bu = f32_to_bits(u[e]) & 0x7FFFFFFFu;
+      am = bm > am ? bm : am;
+      av = bv > av ? bv : av;
+      au = bu > au ? bu : au;
+    }
+    red[0][threadIdx.x] = am;
+    red[1][threadIdx.x] = av;
+    red[2][threadIdx.x] = au;
+    __syncthreads();
+    for (int j = 0; j < 32; ++j) {  // the warp's maxima: the same reads in every lane
+      const int t = warp * 32 + j;
+      am = red[0][t] > am ? red[0][t] : am;
+      av = red[1][t] > av ? red[1][t] : av;
+      au = red[2][t] > au ? red[2][t] : au;
+    }
+    __syncthreads();  // every lane has read before the next round writes
+    const float nm = bits_to_f32(am), nv = bits_to_f32(av), nu = bits_to_f32(au);
+    const float im = inverse_scale(nm), iv = inverse_scale(nv), iu = inverse_scale(nu);
+#pragma unroll
+    for (int e = 0; e < GROUP; ++e) {
+      const int64_t i = i0 + e;
+      if (i < c.begin || i >= end) continue;
+      const uint32_t base = r.state ? rounding_base(r.key, s.offset + i) : 0u;
+      mc[i] = quantize_signed(m[e], im, r.state, r.state ? rounding_bits(base, DRAW_EXP_AVG) : 0u);
+      vc[i] = quantize_unsigned(v[e], iv, r.state, r.state ? rounding_bits(base, DRAW_EXP_AVG_SQ) : 0u);
+      uc[i] = quantize_signed(u[e], iu, r.state, r.state ? rounding_bits(base, DRAW_MU) : 0u);
+    }
+    if (live && lane == 0) {
+      s.exp_avg_scale[blk] = nm;
+      s.exp_avg_sq_scale[blk] = nv;
+      s.mu_scale[blk] = nu;
+    }
+  }
+}
+
 // Two blocks per SM for GrokAdamW (<= 128 registers, no spills); SuperGrok's table search needs
 // a few more registers than that, so it gets one (sm_90 spills at 128). Not tuned on a GPU yet.
 template <bool SUPER>
@@ -286,7 +391,7 @@ __global__ void __launch_bounds__(THREADS, SUPER ? 1 : 2) phase2_chunks(DeviceJo
   const Chunk c = job.chunks[blockIdx.x];
   const Segment s = job.segments[c.segment];
   if (!known_dtypes(s)) return __trap();
-  if (s.grad == nullptr) return;  // uniform over the block
+  if (s.grad == nullptr || s.state_dtype == Q8) return;  // uniform; 8-bit: phase2_q8_chunks
   DeviceTable tab = job.table;
   if (SUPER && job.has_table) tab = block_table(job, smem);
   const double* row = job.scalars + (int64_t)s.tensor * N_COLUMNS;
@@ -303,10 +408,38 @@ __global__ void __launch_bounds__(THREADS, SUPER ? 1 : 2) phase2_chunks(DeviceJo
   }
 }
 
+// Phase 2 of the chunks with 8-bit state, a second launch over the same chunk table when a
+// plan has any (its own kernel: the codes' registers would make phase2_chunks spill). One
+// block per SM, as SuperGrok's. Not tuned on a GPU yet.
+template <bool SUPER>
+__global__ void __launch_bounds__(THREADS, 1) phase2_q8_chunks(DeviceJob job) {
+  SG_DYNAMIC_SHARED(float2, smem);
+  SG_SHARED(uint32_t, qred, [3][THREADS]);  // the blocks' maxima
+  const Chunk c = job.chunks[blockIdx.x];
+  const Segment s = job.segments[c.segment];
+  if (!known_dtypes(s)) return __trap();
+  if (s.grad == nullptr || s.state_dtype != Q8) return;  // uniform over the block
+  DeviceTable tab = job.table;
+  if (SUPER && job.has_table) tab = block_table(job, smem);
+  const double* row = job.scalars + (int64_t)s.tensor * N_COLUMNS;
+  switch (s.param_dtype * 3 + s.grad_dtype) {
+#define SG_CASE(P, G) \
+  case P * 3 + G: chunk_update_q8<P, G, SUPER>(s, c, tab, row, qred); break;
+    SG_CASE(F32, F32) SG_CASE(F32, BF16) SG_CASE(F32, F16)
+    SG_CASE(BF16, F32) SG_CASE(BF16, BF16) SG_CASE(BF16, F16)
+    SG_CASE(F16, F32) SG_CASE(F16, BF16) SG_CASE(F16, F16)
+#undef SG_CASE
+    default: __trap();
+  }
+}
+
 constexpr size_t TABLE_ENTRY_BYTES = sizeof(float2) + sizeof(float);  // a piece and a node
 static_assert(SHARED_TABLE_MAX * TABLE_ENTRY_BYTES + N_STATS * THREADS * sizeof(double) <=
                   48 * 1024,
               "phase 1's table and reduction array must fit the 48 KiB of a default launch");
+
+static_assert(SHARED_TABLE_MAX * TABLE_ENTRY_BYTES + 3 * THREADS * sizeof(uint32_t) <= 48 * 1024,
+              "phase 2's table and 8-bit maxima must fit the 48 KiB of a default launch");
 
 size_t table_bytes(const DeviceJob& job) {
   const bool shared = job.kind == SUPERGROK && job.has_table && job.table.size <= SHARED_TABLE_MAX;
@@ -353,6 +486,11 @@ cudaError_t phase2(const DeviceJob& job, cudaStream_t stream, const char** faile
       SG_RUN("phase 2", SG_LAUNCH(phase2_chunks<true>, chunks, THREADS, table_bytes(job), stream)(job));
     else
       SG_RUN("phase 2", SG_LAUNCH(phase2_chunks<false>, chunks, THREADS, 0, stream)(job));
+    if (job.has_q8 && job.kind == SUPERGROK)
+      SG_RUN("phase 2 (8-bit state)",
+             SG_LAUNCH(phase2_q8_chunks<true>, chunks, THREADS, table_bytes(job), stream)(job));
+    else if (job.has_q8)
+      SG_RUN("phase 2 (8-bit state)", SG_LAUNCH(phase2_q8_chunks<false>, chunks, THREADS, 0, stream)(job));
   }
   return cudaSuccess;
 }

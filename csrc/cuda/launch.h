@@ -43,12 +43,14 @@ struct DeviceJob {
   const double* scalars;          // phase 2 input: [n_tensors, N_COLUMNS]
   DeviceTable table;              // in device memory
   int32_t has_table;
+  int32_t has_q8;                 // some segment has 8-bit state: phase 2's second launch
 };
 
 // Phase 1: per-chunk partial sums, then per-tensor sums into job.stats (two launches, no atomics).
 // Each launch's error is read right after it; on an error *failed names the launch.
 cudaError_t phase1(const DeviceJob& job, cudaStream_t stream, const char** failed);
-// Phase 2: the update in place, one launch over every chunk.
+// Phase 2: the update in place, one launch over every chunk (and a second for the chunks with
+// 8-bit state, when job.has_q8).
 cudaError_t phase2(const DeviceJob& job, cudaStream_t stream, const char** failed);
 
 // The largest table kept in shared memory (12 bytes an entry: a breakpoint and a piece, 24 KiB

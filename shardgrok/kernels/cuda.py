@@ -94,6 +94,7 @@ class CudaLaunches:
         self._table_src = None
         self._table = None  # [nodes, pieces] in level order, on the device
         self._segments = None  # this step's segment table on the device (phase 2 reuses it)
+        self._has_q8 = False  # a segment of this step has 8-bit state (phase 1 finds out)
 
     # A plan on the CPU goes through here on the emulated target (backend="cuda-emulated"): host
     # memory is its device memory, and it has no stream and no device to switch to.
@@ -152,7 +153,8 @@ class CudaLaunches:
         seg_host, present = self.plan.segment_table(hs, pinned=self.device.type == "cuda")
         # the records the kernels will follow, checked where they are built (host memory)
         n_segments = seg_host.numel() // self.ext.SEGMENT_BYTES
-        self.ext.check_segments(seg_host.data_ptr(), n_segments, kind, has_table, self.n)
+        self._has_q8 = self.ext.check_segments(seg_host.data_ptr(), n_segments, kind, has_table,
+                                               self.n)
         if self._chunks_host is not None:  # once per plan
             self.ext.check_chunks(self._chunks_host.data_ptr(), self.n_chunks, seg_host.data_ptr(),
                                   n_segments)
@@ -183,5 +185,6 @@ class CudaLaunches:
         nodes, pieces, size = self._device_table(table)
         with self._on_device():
             self.ext.phase2(kind, self._segments.data_ptr(), self.chunks.data_ptr(),
-                            self.n_chunks, self.n, scalars.data_ptr(), nodes, pieces, size, stream)
+                            self.n_chunks, self.n, scalars.data_ptr(), nodes, pieces, size, stream,
+                            self._has_q8)
         self._segments = None

@@ -74,9 +74,6 @@ class FusedPlan:
         for s in segs:
             where = f"parameter tensor #{s.index} {tuple(s.param.shape)}"
             q8 = R.is_quantized(s.state)
-            if q8 and (emulated or self.device.type == "cuda"):
-                raise KernelUnsupported(f"{where}: 8-bit (int8) state runs on the CPU kernel and "
-                                        "the reference path; the CUDA kernel does not take it yet")
             for name, t in (("the parameter", s.param), ("exp_avg", s.state["exp_avg"]),
                             ("exp_avg_sq", s.state["exp_avg_sq"]), ("mu", s.state["mu"])):
                 why = _why_not(name, t, where, self.device, codes=q8 and name != "the parameter")

@@ -29,13 +29,15 @@ import pytest
 import torch
 from torch import nn
 
+from shardgrok import reference as R
 from shardgrok.kernels import cuda as KC
 from shardgrok.metanet.table import KernelArrays, build_table, kernel_arrays
 
 from tests.kernels.test_kernel import (FP32_RTOL, MIX, assert_fp32_close,
                                        assert_within_storage_ulps, make_opt, make_params,
                                        normal_grads, rel_diff, step_rejected, tensors_of)
-from tests.kernels.test_kernel_header import DTYPES, Case, _emulate, _net, _scalar_table, stored
+from tests.kernels.test_kernel_header import (DTYPES, Case, _emulate, _int8_case, _net,
+                                               _scalar_table, stored)
 from tests.support.helpers import meta_net
 
 TARGETS = ["emulated", "gpu"]
@@ -389,6 +391,64 @@ def test_stochastic_rounding_bitwise(target, ext, kind, pdt, sdt, flags):
         for name, a, b in zip(("param", "exp_avg", "exp_avg_sq", "mu"), got, want):
             a, b = a.cpu(), stored(b, a.dtype, table[t], t, case.starts[i], name)
             assert torch.equal(a, b), f"segment {i} {name}: {int((a != b).sum())} differ"
+
+
+@pytest.mark.parametrize("kind", ["grok", "super"])
+@pytest.mark.parametrize("pdt,flags", [("f32", 0), ("f32", 1), ("bf16", 3)])
+def test_int8_state_bitwise(target, ext, kind, pdt, flags):
+    """8-bit state through the CUDA launches: pieces starting inside blocks (a warp's 256
+    elements are counted from the block's start) and past 2^32; phase 1 against the sums of the
+    dequantized mu in order.h's order, phase 2's parameters, codes and scales bit for bit
+    against the header's update, quantized by the reference (as the CPU kernel's
+    test_plan_int8_state_bitwise checks)."""
+    case = _int8_case(ext, DTYPES[pdt], seed=6)
+    old = {k: [t.clone() for t in getattr(case, k)] for k in ("sources", "m", "v", "mu")}
+    old_scales = [[t.clone() for t in sc] for sc in case.scales]
+    if target.device.type == "cuda":
+        case.sources = [t.to(target.device) for t in case.sources]
+        case.params = [case.sources[s].view(-1)[o:o + n] for _, s, o, n in case.rows]
+        for key in ("grads", "m", "v", "mu"):
+            setattr(case, key, [t.to(target.device) for t in getattr(case, key)])
+        case.scales = [[t.to(target.device) for t in sc] for sc in case.scales]
+    rows = [(*r, start) for r, start in zip(case.rows, case.starts)]
+    plan = ext.Plan(case.n_tensors, case.sources, torch.tensor(rows, dtype=torch.long),
+                    case.params, case.m, case.v, case.mu, case.steps, case.slot_of, case.scales)
+    assert plan.resolve(case.grads)
+    launches = KC.CudaLaunches(target.ext, ext, plan, case.n_tensors, target.device)
+    code = ext.GROKADAMW if kind == "grok" else ext.SUPERGROK
+    arrays = kernel_arrays(build_table(_net("random")))
+    aux = {} if kind == "grok" else dict(
+        breakpoints=arrays.breakpoints.to(target.device), slopes=arrays.slopes.to(target.device),
+        intercepts=arrays.intercepts.to(target.device), table_size=arrays.breakpoints.numel())
+    n, k = case.n_tensors, 1 if kind == "grok" else ext.N_STATS
+    buf = torch.zeros(n * (k + 1), dtype=torch.float64, device=target.device)
+    launches.phase1(code, k, buf, **aux)
+    target.sync()
+    steps = plan.bump_steps(buf[n * k:].cpu() > 0)
+    table = _scalar_table(kind, steps, flags, seed=99)
+    launches.phase2(code, table.to(target.device), **aux)
+    target.sync()
+    plan.release()
+    keys = ("exp_avg", "exp_avg_sq", "mu")
+    want_stats = torch.zeros(n, k, dtype=torch.float64)
+    for i, (t, s, o, n_el) in enumerate(case.rows):
+        g, start = case.grad_piece(i).cpu(), case.starts[i]
+        state = [R.dequantize_state(c, sc, key, start)
+                 for c, sc, key in zip((old["m"][i], old["v"][i], old["mu"][i]), old_scales[i], keys)]
+        h = masked_by_header(ext, arrays, g) if kind == "super" else g
+        want_stats[t] += (R.grokadamw_partial_stats(g) if kind == "grok"
+                          else R.supergrok_partial_stats(g, h, state[2]))
+        p1, m1, v1, u1 = _emulate(kind, old["sources"][s].view(-1)[o:o + n_el], g, h, *state, table[t])
+        got_p = case.params[i].cpu()
+        assert torch.equal(got_p, stored(p1, got_p.dtype, table[t], t, start, "param")), f"segment {i} param"
+        rounding = R.Rounding.of(R.StepScalars.from_row(table[t]), t, start)
+        for key, got, got_sc, value in zip(keys, (case.m[i], case.v[i], case.mu[i]), case.scales[i],
+                                           (m1, v1, u1)):
+            codes, scales = torch.empty_like(got.cpu()), torch.empty_like(got_sc.cpu())
+            R.quantize_state_(codes, scales, value, key, start, rounding)
+            assert torch.equal(got_sc.cpu(), scales), f"segment {i} {key} scales"
+            assert torch.equal(got.cpu(), codes), f"segment {i} {key}: {int((got.cpu() != codes).sum())} differ"
+    torch.testing.assert_close(buf[:n * k].view(n, k).cpu(), want_stats, rtol=1e-12, atol=1e-30)
 
 
 @pytest.mark.parametrize("size", [64, 2048, 4096, 16384], ids=lambda s: f"table{s}")

@@ -331,11 +331,12 @@ def test_a_checkpoint_converts_between_formats(ext):
                                        rtol=2**-8, atol=0)
 
 
-def test_int8_state_is_refused_where_it_cannot_run_yet():
-    """The CUDA kernel (and the emulated target) do not take 8-bit state yet: a clear error
-    naming what does."""
-    p = nn.Parameter(torch.randn(5000))
-    opt = GrokAdamW([p], state_dtype="int8", backend="cuda-emulated")
-    p.grad = torch.randn(5000)
-    with pytest.raises(RuntimeError, match=r"8-bit \(int8\) state runs on the CPU kernel"):
-        opt.step()
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_the_emulated_cuda_target_writes_the_cpu_kernels_bits(ext, name):
+    """The CUDA kernel's 8-bit path (run on the emulated target) against the CPU kernel's: three
+    steps, the same parameters, codes and scales bit for bit (both roundings' draws are the
+    header's, the update is the header's)."""
+    cpu = _outputs(*_run(name, "kernel", 3))
+    emu = _outputs(*_run(name, "cuda-emulated", 3))
+    for j, (a, b) in enumerate(zip(cpu, emu, strict=True)):
+        assert torch.equal(a, b), f"output {j}"
