@@ -147,39 +147,6 @@ void grokadamw_phase2(const Job& job, const Segment& s, int64_t b, int64_t n) {
   }
 }
 
-// 8-bit state: block by block (a chunk holds whole blocks of its tensor, but its first), the
-// update in fp32 from the dequantized state, the parameter written, then the block's codes.
-template <int PD, int GD, bool RS, bool RP>
-void grokadamw_phase2_q8(const Job& job, const Segment& s, int64_t b, int64_t n) {
-  typedef Storage<PD> P;
-  typedef Storage<GD> G;
-  const double* row = job.scalars + (int64_t)s.tensor * N_COLUMNS;
-  const Scalars k = scalars_from_row(row);
-  const uint32_t key = rounding_from_row(row, s.tensor).key;
-  typename P::T* p = static_cast<typename P::T*>(s.param);
-  const typename G::T* g = static_cast<const typename G::T*>(s.grad);
-  const int8_t* mc = static_cast<const int8_t*>(s.exp_avg);
-  const uint8_t* vc = static_cast<const uint8_t*>(s.exp_avg_sq);
-  const int8_t* uc = static_cast<const int8_t*>(s.mu);
-  alignas(64) float m[QBLOCK], v[QBLOCK], u[QBLOCK];
-  for (int64_t lo = b; lo < b + n;) {
-    const int64_t hi = block_end(s, lo, b + n), blk = scale_index(s, lo);
-    const float sm = s.exp_avg_scale[blk], sv = s.exp_avg_sq_scale[blk], su = s.mu_scale[blk];
-    const uint32_t khi = rounding_key_hi(key, s.offset + lo), low = (uint32_t)(s.offset + lo);
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t e = i - lo;
-      float pi = P::load(p[i]);
-      m[e] = dequantize_signed(mc[i], sm);
-      v[e] = dequantize_unsigned(vc[i], sv);
-      u[e] = dequantize_signed(uc[i], su);
-      grokadamw_update(pi, G::load(g[i]), m[e], v[e], u[e], k);
-      p[i] = store_rounded<PD>(pi, RP, RP ? rounding_base_lo(khi, low + (uint32_t)e) : 0u, DRAW_PARAM);
-    }
-    store_codes<RS>(s, lo, hi - lo, key, m, v, u);
-    lo = hi;
-  }
-}
-
 // ---------------------------------------------------------------- SuperGrok
 // x[0:n] = g, h[0:n] = exp(f(g)) g for one block; the rest of the block zero (adds nothing).
 template <int GD>
@@ -382,13 +349,18 @@ void supergrok_phase2(const Job& job, const Segment& s, int64_t b, int64_t n) {
   }
 }
 
-template <int PD, int GD, bool RS, bool RP>
-void supergrok_phase2_q8(const Job& job, const Segment& s, int64_t b, int64_t n) {
+// ---------------------------------------------------------------- 8-bit state, both optimizers
+// Block by block (a chunk holds whole blocks of its tensor, but its first): the update in fp32
+// from the dequantized state, the parameter written, then the block's codes.
+template <int PD, int GD, bool SUPER, bool RS, bool RP>
+void phase2_q8(const Job& job, const Segment& s, int64_t b, int64_t n) {
   typedef Storage<PD> P;
+  typedef Storage<GD> G;
   const double* row = job.scalars + (int64_t)s.tensor * N_COLUMNS;
   const Scalars k = scalars_from_row(row);
   const uint32_t key = rounding_from_row(row, s.tensor).key;
   typename P::T* p = static_cast<typename P::T*>(s.param);
+  const typename G::T* g = static_cast<const typename G::T*>(s.grad);
   const int8_t* mc = static_cast<const int8_t*>(s.exp_avg);
   const uint8_t* vc = static_cast<const uint8_t*>(s.exp_avg_sq);
   const int8_t* uc = static_cast<const int8_t*>(s.mu);
@@ -397,7 +369,7 @@ void supergrok_phase2_q8(const Job& job, const Segment& s, int64_t b, int64_t n)
   for (int64_t lo = b; lo < b + n;) {
     const int64_t hi = block_end(s, lo, b + n), blk = scale_index(s, lo);
     const float sm = s.exp_avg_scale[blk], sv = s.exp_avg_sq_scale[blk], su = s.mu_scale[blk];
-    stage_masked<GD>(job, s, lo, hi - lo, x, h);
+    if (SUPER) stage_masked<GD>(job, s, lo, hi - lo, x, h);
     const uint32_t khi = rounding_key_hi(key, s.offset + lo), low = (uint32_t)(s.offset + lo);
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t e = i - lo;
@@ -405,7 +377,8 @@ void supergrok_phase2_q8(const Job& job, const Segment& s, int64_t b, int64_t n)
       m[e] = dequantize_signed(mc[i], sm);
       v[e] = dequantize_unsigned(vc[i], sv);
       u[e] = dequantize_signed(uc[i], su);
-      supergrok_update(pi, x[e], h[e], m[e], v[e], u[e], k);
+      if (SUPER) supergrok_update(pi, x[e], h[e], m[e], v[e], u[e], k);
+      else grokadamw_update(pi, G::load(g[i]), m[e], v[e], u[e], k);
       p[i] = store_rounded<PD>(pi, RP, RP ? rounding_base_lo(khi, low + (uint32_t)e) : 0u, DRAW_PARAM);
     }
     store_codes<RS>(s, lo, hi - lo, key, m, v, u);
@@ -424,8 +397,8 @@ template <int PD, int GD>
 struct Instance<PD, GD, Q8> {
   template <bool RS, bool RP>
   static void run(const Job& job, const Segment& s, int64_t b, int64_t n) {
-    if (job.kind == GROKADAMW) grokadamw_phase2_q8<PD, GD, RS, RP>(job, s, b, n);
-    else supergrok_phase2_q8<PD, GD, RS, RP>(job, s, b, n);
+    if (job.kind == GROKADAMW) phase2_q8<PD, GD, false, RS, RP>(job, s, b, n);
+    else phase2_q8<PD, GD, true, RS, RP>(job, s, b, n);
   }
   static constexpr bool CAN_RP = PD == BF16;
   static void p2(const Job& job, const Segment& s, int64_t b, int64_t n) {

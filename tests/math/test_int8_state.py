@@ -20,20 +20,15 @@ import pytest
 import torch
 from torch import nn
 
-from shardgrok import GrokAdamW, SuperGrok
+from shardgrok import GrokAdamW
 from shardgrok import reference as R
-from tests.support.helpers import meta_net
+from tests.math.test_state_dtype import make_opt
+from tests.support.helpers import assert_bitwise_across_threads_and_isas
 
 OPTIMIZERS = ("grokadamw", "supergrok")
 KINDS = {"signed": R.SIGNED, "unsigned": R.UNSIGNED}
 
 
-def make_opt(name, params, backend="kernel", **kw):
-    kw.setdefault("lr", 1e-3)
-    if name == "grokadamw":
-        return GrokAdamW(params, backend=backend, **kw)
-    kw.setdefault("warmup_steps", 0)
-    return SuperGrok(params, backend=backend, meta_net=meta_net("random"), **kw)
 
 
 def step_of(bias: int, mag: torch.Tensor) -> torch.Tensor:
@@ -167,7 +162,7 @@ def _grads(params, t):
 
 def _run(name, backend, steps, **kw):
     params = _params()
-    opt = make_opt(name, params, backend, state_dtype="int8", **kw)
+    opt = make_opt(name, params, backend, lr=1e-3, state_dtype="int8", **kw)
     for t in range(steps):
         for p, g in zip(params, _grads(params, t)):
             p.grad = g
@@ -219,24 +214,8 @@ def test_kernel_step_against_the_reference(ext, name, stochastic):
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_threads_and_instruction_sets_bitwise(isa_restored, name):
-    ext = isa_restored
-    before = torch.get_num_threads()
-    runs = {}
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            runs[f"{threads} threads"] = _outputs(*_run(name, "kernel", 3))
-        torch.set_num_threads(before)
-        for isa in ext.supported_isas():
-            ext.set_isa(isa)
-            runs[isa] = _outputs(*_run(name, "kernel", 3))
-    finally:
-        torch.set_num_threads(before)
-    first, *rest = runs
-    for other in rest:
-        for j, (a, b) in enumerate(zip(runs[first], runs[other], strict=True)):
-            assert torch.equal(a, b), f"{other} differs from {first} in output {j}"
+def test_threads_and_instruction_sets_bitwise(ext, name):
+    assert_bitwise_across_threads_and_isas(ext, lambda: _outputs(*_run(name, "kernel", 3)))
 
 
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
@@ -290,7 +269,7 @@ def test_checkpoint_holds_the_codes_and_resumes_bitwise(ext, name):
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     params2 = [nn.Parameter(t) for t in saved["params"]]
-    opt2 = make_opt(name, params2, "kernel", state_dtype="int8")
+    opt2 = make_opt(name, params2, "kernel", lr=1e-3, state_dtype="int8")
     opt2.load_state_dict(saved["opt"])
     for t in range(3, 6):
         for p, g in zip(params2, _grads(params2, t)):

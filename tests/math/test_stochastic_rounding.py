@@ -21,19 +21,13 @@ import pytest
 import torch
 from torch import nn
 
-from shardgrok import GrokAdamW, SuperGrok
+from shardgrok import GrokAdamW
 from shardgrok import reference as R
-from tests.support.helpers import meta_net
+from tests.math.test_state_dtype import make_opt
+from tests.support.helpers import assert_bitwise_across_threads_and_isas
 
 BF16 = torch.bfloat16
 OPTIMIZERS = ("grokadamw", "supergrok")
-
-
-def make_opt(name, params, backend="kernel", **kw):
-    if name == "grokadamw":
-        return GrokAdamW(params, backend=backend, **kw)
-    kw.setdefault("warmup_steps", 0)
-    return SuperGrok(params, backend=backend, meta_net=meta_net("random"), **kw)
 
 
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
@@ -214,25 +208,10 @@ def test_kernel_and_reference_agree_within_one_ulp_on_few_elements(ext, name):
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_one_and_two_threads_and_every_instruction_set_bitwise(isa_restored, name):
-    ext = isa_restored
-    before = torch.get_num_threads()
+def test_one_and_two_threads_and_every_instruction_set_bitwise(ext, name):
     sizes = (2 * ext.CHUNK + 5, 300, 17)
-    try:
-        runs = {}
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            runs[f"{threads} threads"] = _outputs(*_run(name, "kernel", steps=5, sizes=sizes))
-        torch.set_num_threads(before)
-        for isa in ext.supported_isas():
-            ext.set_isa(isa)
-            runs[isa] = _outputs(*_run(name, "kernel", steps=5, sizes=sizes))
-    finally:
-        torch.set_num_threads(before)
-    first, *rest = runs
-    for other in rest:
-        for j, (a, b) in enumerate(zip(runs[first], runs[other], strict=True)):
-            assert torch.equal(a, b), f"{other} differs from {first} in output {j}"
+    assert_bitwise_across_threads_and_isas(
+        ext, lambda: _outputs(*_run(name, "kernel", steps=5, sizes=sizes)))
 
 
 def test_the_seed_decides_the_bits(ext):

@@ -110,3 +110,26 @@ def meta_net(kind: str = "random", seed: int = 0, hidden: int = 32):
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def assert_bitwise_across_threads_and_isas(ext, outputs) -> None:
+    """``outputs()`` (the tensors one run ends with) with one and two torch threads and on every
+    instruction set the CPU extension supports: the same bits everywhere. The extension's
+    instruction set and torch's thread count are put back."""
+    before_threads, before_isa = torch.get_num_threads(), ext.isa()
+    runs = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs[f"{threads} threads"] = outputs()
+        torch.set_num_threads(before_threads)
+        for isa in ext.supported_isas():
+            ext.set_isa(isa)
+            runs[isa] = outputs()
+    finally:
+        torch.set_num_threads(before_threads)
+        ext.set_isa(before_isa)
+    first, *rest = runs
+    for other in rest:
+        for j, (a, b) in enumerate(zip(runs[first], runs[other], strict=True)):
+            assert torch.equal(a, b), f"{other} differs from {first} in output {j}"
