@@ -88,12 +88,32 @@ def test_provenance_of_the_gpu_check_script(capsys):
     assert "benchmarks/step_cuda.py --sizes 100M/200" in script and "benchmarks/step.py" not in script
 
 
-def test_phases_benchmark_runs():
-    proc = subprocess.run([sys.executable, str(BENCH / "phases.py"), "--size", "100k/10"],
-                          capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("state", ["fp32", "int8"])
+def test_phases_benchmark_runs(state):
+    proc = subprocess.run([sys.executable, str(BENCH / "phases.py"), "--size", "100k/10",
+                           "--state", state], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("phase 1") == 3
+    assert proc.stdout.count("phase 1") == 3 and f"{state} state (stochastic)" in proc.stdout
     _check_provenance_lines(proc.stdout, "# ")
+
+
+def test_state_formats_benchmark_runs(tmp_path):
+    """The smoke run: every format's row timed, its state measured from the tensors (8-bit:
+    3 + 12/256 bytes a parameter at 100k/10, whose tensors are 10,000 elements), and rows
+    that cannot run here (torchao, bitsandbytes) saying why instead of failing."""
+    out = tmp_path / "f.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "state_formats.py"), "--quick", "--json",
+                           str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_provenance_lines(proc.stdout, "  ")
+    rows = {r["optimizer"]: r for r in json.loads(out.read_text())["sizes"][0]["rows"]}
+    for fam in ("grok", "super"):
+        assert rows[f"{fam}-fp32"]["state_bytes_per_param"] == 12.0
+        assert rows[f"{fam}-bf16"]["state_bytes_per_param"] == 6.0
+        assert abs(rows[f"{fam}-int8"]["state_bytes_per_param"] - (3 + 12 / 256)) < 0.01
+        assert all(rows[f"{fam}-{f}"]["median_ms"] > 0 for f in ("fp32", "bf16", "int8"))
+    for other in ("torchao-adamw8bit", "bnb-adamw8bit"):
+        assert rows[other]["median_ms"] is not None or rows[other]["note"].startswith("cannot run")
 
 
 def test_grokking_results_carry_their_provenance(tmp_path):
