@@ -173,6 +173,31 @@ def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = 
     return "\n".join(lines)
 
 
+def paired(runs: list[dict], pairs: list[list[str]], target: float) -> str:
+    """``(SPEC, BASE)`` pairs: per operation, the ratio of SPEC's steps to ``target`` over BASE's
+    for each seed both ran (the same initial weights and batches), and their median: a paired
+    comparison, which a ratio of medians is not. A seed where either did not reach the target
+    is listed, not counted."""
+    head = ["operation", "optimizer", "against", "per-seed steps ratio", "median ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    key = str(target)
+    for spec, base in pairs:
+        for op in sorted({r["op"] for r in runs}):
+            of = {s: {r["seed"]: r["steps_to"].get(key) for r in runs if r["op"] == op and r["spec"] == s}
+                  for s in (spec, base)}
+            ratios, cells = [], []
+            for seed in sorted(set(of[spec]) & set(of[base])):
+                a, b = of[spec][seed], of[base][seed]
+                if a and b:
+                    ratios.append(a / b)
+                    cells.append(f"{seed}: {a}/{b} = {a / b:.2f}")
+                else:
+                    cells.append(f"{seed}: not reached")
+            med = f"{statistics.median(ratios):.3f}" if ratios else "-"
+            lines.append(f"| {op} | `{spec}` | `{base}` | {'; '.join(cells)} | {med} |")
+    return "\n".join(lines)
+
+
 def diagnostics(runs: list[dict], only: list[str] | None = None) -> str:
     """What GrokAdamW and SuperGrok decided, from the curves: per operation and spec the median
     over seeds of the alpha and clipping coefficient at the last evaluation and their smallest
@@ -201,7 +226,7 @@ def diagnostics(runs: list[dict], only: list[str] | None = None) -> str:
 
 def report(paths: list[str], versus: list[str] | None, only: list[str] | None,
            png: str | None, diag: bool = False, pool_ops: bool = False,
-           argv: list[str] | None = None) -> int:
+           argv: list[str] | None = None, pairs: list[list[str]] | None = None) -> int:
     """``--report``: the markdown tables (and plot) of result files, without training."""
     runs, targets, config = [], None, None
     for path in paths:
@@ -215,9 +240,13 @@ def report(paths: list[str], versus: list[str] | None, only: list[str] | None,
     if pool_ops:   # one row per spec over every operation and seed
         runs = [{**r, "op": "all"} for r in runs]
     known = {r["spec"] for r in runs}
-    for spec in (versus or []) + (only or []):
+    named = [s for p in pairs or [] for s in p]
+    for spec in (versus or []) + (only or []) + named:
         if spec not in known:
             raise SystemExit(f"--report: no run of {spec!r} in {', '.join(paths)}")
+    if pairs:
+        print(paired(runs, pairs, targets[0]))
+        return 0
     print(diagnostics(runs, only) if diag else markdown(runs, targets, versus, only))
     if png:
         plot({"runs": runs, "config": config}, png, step_common.provenance(PROG, argv))
@@ -261,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--versus", action="append", metavar="SPEC",
                     help="with --report: a column of the ratio of this spec's median steps and "
                          "seconds to the first target over each row's (repeatable)")
+    ap.add_argument("--paired", action="append", nargs=2, metavar=("SPEC", "BASE"),
+                    help="with --report: per operation, SPEC's steps to the first target over "
+                         "BASE's for each seed, and their median (repeatable)")
     ap.add_argument("--only", action="append", metavar="SPEC",
                     help="with --report: only this spec's rows (repeatable)")
     ap.add_argument("--pool-ops", action="store_true",
@@ -276,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.report:
         return report(args.report, args.versus, args.only, args.png, args.diagnostics,
-                      args.pool_ops, argv)
+                      args.pool_ops, argv, args.paired)
     from shardgrok.demo.ops import parse_op
     ops = args.op or ["x*y"]
     specs = args.opt or list(NAMES)

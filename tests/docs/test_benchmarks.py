@@ -3,6 +3,7 @@ file they write says where it came from."""
 import gc
 import json
 import math
+import statistics
 import os
 import subprocess
 import sys
@@ -354,3 +355,21 @@ def test_cuda_targets_pass_and_fail_lines():
     assert [ln.split()[0] for ln in lines] == ["PASS", "FAIL", "PASS", "FAIL"], lines
     assert "1.40x (need <= 1.45x)" in lines[0] and "79.0% of the copy bandwidth" in lines[3]
     assert all(t["passed"] is None for t in step_cuda.check_targets([], copy, "fp32"))
+
+
+def test_grokking_report_pairs_seeds():
+    """--paired: per operation, one spec's steps over another's for each seed and their median,
+    as computed here from the result file's runs."""
+    path = ROOT / "benchmarks/results/grokking_study_tuned.json"
+    spec, base = "adamw:weight_decay=3.0", "adamw:weight_decay=2.0"
+    proc = subprocess.run([sys.executable, str(BENCH / "grokking.py"), "--report", str(path),
+                           "--paired", spec, base], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(path.read_text())["runs"]
+    for op in ("x*y", "x+y", "x-y"):
+        steps = {s: {r["seed"]: r["steps_to"]["0.95"] for r in runs if r["op"] == op and r["spec"] == s}
+                 for s in (spec, base)}
+        ratios = [steps[spec][k] / steps[base][k] for k in steps[spec]
+                  if steps[spec][k] and steps[base].get(k)]
+        row = next(line for line in proc.stdout.splitlines() if line.startswith(f"| {op} |"))
+        assert row.rstrip(" |").endswith(f"{statistics.median(ratios):.3f}"), row
