@@ -153,6 +153,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         if self._layout is None:
             self._layout = select_layout(params, *self._shard_args)
             self._reducer = self._layout.reducer
+        fmt = parse_state_dtype("state_dtype", param_group.get("state_dtype", self.state_dtype))
+        if fmt == INT8 and any(p.numel() >= R.QMIN_NUMEL for p in params):
+            self._check_takes_int8()  # before the group is added: nothing to undo
         super().add_param_group({**param_group, "params": params})
         self._group_params.append(list(params))
         self._param_groups_full = self.param_groups
@@ -212,13 +215,16 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             for key in STATE_KEYS[1:]:
                 st[key] = torch.zeros_like(local, dtype=fmt, memory_format=torch.preserve_format)
 
-    def _int8_state(self, p: torch.Tensor, local: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Zero 8-bit state for ``p``: codes shaped like its local piece, one scale per block."""
+    def _check_takes_int8(self) -> None:
         if not self._layout.takes_int8:
             raise ValueError(f"{type(self).__name__}: state_dtype=\"int8\" runs in one process "
                              f"and under ZeRO-1 (torchrun/DDP) in this version; the "
                              f"{type(self._layout).__name__} layout keeps float32, bfloat16 or "
                              "float16 state")
+
+    def _int8_state(self, p: torch.Tensor, local: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zero 8-bit state for ``p``: codes shaped like its local piece, one scale per block."""
+        self._check_takes_int8()
         start = self._layout.state_start(p)
         st = {}
         for key, bias in R.QUANT_BIAS.items():

@@ -77,3 +77,30 @@ for _kind in ("grokadamw", "supergrok"):
             run.__name__ = f"int8_zero1_{kind}_{backend}"
             return run
         scenario(_make())
+
+
+@scenario
+def int8_refused_fsdp2(args):
+    """FSDP2 does not take 8-bit state in this version: refused at construction and by
+    add_param_group, before anything changed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from tests.support.worker_registry import Ctx
+    mesh = init_device_mesh("cpu", (Ctx.world,))
+    params = [nn.Parameter(distribute_tensor(torch.randn(64, 80), mesh, [Shard(0)])) for _ in range(2)]
+    out = {}
+    try:
+        shardgrok.GrokAdamW(params, state_dtype="int8")
+        out["construction"] = None
+    except ValueError as e:
+        out["construction"] = str(e)
+    opt = shardgrok.GrokAdamW(params[:1])
+    try:
+        opt.add_param_group({"params": params[1:], "state_dtype": "int8"})
+        out["add_param_group"] = None
+    except ValueError as e:
+        out["add_param_group"] = str(e)
+    out["groups_after"] = len(opt.param_groups)
+    out["state_after"] = len(opt.state)
+    return out
