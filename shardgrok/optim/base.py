@@ -190,10 +190,13 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         return torch.float32 if p.dtype in _LOW else p.dtype
 
     def _group_of(self, p: torch.Tensor) -> dict:
-        for g in self.param_groups:
+        """``p``'s param group among all of them (an engine may show only some per call: the
+        flat partitions of DeepSpeed's other groups); a parameter an engine put in that no
+        group lists yet takes the optimizer's own settings."""
+        for g in self._param_groups_full or self.param_groups:
             if any(q is p for q in g["params"]):
                 return g
-        raise KeyError("not a parameter of this optimizer")
+        return {}
 
     def state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
         """The dtype of ``p``'s state tensors where they are plain values (float32 for 8-bit
