@@ -18,7 +18,11 @@ Two shapes of the same format:
   into a full one.
 
 Under FSDP the state is DTensors (FSDP2) or flat shards (FSDP1), and
-torch.distributed.checkpoint saves and reshards it.
+torch.distributed.checkpoint saves and reshards it. 8-bit state's per-block scales are not
+shaped like the parameter, so FSDP2 hands them to it *by row* (:func:`scales_by_row`): a
+``[rows, W]`` tensor sharded like the parameter's rows, each row holding the scales of the
+blocks it touches (``"int8_scales": "rows"`` in the ``"shardgrok"`` entry).
+:func:`values_by_row` reads that form back at any sharding.
 """
 from __future__ import annotations
 
@@ -26,13 +30,55 @@ from typing import Any
 
 import torch
 
-from .reference import QBLOCK, SCALE_KEYS as _SCALE_KEYS
+from .reference import QBLOCK, QUANT_BIAS, SCALE_KEYS as _SCALE_KEYS, dequantize_codes
 
 CHECKPOINT_KEY = "shardgrok"
 CHECKPOINT_FORMAT = 1
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "mu")
 #: 8-bit state's per-block scales of exp_avg, exp_avg_sq and mu
 SCALE_KEYS = tuple(_SCALE_KEYS.values())
+
+
+def row_width(row: int) -> int:
+    """How many blocks a row of ``row`` elements touches at most (wherever it starts): the
+    width of :func:`scales_by_row`'s form."""
+    return row // QBLOCK if row % QBLOCK == 0 else (row + QBLOCK - 2) // QBLOCK + 1
+
+
+def _row_blocks(first_row: int, rows: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows ``first_row ..`` of ``row`` elements: each row's touched blocks (global block
+    index, ``[rows, W]``) and which of the W entries a row touches."""
+    r = torch.arange(first_row, first_row + rows, dtype=torch.int64)[:, None]
+    block = (r * row) // QBLOCK + torch.arange(row_width(row), dtype=torch.int64)
+    return block, block <= (r * row + row - 1) // QBLOCK
+
+
+def scales_by_row(scales: torch.Tensor, start: int, row: int, rows: int) -> torch.Tensor:
+    """A piece's per-block ``scales`` (its ``rows`` rows of ``row`` elements from flat index
+    ``start`` of its tensor) as one row of ``W`` per tensor row: entry j of row
+    r is the scale of the j-th block row r touches, 0 past its last. A block two rows share
+    is in both; where a rank boundary cuts it, each row holds the scale its own rank's codes
+    were written at, so every row is read back alone (:func:`values_by_row`)."""
+    n, first = scales.numel(), start // QBLOCK
+    block, touched = _row_blocks(start // row, rows, row)
+    local = (block - first).clamp(0, max(n - 1, 0))
+    out = torch.zeros(block.shape, dtype=torch.float32, device=scales.device)
+    if n:
+        out = torch.where(touched.to(scales.device), scales.float()[local.to(scales.device)], out)
+    return out
+
+
+def values_by_row(codes: torch.Tensor, rows: torch.Tensor, start: int, row: int,
+                  key: str) -> torch.Tensor:
+    """fp32 values of the codes of whole tensor rows from flat index ``start`` (a multiple of
+    ``row``), each element read at the scale its own row holds for its block
+    (:func:`scales_by_row`'s form)."""
+    flat = codes.reshape(-1)
+    i = torch.arange(start, start + flat.numel(), dtype=torch.int64)
+    r = i // row
+    j = i // QBLOCK - (r * row) // QBLOCK
+    scale = rows.float().reshape(-1, row_width(row))[(r - start // row), j]
+    return dequantize_codes(flat, scale.to(flat.device), QUANT_BIAS[key]).view(codes.shape)
 
 
 def extra_of(sd: dict[str, Any]) -> dict[str, Any] | None:

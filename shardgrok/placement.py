@@ -1,8 +1,10 @@
 """Where tensors live: the one module that moves them between devices and the host, and that
 unwraps the local storage of an engine's sharded tensors.
 
-- :func:`local_tensor` / :func:`is_dtensor`: a DTensor (FSDP2) is stepped through its local
-  shard; every other tensor is its own storage.
+- :func:`local_tensor` / :func:`is_dtensor` / :func:`local_start`: a DTensor (FSDP2) is
+  stepped through its local shard; every other tensor is its own storage.
+  :func:`like_dtensor` wraps a rank's rows of a tensor shaped otherwise (8-bit state's scales
+  by row) as a DTensor sharded like a parameter.
 - :func:`to_device`: a host tensor onto the parameters' device without a host sync (the step's
   decisions send their small tables this way).
 - :func:`host_copy` / :func:`to_host` / :func:`host_ready`: device tensors copied to page-locked
@@ -27,6 +29,28 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     (detached, so in-place updates are not recorded by autograd)."""
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t.detach()
+
+
+def local_start(t: torch.Tensor) -> int:
+    """Where ``t``'s local storage begins in the whole tensor, as a flat (row-major) index: a
+    DTensor sharded on rows (FSDP2's ``Shard(0)``, uneven shards included) holds whole rows
+    from there; any other tensor is whole (0)."""
+    if not is_dtensor(t) or t.dim() == 0:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return offset[0] * (t.numel() // t.shape[0] if t.shape[0] else 0)
+
+
+def like_dtensor(local: torch.Tensor, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``local`` (this rank's rows of a tensor of ``shape``) as a DTensor sharded like the
+    DTensor ``like``: same mesh and placements, rows cut where ``like``'s are."""
+    from torch.distributed.tensor import DTensor
+
+    stride = tuple(int(torch.tensor(shape[i + 1:]).prod()) for i in range(len(shape)))
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
+                              shape=torch.Size(shape), stride=stride)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

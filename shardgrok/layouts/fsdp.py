@@ -16,13 +16,12 @@ put back afterwards.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..checkpoint import STATE_KEYS
+from .. import reference as R
+from ..checkpoint import STATE_KEYS, scales_by_row
 from ..comm import GroupReducer, MeshReducer
-from ..placement import is_dtensor, local_tensor
+from ..placement import is_dtensor, like_dtensor, local_start, local_tensor
 from .base import Segment, TensorRef, verify_same_on_every_rank
 from .local import PerTensorLayout, check_val_loss, tensor_layers
 
@@ -105,26 +104,41 @@ class FSDP2Layout(_EngineSharded):
         verify_same_on_every_rank(self.reducer, optimizer, groups,
                                   lambda gi, ps: [(gi, tuple(p.shape), str(p.dtype)) for p in ps])
 
-    @staticmethod
-    def _start(p) -> int:
-        """Where this rank's rows begin in the whole tensor, as a flat index (Shard(0): the
-        local shard is whole rows, uneven ones included)."""
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    #: 8-bit state: a block cut by a rank boundary (rows of other than whole blocks) gets a
+    #: scale per rank, each its own part's largest magnitude (docs/distributed.md)
+    takes_int8 = True
 
-        if p.dim() == 0:
-            return 0
-        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        return offset[0] * math.prod(p.shape[1:])
+    def state_start(self, p: torch.Tensor) -> int:
+        return local_start(p)
 
     def pieces(self, optimizer, with_grad: bool = True) -> list[Segment]:
         segs = []
         for ref, p in self._with_grad(optimizer, with_grad):
             st = optimizer.state[p]
-            local = {k: (v if k == "step" else v.to_local()) for k, v in st.items()}
+            # m, v, mu (and 8-bit codes) are DTensors; 8-bit scales are this rank's own blocks
+            local = {k: (v.to_local() if is_dtensor(v) else v) for k, v in st.items()}
             grad = None if p.grad is None else p.grad.to_local()
             segs.append(Segment(ref.index, ref.layer, ref.group, p.to_local(), grad, local, p,
-                                lambda x: x.reshape(-1), self._start(p)))
+                                lambda x: x.reshape(-1), local_start(p)))
         return segs
+
+    def export_state(self, optimizer, sd, extra) -> None:
+        """8-bit scales by row (shardgrok.checkpoint.scales_by_row): a DTensor of
+        ``[rows, W]`` sharded like the parameter, which torch.distributed.checkpoint saves,
+        gathers and reshards as it does the codes."""
+        ids = [i for g in sd["param_groups"] for i in g["params"]]
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            st = sd["state"].get(i)
+            if not st or not R.is_quantized(st):
+                continue
+            row, rows = p.numel() // p.shape[0], p.to_local().shape[0]
+            by_row = {}
+            for key in R.SCALE_KEYS.values():
+                local = scales_by_row(st[key], local_start(p), row, rows)
+                by_row[key] = like_dtensor(local, p, (p.shape[0], local.shape[1]))
+            sd["state"][i] = {**st, **by_row}  # a new entry: st is the optimizer's own
+            extra["int8_scales"] = "rows"
 
 
 class FSDP1Layout(_EngineSharded):

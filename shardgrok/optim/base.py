@@ -13,12 +13,12 @@ import torch
 
 from .. import _validation as V
 from ..checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, checked_extra,
-                          without_extra)
+                          values_by_row, without_extra)
 from .. import kernels as K
 from ..kernels.plan import FusedPlan, TensorInfo
 from ..layouts import EngineWatch, LayoutSwitch, Segment, ZeroLayout, select_layout
 from ..layouts.select import on_build
-from ..placement import is_dtensor, local_tensor, to_cpu
+from ..placement import is_dtensor, like_dtensor, local_start, local_tensor, to_cpu
 from .. import reference as R
 from ..reference import ACC, COL, ROUNDING
 from .step import StepDriver
@@ -220,8 +220,8 @@ class GrokOptimizerBase(torch.optim.Optimizer):
 
     def _check_takes_int8(self) -> None:
         if not self._layout.takes_int8:
-            raise ValueError(f"{type(self).__name__}: state_dtype=\"int8\" runs in one process "
-                             f"and under ZeRO-1 (torchrun/DDP) in this version; the "
+            raise ValueError(f"{type(self).__name__}: state_dtype=\"int8\" runs in one process, "
+                             f"under ZeRO-1 (torchrun/DDP) and FSDP2 in this version; the "
                              f"{type(self._layout).__name__} layout keeps float32, bfloat16 or "
                              "float16 state")
 
@@ -231,10 +231,12 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         start = self._layout.state_start(p)
         st = {}
         for key, bias in R.QUANT_BIAS.items():
+            # codes like the state (a DTensor under FSDP2); scales of this rank's blocks
             st[key] = torch.zeros_like(local, dtype=R.CODE_DTYPE[bias],
                                        memory_format=torch.contiguous_format)
-            st[R.SCALE_KEYS[key]] = torch.zeros(R.n_blocks(start, local.numel()),
-                                                dtype=torch.float32, device=local.device)
+            st[R.SCALE_KEYS[key]] = torch.zeros(R.n_blocks(start, local_tensor(local).numel()),
+                                                dtype=torch.float32,
+                                                device=local_tensor(local).device)
         return st
 
     # ------------------------------------------------------------------ engines
@@ -450,9 +452,10 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                              f"{extra.get('int8_format')!r}; this version reads version {INT8_FORMAT}")
         if quantized and not self._layout.takes_int8:
             raise ValueError(f"{type(self).__name__}: a checkpoint with 8-bit (int8) state loads "
-                             "in one process and under ZeRO-1 in this version")
+                             "in one process, under ZeRO-1 and FSDP2 in this version")
         formats = [g.get("state_dtype") for g in self.param_groups]
-        rest = self._layout.import_state(self, without_extra(state_dict), extra)
+        rest = self._layout.import_state(self, _values_by_row(without_extra(state_dict), extra),
+                                         extra)
         super().load_state_dict(rest)
         for g, fmt in zip(self.param_groups, formats):  # the state format is this optimizer's
             g.pop("state_dtype", None)
@@ -480,7 +483,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                                               for k in STATE_KEYS[1:]):
                 continue
             start = self._layout.state_start(p)
-            values = {k: R.state_value(st, k, start) for k in STATE_KEYS[1:]}
+            values = {k: local_tensor(R.state_value(st, k, start)) for k in STATE_KEYS[1:]}
             mine = self.state[p]
             for k in list(mine):  # this optimizer's own keys only
                 if k != "step" and k not in self._fresh_state_keys(p, group):
@@ -489,12 +492,15 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             if fmt == INT8:
                 fresh = self._int8_state(p, self._layout.state_like(p))
                 for k, v in values.items():
-                    R.quantize_state_(fresh[k], fresh[R.SCALE_KEYS[k]],
-                                      v.to(device=p.device, dtype=torch.float32), k, start, None)
+                    codes = local_tensor(fresh[k])
+                    R.quantize_state_(codes, fresh[R.SCALE_KEYS[k]],
+                                      v.to(device=codes.device, dtype=torch.float32), k, start, None)
                 mine.update(fresh)
             else:
                 for k, v in values.items():
-                    mine[k] = v.to(device=p.device, dtype=fmt)
+                    mine[k] = v.to(device=local_tensor(p).device, dtype=fmt)
+                    if is_dtensor(p):
+                        mine[k] = like_dtensor(mine[k], p, tuple(p.shape))
 
     def _fresh_state_keys(self, p: torch.Tensor, group: dict) -> tuple[str, ...]:
         keys = STATE_KEYS[1:]
@@ -525,3 +531,28 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         self._driver = StepDriver()
         # a copy's parameters are new objects: what it recognises as its own must follow
         self._engine_watch = EngineWatch(self)
+
+
+def _values_by_row(sd: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint whose 8-bit scales travel by row (FSDP2's, through
+    torch.distributed.checkpoint, or gathered whole from it): its codes as fp32 values, each
+    read at its own row's scale, for :meth:`_restore_state_dtype` to write in this optimizer's
+    format. Whatever sharding saved it, each row holds the scales its codes were written at,
+    so this reads back the saved values exactly; a block that a new sharding cuts elsewhere is
+    then quantized afresh (to nearest: within half a step)."""
+    if extra.get("int8_scales") != "rows":
+        return sd
+    state = {}
+    for i, st in sd["state"].items():
+        if not R.is_quantized(st):
+            state[i] = st
+            continue
+        entry = {k: v for k, v in st.items() if k not in R.SCALE_KEYS.values()}
+        for key in R.QUANT_BIAS:
+            codes, rows = st[key], st[R.SCALE_KEYS[key]]
+            row = codes.numel() // codes.shape[0]
+            local = values_by_row(local_tensor(codes), local_tensor(rows), local_start(codes), row,
+                                  key)
+            entry[key] = like_dtensor(local, codes, tuple(codes.shape)) if is_dtensor(codes) else local
+        state[i] = entry
+    return {**sd, "state": state}

@@ -21,8 +21,9 @@ STEPS = 6
 SPLIT = 3
 
 
-def _opt(kind, params, backend, shard):
-    kw = dict(lr=1e-3, state_dtype="int8", backend=backend, shard=shard, rounding_seed=7)
+def _opt(kind, params, backend, shard, state_dtype="int8"):
+    kw = dict(lr=1e-3, state_dtype=state_dtype, backend=backend, rounding_seed=7,
+              **({} if shard is None else {"shard": shard}))
     if kind == "grokadamw":
         return shardgrok.GrokAdamW(params, **kw)
     return shardgrok.SuperGrok(params, warmup_steps=0, meta_net=meta_net("random"), **kw)
@@ -79,28 +80,168 @@ for _kind in ("grokadamw", "supergrok"):
         scenario(_make())
 
 
-@scenario
-def int8_refused_fsdp2(args):
-    """FSDP2 does not take 8-bit state in this version: refused at construction and by
-    add_param_group, before anything changed."""
+# ---------------------------------------------------------------- FSDP2
+# Rows of whole blocks (no block is cut by a rank boundary: equal to one process bit for bit)
+# and rows that are not (blocks cut by the boundaries get one scale per rank).
+ALIGNED = [(40, 256), (17, 512)]
+CUT = [(37, 130), (9001,), (64, 71)]
+FSDP2_SHAPES = ALIGNED + CUT + [(3, 11)]
+
+
+def _fsdp2_model():
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.fsdp import fully_shard
 
     from tests.support.worker_registry import Ctx
-    mesh = init_device_mesh("cpu", (Ctx.world,))
-    params = [nn.Parameter(distribute_tensor(torch.randn(64, 80), mesh, [Shard(0)])) for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    model = nn.Module()
+    model.w = nn.ParameterList([nn.Parameter(torch.randn(s, generator=g)) for s in FSDP2_SHAPES])
+    fully_shard(model, mesh=init_device_mesh("cpu", (Ctx.world,)))
+    return model
+
+
+def _fsdp2_steps(kind, opt, params, steps):
+    from torch.distributed.tensor import Shard, distribute_tensor
+    for t in steps:
+        gg = torch.Generator().manual_seed(100 + t)
+        for p in params:
+            full = torch.randn(p.shape, generator=gg) * (1 + t % 3)
+            p.grad = distribute_tensor(full, p.device_mesh, [Shard(0)]) if hasattr(p, "device_mesh") else full
+        opt.step(**({"train_loss": 1.0, "val_loss": 1.2 + 0.1 * t} if kind == "supergrok" else {}))
+
+
+def _local_view(opt, params) -> list[dict]:
+    """Per tensor: whole parameter and codes, and this rank's start and scales."""
+    from shardgrok.placement import local_start
+    out = []
+    for p in params:
+        st = opt.state[p]
+        whole = (lambda t: t.full_tensor()) if hasattr(p, "full_tensor") else (lambda t: t.detach().clone())
+        entry = {"param": whole(p.detach()), "start": local_start(p),
+                 "numel": p.to_local().numel() if hasattr(p, "to_local") else p.numel()}
+        for k in R_KEYS:
+            entry[k] = whole(st[k])
+            if k + "_scale" in st:
+                entry[k + "_scale"] = st[k + "_scale"].clone()
+        out.append(entry)
+    return out
+
+
+R_KEYS = ("exp_avg", "exp_avg_sq", "mu")
+
+
+def fsdp2_int8_run(kind: str, backend: str, state_dtype="int8", steps=STEPS, one=False) -> list[dict]:
+    """The schedule on FSDP2 (``one``: the same tensors whole, in this process alone)."""
+    if one:
+        g = torch.Generator().manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, generator=g)) for s in FSDP2_SHAPES]
+    else:
+        params = list(_fsdp2_model().parameters())
+    # two groups: SuperGrok clips over a group, so the cut tensors' differences stay in theirs
+    groups = [{"params": params[:len(ALIGNED)]}, {"params": params[len(ALIGNED):]}]
+    opt = _opt(kind, groups, backend, None, state_dtype)
+    _fsdp2_steps(kind, opt, params, range(steps))
+    return _local_view(opt, params)
+
+
+for _kind in ("grokadamw", "supergrok"):
+    for _backend in ("kernel", "reference"):
+        def _make2(kind=_kind, backend=_backend):
+            def run(args):
+                return {"run": fsdp2_int8_run(kind, backend),
+                        "first_int8": fsdp2_int8_run(kind, backend, steps=1),
+                        "first_fp32": fsdp2_int8_run(kind, backend, torch.float32, steps=1)}
+            run.__name__ = f"int8_fsdp2_{kind}_{backend}"
+            return run
+        scenario(_make2())
+
+
+@scenario
+def int8_refused_fsdp1(args):
+    """FSDP1 does not take 8-bit state: refused at construction, and by add_param_group before
+    the group is added."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    wrap = lambda: FSDP(nn.Linear(128, 160), device_id=torch.device("cpu"))  # noqa: E731
     out = {}
     try:
-        shardgrok.GrokAdamW(params, state_dtype="int8")
+        shardgrok.GrokAdamW(wrap().parameters(), state_dtype="int8")
         out["construction"] = None
     except ValueError as e:
         out["construction"] = str(e)
-    opt = shardgrok.GrokAdamW(params[:1])
+    opt = shardgrok.GrokAdamW(wrap().parameters())
     try:
-        opt.add_param_group({"params": params[1:], "state_dtype": "int8"})
+        opt.add_param_group({"params": list(wrap().parameters()), "state_dtype": "int8"})
         out["add_param_group"] = None
     except ValueError as e:
         out["add_param_group"] = str(e)
     out["groups_after"] = len(opt.param_groups)
     out["state_after"] = len(opt.state)
+    return out
+
+
+# ---------------------------------------------------------------- FSDP2 checkpoints (DCP)
+def _fsdp2_opt(kind, model):
+    params = list(model.parameters())
+    groups = [{"params": params[:len(ALIGNED)]}, {"params": params[len(ALIGNED):]}]
+    return _opt(kind, groups, "kernel", None)
+
+
+def _dcp_path(args, kind, world):
+    import os
+    return os.path.join(args.ckpt, f"int8-dcp-{kind}-w{world}")
+
+
+@scenario
+def int8_fsdp2_dcp_save(args):
+    """SPLIT steps, a DCP checkpoint (and the whole state gathered by
+    get_optimizer_state_dict(full_state_dict=True), saved by rank 0), then the rest: the
+    state at the save and the uninterrupted run back."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    from tests.support.worker_registry import Ctx
+    out = {}
+    for kind in ("grokadamw", "supergrok"):
+        model = _fsdp2_model()
+        opt = _fsdp2_opt(kind, model)
+        params = list(model.parameters())
+        _fsdp2_steps(kind, opt, params, range(SPLIT))
+        saved = _local_view(opt, params)
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=_dcp_path(args, kind, Ctx.world))
+        full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                             cpu_offload=True))
+        if Ctx.rank == 0:
+            torch.save(full, _dcp_path(args, kind, Ctx.world) + ".full.pt")
+        _fsdp2_steps(kind, opt, params, range(SPLIT, STEPS))
+        out[kind] = {"saved": saved, "run": _local_view(opt, params)}
+    return out
+
+
+@scenario
+def int8_fsdp2_dcp_resume(args):
+    """Load the DCP checkpoint saved at world size ``--resume-from`` into a fresh model and
+    optimizer, then the rest of the schedule: the loaded state and the run back."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict,
+                                                         set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    out = {}
+    for kind in ("grokadamw", "supergrok"):
+        model = _fsdp2_model()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()  # every value must come from the files
+        opt = _fsdp2_opt(kind, model)
+        params = list(model.parameters())
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=_dcp_path(args, kind, int(args.resume_from)))
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, opt, sd["optim"])
+        loaded = _local_view(opt, params)
+        _fsdp2_steps(kind, opt, params, range(SPLIT, STEPS))
+        out[kind] = {"loaded": loaded, "run": _local_view(opt, params),
+                     "global_step": opt.get_global_step()}
     return out
