@@ -26,8 +26,17 @@ def results(request, tmp_path_factory):
     if K.cpu_extension() is None:
         pytest.skip(f"the CPU kernel is unavailable: {K.unavailable_reason()}")
     out = tmp_path_factory.mktemp(f"int8-fsdp2-{request.param}")
-    _, res = launch(request.param, out, NAMES + ["int8_refused_fsdp1"], out, timeout=600)
+    hsdp = ["int8_hsdp"] if request.param == 4 else []
+    _, res = launch(request.param, out, NAMES + ["int8_refused_fsdp1"] + hsdp, out, timeout=600)
     return res
+
+
+def _runs(results, kind, backend, hsdp=False):
+    if hsdp:
+        if "int8_hsdp" not in results:
+            pytest.skip("HSDP runs at world size 4")
+        return [r[kind] for r in ok(results, "int8_hsdp")]
+    return ok(results, f"int8_fsdp2_{kind}_{backend}")
 
 
 def cut_blocks(ranks: list[list[dict]], i: int) -> set[int]:
@@ -49,10 +58,14 @@ def step_width(x: torch.Tensor, scale: torch.Tensor, bias: int) -> torch.Tensor:
     return width * scale
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+LAYOUTS = [(b, False) for b in BACKENDS] + [("kernel", True)]
+LAYOUT_IDS = ["kernel", "reference", "hsdp"]
+
+
+@pytest.mark.parametrize(("backend", "hsdp"), LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_whole_blocks_equal_one_process_bit_for_bit(results, kind, backend):
-    ranks = [r["run"] for r in ok(results, f"int8_fsdp2_{kind}_{backend}")]
+def test_whole_blocks_equal_one_process_bit_for_bit(results, kind, backend, hsdp):
+    ranks = [r["run"] for r in _runs(results, kind, backend, hsdp)]
     one = fsdp2_int8_run(kind, backend, one=True)
     aligned = range(len(ALIGNED))
     cut_any = False
@@ -79,13 +92,13 @@ def test_whole_blocks_equal_one_process_bit_for_bit(results, kind, backend):
     assert cut_any  # the schedule does cut blocks
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "hsdp"), LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_cut_blocks_within_one_step(results, kind, backend):
+def test_cut_blocks_within_one_step(results, kind, backend, hsdp):
     """Every value within one step of the map at its rank's own scale, and that step within
     the bound a whole block's values have: |x|/8 (the map is a floating format with 3
     mantissa bits), or the block's linear step below its normal range."""
-    got = ok(results, f"int8_fsdp2_{kind}_{backend}")
+    got = _runs(results, kind, backend, hsdp)
     finer = 0
     for i in range(len(ALIGNED), len(ALIGNED) + len(CUT)):
         exact = {k: got[0]["first_fp32"][i][k].reshape(-1).float() for k in KEYS}

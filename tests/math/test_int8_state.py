@@ -319,3 +319,27 @@ def test_the_emulated_cuda_target_writes_the_cpu_kernels_bits(ext, name):
     emu = _outputs(*_run(name, "cuda-emulated", 3))
     for j, (a, b) in enumerate(zip(cpu, emu, strict=True)):
         assert torch.equal(a, b), f"output {j}"
+
+
+@pytest.mark.parametrize("shape", [(37, 130), (9001,), (64, 71), (20, 256), (9, 600)])
+def test_scales_by_row_read_back_every_sharding(shape):
+    """FSDP2's form of the scales (shardgrok.checkpoint.scales_by_row): pieces of whole rows,
+    each quantized at its own scales (blocks cut between pieces included), written by row and
+    read back (values_by_row) from any other cut of the rows: the same values bit for bit."""
+    from shardgrok.checkpoint import row_width, scales_by_row, values_by_row
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    rows, row = shape[0], x.numel() // shape[0]
+    codes, by_row, want = [], [], []
+    for a, e in [(0, rows // 3), (rows // 3, 2 * rows // 3 + 1), (2 * rows // 3 + 1, rows)]:
+        piece, start = x[a:e], a * row
+        c = torch.zeros(piece.shape, dtype=torch.int8)
+        s = torch.zeros(R.n_blocks(start, piece.numel()))
+        R.quantize_state_(c, s, piece, "exp_avg", start, None)
+        codes.append(c)
+        by_row.append(scales_by_row(s, start, row, e - a))
+        want.append(R.dequantize_state(c, s, "exp_avg", start))
+        assert by_row[-1].shape == (e - a, row_width(row))
+    codes, by_row, want = torch.cat(codes), torch.cat(by_row), torch.cat(want)
+    assert torch.equal(values_by_row(codes, by_row, 0, row, "exp_avg"), want)
+    for a in (1, rows // 2, rows - 1):  # another rank's rows
+        assert torch.equal(values_by_row(codes[a:], by_row[a:], a * row, row, "exp_avg"), want[a:])

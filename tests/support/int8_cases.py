@@ -88,7 +88,8 @@ CUT = [(37, 130), (9001,), (64, 71)]
 FSDP2_SHAPES = ALIGNED + CUT + [(3, 11)]
 
 
-def _fsdp2_model():
+def _fsdp2_model(hsdp: bool = False):
+    """The tensors, fully_shard-ed (``hsdp``: replicated over 2, sharded over world / 2)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -96,17 +97,19 @@ def _fsdp2_model():
     g = torch.Generator().manual_seed(0)
     model = nn.Module()
     model.w = nn.ParameterList([nn.Parameter(torch.randn(s, generator=g)) for s in FSDP2_SHAPES])
-    fully_shard(model, mesh=init_device_mesh("cpu", (Ctx.world,)))
+    mesh = (init_device_mesh("cpu", (2, Ctx.world // 2), mesh_dim_names=("replicate", "shard"))
+            if hsdp else init_device_mesh("cpu", (Ctx.world,)))
+    fully_shard(model, mesh=mesh)
     return model
 
 
 def _fsdp2_steps(kind, opt, params, steps):
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
     for t in steps:
         gg = torch.Generator().manual_seed(100 + t)
         for p in params:
             full = torch.randn(p.shape, generator=gg) * (1 + t % 3)
-            p.grad = distribute_tensor(full, p.device_mesh, [Shard(0)]) if hasattr(p, "device_mesh") else full
+            p.grad = distribute_tensor(full, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else full
         opt.step(**({"train_loss": 1.0, "val_loss": 1.2 + 0.1 * t} if kind == "supergrok" else {}))
 
 
@@ -130,13 +133,14 @@ def _local_view(opt, params) -> list[dict]:
 R_KEYS = ("exp_avg", "exp_avg_sq", "mu")
 
 
-def fsdp2_int8_run(kind: str, backend: str, state_dtype="int8", steps=STEPS, one=False) -> list[dict]:
+def fsdp2_int8_run(kind: str, backend: str, state_dtype="int8", steps=STEPS, one=False,
+                   hsdp=False) -> list[dict]:
     """The schedule on FSDP2 (``one``: the same tensors whole, in this process alone)."""
     if one:
         g = torch.Generator().manual_seed(0)
         params = [nn.Parameter(torch.randn(s, generator=g)) for s in FSDP2_SHAPES]
     else:
-        params = list(_fsdp2_model().parameters())
+        params = list(_fsdp2_model(hsdp).parameters())
     # two groups: SuperGrok clips over a group, so the cut tensors' differences stay in theirs
     groups = [{"params": params[:len(ALIGNED)]}, {"params": params[len(ALIGNED):]}]
     opt = _opt(kind, groups, backend, None, state_dtype)
@@ -154,6 +158,15 @@ for _kind in ("grokadamw", "supergrok"):
             run.__name__ = f"int8_fsdp2_{kind}_{backend}"
             return run
         scenario(_make2())
+
+
+@scenario
+def int8_hsdp(args):
+    """HSDP (2 replicas of world / 2 shards): the FSDP2 schedule, both optimizers, kernel."""
+    return {kind: {"run": fsdp2_int8_run(kind, "kernel", hsdp=True),
+                   "first_int8": fsdp2_int8_run(kind, "kernel", steps=1, hsdp=True),
+                   "first_fp32": fsdp2_int8_run(kind, "kernel", torch.float32, steps=1, hsdp=True)}
+            for kind in ("grokadamw", "supergrok")}
 
 
 @scenario
