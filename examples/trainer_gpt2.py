@@ -59,6 +59,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest'")
     ap.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config")
+    ap.add_argument("--state-dtype", default=None,
+                    help='format of m, v, mu: "int8" (8-bit blockwise), "bfloat16", ...')
     ap.add_argument("--grokadamw-signal", action="store_true",
                     help="give GrokAdamW SuperGrok's (val - train) / train signal")
     ap.add_argument("--no-callback", action="store_true",
@@ -87,6 +89,8 @@ def main(argv=None, callbacks=()) -> Trainer:
     if a.deepspeed is None:  # otherwise the config's "optimizer" entry builds it
         cls = {"grokadamw": shardgrok.GrokAdamW, "supergrok": shardgrok.SuperGrok}[a.optimizer]
         extra = {"warmup_steps": 2} if a.optimizer == "supergrok" else {}
+        if a.state_dtype is not None:
+            extra["state_dtype"] = a.state_dtype
         optimizers = (cls(model.parameters(), lr=a.lr, weight_decay=0.1, **extra), None)
     trainer = Trainer(model=model, args=args, train_dataset=Periodic(256, seed=1),
                       eval_dataset=Periodic(32, seed=2), optimizers=optimizers,

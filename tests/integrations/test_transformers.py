@@ -102,6 +102,15 @@ def test_trainer_ddp_resume_matches_uninterrupted(ddp, kind):
             assert abs(loss - full[step]) < TOL
 
 
+def test_trainer_ddp_resumes_8bit_state(ddp):
+    """ZeRO-1 with state_dtype="int8" under Trainer: optimizer.pt holds the whole state as codes
+    and scales, and the resumed run equals the uninterrupted one."""
+    for rank, res in enumerate(ddp):
+        run = res["grokadamw_int8"]
+        assert run["saved_sharding"] is False and run["saved_int8"] >= 2, run["saved_int8"]
+        assert max_diff(run["full"], run["resumed"]) < TOL, rank
+
+
 def test_trainer_ddp_feeds_the_logged_losses(ddp):
     """Gradient accumulation 2, token-averaged losses over 2 ranks: the optimizer's signal is
     computed from exactly the loss Trainer logs (SuperGrok; GrokAdamW with grokadamw_signal)."""

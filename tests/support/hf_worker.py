@@ -2,8 +2,8 @@
 driven in one process group (torchrun, gloo) or one process, each rank's results saved to
 ``--out/rank<r>.pt``.
 
-``--mode ddp``: for both optimizers an uninterrupted run (saving at step 3) and a run resumed
-from its checkpoint-3, the losses the callback fed against Trainer's own log, and a checkpoint
+``--mode ddp``: for both optimizers (and GrokAdamW with 8-bit state) an uninterrupted run
+(saving at step 3) and a run resumed from its checkpoint-3, the losses the callback fed against Trainer's own log, and a checkpoint
 saved without the callback (which the other ranks must refuse). ``--mode deepspeed``: the same
 resume through DeepSpeed's config ``"optimizer"`` entry with ``"auto"`` values (ZeRO 2).
 ``--mode single``: the clipping warning and the losses on one process.
@@ -63,7 +63,9 @@ def resume_pair(tmp: pathlib.Path, name: str, common: list[str]) -> dict:
     return {"full": weights(full), "resumed": weights(resumed),
             "full_log": full.state.log_history, "resumed_log": resumed.state.log_history,
             "record": rec.steps, "saved_sharding": None if sd is None else
-            sd["param_groups"][0]["shardgrok"].get("sharding") is not None}
+            sd["param_groups"][0]["shardgrok"].get("sharding") is not None,
+            "saved_int8": None if sd is None else
+            sum("exp_avg_scale" in st for st in sd["state"].values())}
 
 
 def mode_ddp(tmp: pathlib.Path) -> dict:
@@ -71,6 +73,9 @@ def mode_ddp(tmp: pathlib.Path) -> dict:
     for kind in ("grokadamw", "supergrok"):
         extra = ["--grokadamw-signal"] if kind == "grokadamw" else []
         out[kind] = resume_pair(tmp, kind, ["--optimizer", kind, "--grad-accum", "2"] + extra)
+    # 8-bit state: the callback consolidates the codes and scales like any state
+    out["grokadamw_int8"] = resume_pair(tmp, "grokadamw_int8", ["--optimizer", "grokadamw",
+                                                                "--state-dtype", "int8"])
     # without the callback rank 0 saves its own shard: the others must refuse it
     bare, _ = run(["--optimizer", "grokadamw", "--output-dir", str(tmp / "bare"),
                    "--max-steps", "3", "--no-callback"])
