@@ -212,6 +212,35 @@ def quantize_state_(codes: torch.Tensor, scales: torch.Tensor, values: torch.Ten
     scales.copy_(scale)
 
 
+def piece_scales(pieces: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """Where each piece's scales sit in a scale vector that holds them piece after piece:
+    ``(offset, count)`` per ``(begin, end, start)`` piece."""
+    out, at = [], 0
+    for a, e, start in pieces:
+        out.append((at, n_blocks(start, e - a)))
+        at += out[-1][1]
+    return out
+
+
+def dequantize_pieces(codes: torch.Tensor, scales: torch.Tensor, key: str,
+                      pieces: list[tuple[int, int, int]]) -> torch.Tensor:
+    """fp32 values of flat ``codes`` holding ``pieces`` (0 outside them)."""
+    flat = codes.reshape(-1)
+    out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+    for (a, e, start), (o, n) in zip(pieces, piece_scales(pieces)):
+        out[a:e] = dequantize_state(flat[a:e], scales[o:o + n], key, start)
+    return out.view(codes.shape)
+
+
+def quantize_pieces_(codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor, key: str,
+                     pieces: list[tuple[int, int, int]]) -> None:
+    """Write fp32 ``values`` of ``pieces`` into flat ``codes`` and their ``scales``, to
+    nearest."""
+    flat, vals = codes.view(-1), values.reshape(-1)
+    for (a, e, start), (o, n) in zip(pieces, piece_scales(pieces)):
+        quantize_state_(flat[a:e], scales[o:o + n], vals[a:e], key, start, None)
+
+
 #: the scale vector of each state key in an 8-bit state (state_dtype="int8")
 SCALE_KEYS = {key: key + "_scale" for key in QUANT_BIAS}
 

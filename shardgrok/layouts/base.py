@@ -93,7 +93,14 @@ class Layout:
         state's scales (blocks lie along the whole tensor's element index)."""
         return 0
 
-    #: whether this layout keeps 8-bit state (its pieces start on whole blocks of the tensor)
+    def state_pieces(self, p: torch.Tensor) -> list[tuple[int, int, int]]:
+        """The pieces of original tensors in ``state_like(p)``: ``(begin, end, start)``, a range
+        of its flat elements and where that range starts in its tensor. 8-bit state keeps the
+        scales of each piece's blocks, piece after piece (one piece: the whole local state)."""
+        from ..placement import local_tensor
+        return [(0, local_tensor(self.state_like(p)).numel(), self.state_start(p))]
+
+    #: whether this layout keeps 8-bit state
     takes_int8 = False
 
     # ------------------------------------------------------------------ the step

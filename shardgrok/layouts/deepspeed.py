@@ -29,10 +29,13 @@ import warnings
 
 import torch
 
+from .. import reference as R
 from ..comm import GroupReducer, ReplicatedReducer
 from ..placement import host_copy, host_ready, to_host
 from .base import Layout, Segment, TensorRef
 from .local import autograd_validation_grads, averaged_validation_grads, whole
+
+SCALES = frozenset(R.SCALE_KEYS.values())
 
 
 def _caller_holding(opt, *markers: str):
@@ -202,6 +205,7 @@ class DeepSpeedLayout(Layout):
         if not self._clipping_checked:  # the first step DeepSpeed drives: it is on the stack
             self.engine = self.engine or _find_zero_optimizer(opt)
             self.check_clipping(opt)
+            self.check_checkpointing(opt)
             self._clipping_checked = True
         flats = {id(f) for f in self._current_flats(opt)}
         if not self._seen or flats & self._seen:
@@ -210,30 +214,36 @@ class DeepSpeedLayout(Layout):
         self._seen |= flats
         return False
 
+    #: 8-bit state: every tensor of a flat partition takes codes (the partition keeps one
+    #: state format), and a block the partition boundary cuts gets one scale per rank
+    #: (docs/deepspeed.md)
+    takes_int8 = True
+
+    def state_pieces(self, p: torch.Tensor) -> list[tuple[int, int, int]]:
+        return [(a, e, start) for _, a, e, start in self._pieces.get(id(p), [])]
+
+    def _segments(self, opt, flat, with_grad: bool) -> list[Segment]:
+        st = opt.state[flat]
+        quantized = R.is_quantized(st)
+        pieces = self._pieces[id(flat)]
+        scales = R.piece_scales([(a, e, start) for _, a, e, start in pieces])
+        segs = []
+        for (ref, a, e, start), (o, n) in zip(pieces, scales):
+            local = {k: (v if k == "step" else v[o:o + n] if quantized and k in SCALES else v[a:e])
+                     for k, v in st.items()}
+            grad = None if not with_grad or flat.grad is None else flat.grad[a:e]
+            segs.append(Segment(ref.index, ref.layer, ref.group, flat.detach()[a:e], grad,
+                                local, flat, lambda x, a=a, e=e: x.reshape(-1)[a:e], start))
+        return segs
+
     def pieces(self, opt, with_grad: bool = True) -> list[Segment]:
         flats = self._current_flats(opt) if with_grad else self.flats
-        segs = []
-        for flat in flats:
-            if with_grad and flat.grad is None:
-                continue
-            st = opt.state[flat]
-            for ref, a, e, start in self._pieces[id(flat)]:
-                local = {k: (v if k == "step" else v[a:e]) for k, v in st.items()}
-                grad = None if flat.grad is None else flat.grad[a:e]
-                segs.append(Segment(ref.index, ref.layer, ref.group, flat.detach()[a:e], grad,
-                                    local, flat, lambda x, a=a, e=e: x.reshape(-1)[a:e], start))
-        return segs
+        return [s for flat in flats if not (with_grad and flat.grad is None)
+                for s in self._segments(opt, flat, True)]
 
     def plan_pieces(self, opt) -> list[Segment]:
         """The pieces of the flats this per-group call shows, with a gradient or not."""
-        segs = []
-        for flat in self._current_flats(opt):
-            st = opt.state[flat]
-            for ref, a, e, start in self._pieces[id(flat)]:
-                local = {k: (v if k == "step" else v[a:e]) for k, v in st.items()}
-                segs.append(Segment(ref.index, ref.layer, ref.group, flat.detach()[a:e], None,
-                                    local, flat, lambda x, a=a, e=e: x.reshape(-1)[a:e], start))
-        return segs
+        return [s for flat in self._current_flats(opt) for s in self._segments(opt, flat, False)]
 
     def plan_key(self, opt) -> tuple:
         return tuple(id(f) for f in self._current_flats(opt))
@@ -273,6 +283,17 @@ class DeepSpeedLayout(Layout):
                           "before SuperGrok, which clips its own final gradient per param group "
                           "as well; set \"gradient_clipping\": 0 in the DeepSpeed config for "
                           "SuperGrok's clipping alone", UserWarning, stacklevel=4)
+
+    def check_checkpointing(self, opt) -> None:
+        """8-bit state's scale vectors are not laid out like the partition: ZeRO 1/2's elastic
+        checkpoints cut every state tensor by the partition's padding, which would cut them."""
+        if getattr(self.engine, "elastic_checkpoint", False) and any(
+                R.is_quantized(opt.state[f]) for f in self.flats if f in opt.state):
+            raise ValueError(f"{type(opt).__name__}: state_dtype=\"int8\" with DeepSpeed's "
+                             "\"elastic_checkpoint\": true is not supported (its checkpoints "
+                             "cut every state tensor by the partition's padding, the per-block "
+                             "scales too); leave \"elastic_checkpoint\" off (DeepSpeed's "
+                             "default)")
 
     # meta-step and checkpoints
     def meta_view(self, opt) -> "_WholeModelView":

@@ -221,21 +221,20 @@ class GrokOptimizerBase(torch.optim.Optimizer):
     def _check_takes_int8(self) -> None:
         if not self._layout.takes_int8:
             raise ValueError(f"{type(self).__name__}: state_dtype=\"int8\" runs in one process, "
-                             f"under ZeRO-1 (torchrun/DDP) and FSDP2 in this version; the "
+                             f"under ZeRO-1 (torchrun/DDP), FSDP2 and DeepSpeed ZeRO; the "
                              f"{type(self._layout).__name__} layout keeps float32, bfloat16 or "
                              "float16 state")
 
     def _int8_state(self, p: torch.Tensor, local: torch.Tensor) -> dict[str, torch.Tensor]:
         """Zero 8-bit state for ``p``: codes shaped like its local piece, one scale per block."""
         self._check_takes_int8()
-        start = self._layout.state_start(p)
+        n = sum(count for _, count in R.piece_scales(self._layout.state_pieces(p)))
         st = {}
         for key, bias in R.QUANT_BIAS.items():
             # codes like the state (a DTensor under FSDP2); scales of this rank's blocks
             st[key] = torch.zeros_like(local, dtype=R.CODE_DTYPE[bias],
                                        memory_format=torch.contiguous_format)
-            st[R.SCALE_KEYS[key]] = torch.zeros(R.n_blocks(start, local_tensor(local).numel()),
-                                                dtype=torch.float32,
+            st[R.SCALE_KEYS[key]] = torch.zeros(n, dtype=torch.float32,
                                                 device=local_tensor(local).device)
         return st
 
@@ -452,7 +451,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                              f"{extra.get('int8_format')!r}; this version reads version {INT8_FORMAT}")
         if quantized and not self._layout.takes_int8:
             raise ValueError(f"{type(self).__name__}: a checkpoint with 8-bit (int8) state loads "
-                             "in one process, under ZeRO-1 and FSDP2 in this version")
+                             "in one process, under ZeRO-1, FSDP2 and DeepSpeed ZeRO")
         formats = [g.get("state_dtype") for g in self.param_groups]
         rest = self._layout.import_state(self, _values_by_row(without_extra(state_dict), extra),
                                          extra)
@@ -482,8 +481,9 @@ class GrokOptimizerBase(torch.optim.Optimizer):
             if p not in self.state or not all(isinstance(st.get(k), torch.Tensor)
                                               for k in STATE_KEYS[1:]):
                 continue
-            start = self._layout.state_start(p)
-            values = {k: local_tensor(R.state_value(st, k, start)) for k in STATE_KEYS[1:]}
+            pieces = self._layout.state_pieces(p)
+            values = {k: (R.dequantize_pieces(local_tensor(st[k]), st[R.SCALE_KEYS[k]], k, pieces)
+                          if R.is_quantized(st) else local_tensor(st[k])) for k in STATE_KEYS[1:]}
             mine = self.state[p]
             for k in list(mine):  # this optimizer's own keys only
                 if k != "step" and k not in self._fresh_state_keys(p, group):
@@ -493,8 +493,8 @@ class GrokOptimizerBase(torch.optim.Optimizer):
                 fresh = self._int8_state(p, self._layout.state_like(p))
                 for k, v in values.items():
                     codes = local_tensor(fresh[k])
-                    R.quantize_state_(codes, fresh[R.SCALE_KEYS[k]],
-                                      v.to(device=codes.device, dtype=torch.float32), k, start, None)
+                    R.quantize_pieces_(codes, fresh[R.SCALE_KEYS[k]],
+                                       v.to(device=codes.device, dtype=torch.float32), k, pieces)
                 mine.update(fresh)
             else:
                 for k, v in values.items():

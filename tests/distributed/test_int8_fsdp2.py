@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from shardgrok import reference as R
-from tests.support.int8_cases import ALIGNED, CUT, FSDP2_SHAPES, fsdp2_int8_run
+from tests.support.int8_cases import (ALIGNED, CUT, FSDP2_SHAPES, assert_within_one_step,
+                                     fsdp2_int8_run, local_values, step_width)
 from tests.support.multirank import launch, ok
 
 KINDS = ("grokadamw", "supergrok")
@@ -42,20 +43,6 @@ def _runs(results, kind, backend, hsdp=False):
 def cut_blocks(ranks: list[list[dict]], i: int) -> set[int]:
     """The blocks of tensor ``i`` a rank boundary cuts."""
     return {r[i]["start"] // R.QBLOCK for r in ranks if r[i]["start"] % R.QBLOCK and r[i]["numel"]}
-
-
-def local_values(entry: dict, key: str) -> torch.Tensor:
-    """A rank's fp32 values of one state, from its codes at its own scales."""
-    a, n = entry["start"], entry["numel"]
-    return R.dequantize_state(entry[key].reshape(-1)[a:a + n], entry[key + "_scale"], key, a)
-
-
-def step_width(x: torch.Tensor, scale: torch.Tensor, bias: int) -> torch.Tensor:
-    """The width of the code interval holding each ``x`` at its block's ``scale``: 2^(e-3) of
-    the normalised magnitude's binade, 2^(-bias-2) in the linear range (csrc/grok_math.h)."""
-    n = (x.abs() / torch.where(scale > 0, scale, 1.0)).clamp(min=2.0 ** -60)
-    width = torch.maximum(2.0 ** (torch.floor(torch.log2(n)) - 3), torch.tensor(2.0 ** (-bias - 2)))
-    return width * scale
 
 
 LAYOUTS = [(b, False) for b in BACKENDS] + [("kernel", True)]
@@ -102,23 +89,7 @@ def test_cut_blocks_within_one_step(results, kind, backend, hsdp):
     finer = 0
     for i in range(len(ALIGNED), len(ALIGNED) + len(CUT)):
         exact = {k: got[0]["first_fp32"][i][k].reshape(-1).float() for k in KEYS}
-        for r in got:
-            entry = r["first_int8"][i]
-            a, n = entry["start"], entry["numel"]
-            blocks = torch.arange(a, a + n) // R.QBLOCK
-            for k in KEYS:
-                x = exact[k][a:a + n]
-                bias = R.QUANT_BIAS[k]
-                local_scale = entry[k + "_scale"]
-                whole_scale = R.block_absmax(exact[k], 0)[a // R.QBLOCK:a // R.QBLOCK + local_scale.numel()]
-                own = local_scale[blocks - a // R.QBLOCK]
-                width = step_width(x, own, bias)
-                err = (local_values(entry, k) - x).abs()
-                assert bool((err <= width).all()), (i, k, float((err - width).max()))
-                bound = torch.maximum(x.abs() / 8, whole_scale[blocks - a // R.QBLOCK] * 2.0 ** (-bias - 2))
-                assert bool((width <= bound * (1 + 2 ** -20)).all()), (i, k)
-                assert bool((local_scale <= whole_scale).all())
-                finer += int((local_scale < whole_scale).sum())
+        finer += sum(assert_within_one_step(r["first_int8"][i], exact, f"tensor {i}") for r in got)
     assert finer > 0  # some rank's scale of a cut block is its own, smaller than the block's
 
 

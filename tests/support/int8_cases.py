@@ -80,6 +80,46 @@ for _kind in ("grokadamw", "supergrok"):
         scenario(_make())
 
 
+# ---------------------------------------------------------------- the cut-block bound
+def local_values(entry: dict, key: str) -> torch.Tensor:
+    """A rank's fp32 values of one state of a tensor (``entry``: whole codes, this rank's
+    start, element count and scales), from its codes at its own scales."""
+    from shardgrok import reference as R
+    a, n = entry["start"], entry["numel"]
+    return R.dequantize_state(entry[key].reshape(-1)[a:a + n], entry[key + "_scale"], key, a)
+
+
+def step_width(x: torch.Tensor, scale: torch.Tensor, bias: int) -> torch.Tensor:
+    """The width of the code interval holding each ``x`` at its block's ``scale``: 2^(e-3) of
+    the normalised magnitude's binade, 2^(-bias-2) in the linear range (csrc/grok_math.h)."""
+    n = (x.abs() / torch.where(scale > 0, scale, 1.0)).clamp(min=2.0 ** -60)
+    width = torch.maximum(2.0 ** (torch.floor(torch.log2(n)) - 3), torch.tensor(2.0 ** (-bias - 2)))
+    return width * scale
+
+
+def assert_within_one_step(entry: dict, exact: dict, where: str) -> int:
+    """Each value of a rank's piece (``entry``) within one step of the map at its own scale of
+    the fp32 value ``exact[key]`` (whole, flat), and that step within the bound a whole block's
+    values have: |x|/8, or the block's linear step below its normal range. Returns how many
+    of the rank's scales are below the whole block's (cut blocks, computed alone)."""
+    from shardgrok import reference as R
+    a, n = entry["start"], entry["numel"]
+    blocks = torch.arange(a, a + n) // R.QBLOCK - a // R.QBLOCK
+    finer = 0
+    for k in ("exp_avg", "exp_avg_sq", "mu"):
+        x, bias = exact[k][a:a + n], R.QUANT_BIAS[k]
+        mine = entry[k + "_scale"]
+        whole = R.block_absmax(exact[k], 0)[a // R.QBLOCK:a // R.QBLOCK + mine.numel()]
+        width = step_width(x, mine[blocks], bias)
+        err = (local_values(entry, k) - x).abs()
+        assert bool((err <= width).all()), (where, k, float((err - width).max()))
+        bound = torch.maximum(x.abs() / 8, whole[blocks] * 2.0 ** (-bias - 2))
+        assert bool((width <= bound * (1 + 2 ** -20)).all()), (where, k)
+        assert bool((mine <= whole).all()), (where, k)
+        finer += int((mine < whole).sum())
+    return finer
+
+
 # ---------------------------------------------------------------- FSDP2
 # Rows of whole blocks (no block is cut by a rank boundary: equal to one process bit for bit)
 # and rows that are not (blocks cut by the boundaries get one scale per rank).
@@ -258,3 +298,119 @@ def int8_fsdp2_dcp_resume(args):
         out[kind] = {"loaded": loaded, "run": _local_view(opt, params),
                      "global_step": opt.get_global_step()}
     return out
+
+
+# ---------------------------------------------------------------- DeepSpeed ZeRO 1-3 (and Offload)
+DS_LR = 1e-3
+
+
+def ds_model(seed: int = 0) -> nn.Module:
+    """Tensors of 8,320 and 5,200 elements (codes) and two biases, one flat partition per rank
+    big enough for 8-bit state at world size 2; DeepSpeed cuts tensors where it likes."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 130), nn.Tanh(), nn.Linear(130, 40))
+
+
+def ds_batch(t: int):
+    g = torch.Generator().manual_seed(500 + t)
+    return torch.randn(16, 64, generator=g), torch.randn(16, 40, generator=g)
+
+
+def ds_engine(kind: str, stage: int, state_dtype, offload: bool = False, seed: int = 0,
+              elastic_checkpoint: bool = False):
+    from tests.support import ds_cases as D
+    deepspeed = D._deepspeed()
+    model = ds_model(seed)
+    params = {"lr": DS_LR, "gradient_clipping": 0.0, "rounding_seed": 7}
+    if state_dtype is not None:
+        params["state_dtype"] = state_dtype
+    if kind == "supergrok":
+        params["warmup_steps"] = 0
+    zero = {"stage": stage, **({"offload_optimizer": {"device": "cpu"}} if offload else {}),
+            **({"elastic_checkpoint": True} if elastic_checkpoint else {})}
+    cfg = {"train_micro_batch_size_per_gpu": 16, "gradient_clipping": 0.0,
+           "zero_optimization": zero, "steps_per_print": 10 ** 9,
+           "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+           "optimizer": {"type": {"grokadamw": "GrokAdamW", "supergrok": "SuperGrok"}[kind],
+                         "params": params}}
+    torch.manual_seed(7)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    return model, engine
+
+
+def ds_train(kind, engine, steps):
+    opt = shardgrok.optimizer_of(engine)
+    for t in steps:
+        x, y = ds_batch(t)
+        loss = ((engine(x) - y) ** 2).mean()
+        engine.backward(loss)
+        if kind == "supergrok":
+            opt.set_losses(train_loss=1.0, val_loss=1.2 + 0.1 * t)
+        engine.step()
+
+
+def ds_local_view(engine) -> list[dict]:
+    """Per original tensor, this rank's piece: start, element count, codes (placed in a whole
+    flat tensor, zero elsewhere) and scales, or fp32 values; from the layout's own pieces."""
+    opt = shardgrok.optimizer_of(engine)
+    numel = [p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters()]
+    out = [{"start": 0, "numel": 0} for _ in numel]
+    for s in opt._layout.pieces(opt, with_grad=False):
+        n = s.param.numel()
+        entry = {"start": s.start, "numel": n}
+        for k in ("exp_avg", "exp_avg_sq", "mu"):
+            whole = torch.zeros(numel[s.index], dtype=s.state[k].dtype)
+            whole[s.start:s.start + n] = s.state[k].reshape(-1).cpu()
+            entry[k] = whole
+            if k + "_scale" in s.state:
+                entry[k + "_scale"] = s.state[k + "_scale"].clone().cpu()
+        out[s.index] = entry
+    return out
+
+
+@scenario
+def int8_ds(args):
+    """ZeRO 1-3 (and 2-3 with the optimizer offloaded) with 8-bit state from the config entry:
+    the first step against the fp32-state run (whole values, gathered by DeepSpeed), and an
+    engine checkpoint at step 3 resumed in a fresh engine against the uninterrupted run."""
+    import os
+
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    from tests.support import ds_cases as D
+    out = {}
+    for stage, offload in ((1, False), (2, False), (3, False), (2, True), (3, True)):
+        for kind in ("grokadamw", "supergrok"):
+            tag = f"{kind}-{stage}{'-offload' if offload else ''}"
+            model, fp32 = ds_engine(kind, stage, None, offload)
+            ds_train(kind, fp32, range(1))
+            exact = [{k: safe_get_full_optimizer_state(p, k).reshape(-1).float().cpu()
+                      for k in ("exp_avg", "exp_avg_sq", "mu")} for p in model.parameters()]
+            model, engine = ds_engine(kind, stage, "int8", offload)
+            ds_train(kind, engine, range(1))
+            first = ds_local_view(engine)
+            ds_train(kind, engine, range(1, SPLIT))
+            engine.save_checkpoint(os.path.join(args.ckpt, "int8-ds"), tag=tag)
+            ds_train(kind, engine, range(SPLIT, STEPS))
+            run = {"params": D.full_params(model, stage), "state": ds_local_view(engine)}
+            model, engine = ds_engine(kind, stage, "int8", offload, seed=123)
+            engine.load_checkpoint(os.path.join(args.ckpt, "int8-ds"), tag=tag)
+            loaded_step = shardgrok.optimizer_of(engine).get_global_step()
+            ds_train(kind, engine, range(SPLIT, STEPS))
+            from tests.support.ds_offload_cases import offloaded
+            out[tag] = {"exact": exact, "first": first, "run": run, "loaded_step": loaded_step,
+                        "offloaded": offloaded(engine),
+                        "resumed": {"params": D.full_params(model, stage),
+                                    "state": ds_local_view(engine)}}
+    out["elastic"] = error_at_first_step(lambda: ds_engine("grokadamw", 2, "int8",
+                                                           elastic_checkpoint=True)[1])
+    return out
+
+
+def error_at_first_step(make) -> str | None:
+    engine = make()
+    try:
+        ds_train("grokadamw", engine, range(1))
+    except ValueError as e:
+        return str(e)
+    return None
