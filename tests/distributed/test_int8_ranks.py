@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import shardgrok
-from tests.support.int8_cases import int8_run
+from shardgrok import reference as R
+from tests.support.int8_cases import int8_run, step_width
 from tests.support.multirank import launch, ok
 
 KINDS = ("grokadamw", "supergrok")
@@ -23,7 +24,7 @@ def results(request, tmp_path_factory):
     if K.cpu_extension() is None:
         pytest.skip(f"the CPU kernel is unavailable: {K.unavailable_reason()}")
     out = tmp_path_factory.mktemp(f"int8-{request.param}")
-    _, res = launch(request.param, out, NAMES, out, timeout=600)
+    _, res = launch(request.param, out, NAMES + ["int8_zero1_convert"], out, timeout=600)
     return res
 
 
@@ -62,3 +63,27 @@ def test_shards_merge_offline_into_the_full_state(results, kind):
     merged = shardgrok.consolidate_state_dict([r["whole"]["shard"] for r in got])
     _same({"params": got[0]["whole"]["params"], "state": merged["state"]}, got[0]["whole"],
           "consolidated")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpoints_convert_between_formats_under_sharding(results, kind):
+    """A one-process fp32-state checkpoint loads into 8-bit sharded optimizers (each value
+    quantized to nearest: within half a step), whose whole state loads back into fp32-state
+    sharded ones as exactly the codes' values."""
+    for got in ok(results, "int8_zero1_convert"):
+        got = got[kind]
+        converted = 0
+        for i, st in got["fp32"].items():
+            q, back = got["int8"][i], got["back"][i]
+            for k in ("exp_avg", "exp_avg_sq", "mu"):
+                assert back[k].dtype == torch.float32
+                if "exp_avg_scale" not in q:
+                    assert torch.equal(q[k], st[k]) and torch.equal(back[k], st[k])
+                    continue
+                converted += 1
+                values = R.dequantize_state(q[k], q[k + "_scale"], k, 0)
+                x = st[k].float()
+                scale = R.block_absmax(x, 0)[torch.arange(x.numel()) // R.QBLOCK].view(x.shape)
+                assert bool(((values - x).abs() <= step_width(x, scale, R.QUANT_BIAS[k]) / 2).all()), (i, k)
+                assert torch.equal(back[k].reshape(values.shape), values), (i, k)
+        assert converted == 12  # four tensors, three states

@@ -414,3 +414,23 @@ def error_at_first_step(make) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+@scenario
+def int8_zero1_convert(args):
+    """Checkpoints across formats under ZeRO-1: a one-process fp32-state checkpoint loaded by
+    8-bit sharded optimizers, and their whole state loaded back by fp32-state sharded ones."""
+    out = {}
+    for kind in ("grokadamw", "supergrok"):
+        params = _params()
+        one = _opt(kind, params, "kernel", False, None)
+        _steps(kind, params, one, range(SPLIT))
+        fp32 = one.state_dict()
+        int8 = _opt(kind, [nn.Parameter(p.detach().clone()) for p in params], "kernel", True)
+        int8.load_state_dict(fp32)
+        whole = int8.full_state_dict(to=None)
+        back = _opt(kind, [nn.Parameter(p.detach().clone()) for p in params], "kernel", True, None)
+        back.load_state_dict(whole)
+        out[kind] = {"fp32": fp32["state"], "int8": whole["state"],
+                     "back": back.full_state_dict(to=None)["state"]}
+    return out
