@@ -7,7 +7,8 @@
 // phase 1 and phase 2 and checks both bit for bit against a host computation written here:
 // the per-tensor sums in order.h's order (strided_tree_sum per chunk with GROUP, then over each
 // tensor's chunk partials with group 1), the update element by element with grok_math.h's
-// scalar functions. Every array the kernels read is its own heap allocation of the exact size,
+// scalar functions (8-bit state: block by block, the codes written at the block's largest
+// magnitude, to nearest). Every array the kernels read is its own heap allocation of the exact size,
 // so that AddressSanitizer reports a read one past any of them.
 //
 //   g++ -std=c++17 -ffp-contract=off -I csrc tests/kernels/cuda_driver.cpp -o driver
@@ -34,12 +35,13 @@ using sg::Table;
 using sg::cuda::DeviceJob;
 using sg::cuda::DeviceTable;
 
-const char* const DTYPE_NAMES[] = {"f32", "bf16", "f16"};
+const char* const DTYPE_NAMES[] = {"f32", "bf16", "f16", "q8"};
 const char* const STAT_NAMES[] = {"grad_sq", "h_sq", "h_mu", "h_grad", "mu_sq", "mu_grad"};
 
-size_t element_bytes(int dtype) { return dtype == sg::F32 ? 4 : 2; }
+size_t element_bytes(int dtype) { return dtype == sg::F32 ? 4 : dtype == sg::Q8 ? 1 : 2; }
 
 float load_at(const void* base, int dtype, int64_t i) {
+  if (dtype == sg::Q8) return (float)static_cast<const int8_t*>(base)[i];  // the code (reports)
   if (dtype == sg::F32) {
     float x;
     memcpy(&x, static_cast<const char*>(base) + 4 * i, 4);
@@ -60,6 +62,7 @@ void store_at(void* base, int dtype, int64_t i, float x) {
 }
 
 uint32_t bits_at(const void* base, int dtype, int64_t i) {
+  if (dtype == sg::Q8) return static_cast<const uint8_t*>(base)[i];  // a code's byte
   if (dtype == sg::F32) {
     uint32_t u;
     memcpy(&u, static_cast<const char*>(base) + 4 * i, 4);
@@ -123,6 +126,7 @@ struct SegSpec {
   int param_dtype, grad_dtype, state_dtype;
   bool misaligned;  // every array of the segment one element past a 16-byte boundary
   bool no_grad;
+  int64_t start = 0;  // 8-bit state: where the segment starts in its tensor (its blocks)
 };
 
 struct Case {
@@ -165,6 +169,28 @@ std::vector<SegSpec> full_segments(int rot) {
           seg(9, 5, rot + 5, true)};      // tensor 5: one segment without a gradient, one with
 }
 
+// 8-bit state (state_dtype Q8): pieces starting and ending inside blocks of their tensor (the
+// first chunk shortened to end on a block), one of several chunks, one without a gradient,
+// beside fp32 state (phase 2's two launches). The codes and scales are random, not those of a
+// previous step: the kernels read any.
+SegSpec qseg(int64_t numel, int32_t tensor, int dtypes, int64_t start, bool misaligned = false,
+             bool no_grad = false) {
+  SegSpec out = seg(numel, tensor, dtypes, misaligned, no_grad);
+  out.state_dtype = sg::Q8;
+  out.start = start;
+  return out;
+}
+
+std::vector<SegSpec> q8_segments(int rot) {
+  const int64_t C = sg::CHUNK;
+  return {qseg(4096, 0, rot + 0, 0),
+          qseg(300, 1, rot + 1, 100),                 // inside two blocks
+          qseg(2 * C + 700, 2, rot + 2, 37, true),    // a short first chunk, then whole blocks
+          qseg(513, 3, rot + 3, 256, false, true),    // no gradient
+          seg(C + 5, 4, rot + 4),                     // fp32 state
+          qseg(200, 1, rot + 1, 5000)};               // tensor 1's second piece
+}
+
 // A few blocks only: under SG_EMU_OS_THREADS every block is 256 OS threads.
 std::vector<SegSpec> quick_segments(int rot) {
   return {seg(17, 0, rot + 0), seg(301, 1, rot + 3, /*misaligned=*/true),
@@ -190,6 +216,17 @@ std::vector<Case> all_cases() {
   out.push_back({"quick/grokadamw", sg::GROKADAMW, H_NONE, 0, 2, quick_segments(0), true});
   out.push_back({"quick/supergrok/table-shared", sg::SUPERGROK, H_TABLE, 64, 2,
                  quick_segments(1), true});
+  for (int rot = 0; rot < 2; ++rot) {
+    const std::string r = "/dtypes" + std::to_string(rot);
+    out.push_back({"int8/grokadamw" + r, sg::GROKADAMW, H_NONE, 0, 5, q8_segments(rot * 3), false});
+    out.push_back({"int8/supergrok/table-shared-64" + r, sg::SUPERGROK, H_TABLE, 64, 5,
+                   q8_segments(rot * 3 + 1), false});
+  }
+  // phase 2's second launch: a block's maxima met in shared memory
+  out.push_back({"quick/int8/grokadamw", sg::GROKADAMW, H_NONE, 0, 2,
+                 {qseg(300, 0, 0, 100), seg(17, 1, 1)}, true});
+  out.push_back({"quick/int8/supergrok", sg::SUPERGROK, H_TABLE, 64, 2,
+                 {qseg(300, 0, 1, 200, true), seg(17, 1, 2)}, true});
   return out;
 }
 
@@ -198,7 +235,30 @@ struct Arrays {  // one segment's arrays: the kernel's, and the host computation
   void *param = nullptr, *grad = nullptr, *exp_avg = nullptr, *exp_avg_sq = nullptr,
        *mu = nullptr;
   float* h = nullptr;
+  float* scales[3] = {nullptr, nullptr, nullptr};  // 8-bit state: m's, v's, mu's per block
 };
+
+// How many blocks of 8-bit state a piece of `numel` elements from element `start` touches.
+int64_t blocks_of(int64_t start, int64_t numel) {
+  return numel == 0 ? 0 : (start + numel - 1) / sg::QBLOCK - start / sg::QBLOCK + 1;
+}
+
+int64_t block_of(const SegSpec& sp, int64_t j) { return (sp.start + j) / sg::QBLOCK - sp.start / sg::QBLOCK; }
+
+// One state value of element j (8-bit: its code at its block's scale).
+float state_at(const Arrays& a, const SegSpec& sp, int which, int64_t j) {
+  const void* arr = which == 0 ? a.exp_avg : which == 1 ? a.exp_avg_sq : a.mu;
+  if (sp.state_dtype != sg::Q8) return load_at(arr, sp.state_dtype, j);
+  const float scale = a.scales[which][block_of(sp, j)];
+  if (which == 1) return sg::dequantize_unsigned(static_cast<const uint8_t*>(arr)[j], scale);
+  return sg::dequantize_signed(static_cast<const int8_t*>(arr)[j], scale);
+}
+
+float absmax(const std::vector<float>& x) {
+  uint32_t a = 0;
+  for (float y : x) a = std::max(a, sg::f32_to_bits(y) & 0x7FFFFFFFu);
+  return sg::bits_to_f32(a);
+}
 
 struct Mismatches {
   std::string where;
@@ -298,9 +358,34 @@ bool run_case(const Case& cs) {
     };
     make(sp.param_dtype, -1.0f, 1.0f, &dev[i].param, &ref[i].param);
     if (!sp.no_grad) make(sp.grad_dtype, -1.5f, 1.5f, &dev[i].grad, &ref[i].grad);
-    make(sp.state_dtype, -0.1f, 0.1f, &dev[i].exp_avg, &ref[i].exp_avg);
-    make(sp.state_dtype, 0.0f, 0.01f, &dev[i].exp_avg_sq, &ref[i].exp_avg_sq);
-    make(sp.state_dtype, -0.5f, 0.5f, &dev[i].mu, &ref[i].mu);
+    if (sp.state_dtype == sg::Q8) {  // codes over the whole map, scales per block
+      auto codes = [&](bool is_signed, void** d, void** r) {
+        char* a = static_cast<char*>(arena.take((size_t)(sp.numel + off)));
+        char* b = static_cast<char*>(arena.take((size_t)(sp.numel + off)));
+        *d = a + off;
+        *r = b + off;
+        for (int64_t j = 0; j < sp.numel; ++j) {
+          const int32_t c = (int32_t)(rng.next() % 241) - (is_signed ? 120 : -7);
+          a[off + j] = (char)(is_signed ? (int8_t)c : (int8_t)(uint8_t)c);
+        }
+        memcpy(*r, *d, (size_t)sp.numel);
+      };
+      codes(true, &dev[i].exp_avg, &ref[i].exp_avg);
+      codes(false, &dev[i].exp_avg_sq, &ref[i].exp_avg_sq);
+      codes(true, &dev[i].mu, &ref[i].mu);
+      const float hi[3] = {0.1f, 0.01f, 0.5f};
+      const int64_t nb = blocks_of(sp.start, sp.numel);
+      for (int k = 0; k < 3; ++k) {
+        std::vector<float> sc((size_t)nb);
+        for (float& x : sc) x = rng.uniform(0.2f * hi[k], hi[k]);
+        dev[i].scales[k] = arena.copy(sc);
+        ref[i].scales[k] = arena.copy(sc);
+      }
+    } else {
+      make(sp.state_dtype, -0.1f, 0.1f, &dev[i].exp_avg, &ref[i].exp_avg);
+      make(sp.state_dtype, 0.0f, 0.01f, &dev[i].exp_avg_sq, &ref[i].exp_avg_sq);
+      make(sp.state_dtype, -0.5f, 0.5f, &dev[i].mu, &ref[i].mu);
+    }
     if (cs.h_source == H_ARRAY && !sp.no_grad) {
       void *d, *r;
       make(sg::F32, -2.0f, 2.0f, &d, &r);
@@ -315,20 +400,26 @@ bool run_case(const Case& cs) {
     s.mu = dev[i].mu;
     s.h = dev[i].h;
     s.numel = sp.numel;
-    s.offset = 0;  // the draws of stochastic rounding: off in these cases (fill_scalars)
+    s.exp_avg_scale = dev[i].scales[0];
+    s.exp_avg_sq_scale = dev[i].scales[1];
+    s.mu_scale = dev[i].scales[2];
+    s.offset = sp.start;  // the draws of stochastic rounding: off in these cases (fill_scalars)
     s.tensor = sp.tensor;
     s.param_dtype = sp.param_dtype;
     s.grad_dtype = sp.grad_dtype;
     s.state_dtype = sp.state_dtype;
   }
 
-  std::vector<int64_t> numels;
+  std::vector<int64_t> numels, leads;
   std::vector<int32_t> tensor_of;
+  bool has_q8 = false;
   for (const SegSpec& sp : cs.segs) {
     numels.push_back(sp.numel);
+    leads.push_back(sp.state_dtype == sg::Q8 ? sp.start % sg::QBLOCK : 0);
     tensor_of.push_back(sp.tensor);
+    has_q8 |= sp.state_dtype == sg::Q8;
   }
-  const std::vector<Chunk> chunks = sg::cut_chunks(numels);
+  const std::vector<Chunk> chunks = sg::cut_chunks(numels, leads);
   const sg::ChunksByTensor by_tensor = sg::chunks_by_tensor(chunks, tensor_of, cs.n_tensors);
   const int64_t n_chunks = (int64_t)chunks.size();
 
@@ -350,6 +441,7 @@ bool run_case(const Case& cs) {
   job.scalars = arena.copy(scalars);
   job.table = tables.level;
   job.has_table = cs.h_source == H_TABLE;
+  job.has_q8 = has_q8;
 
   Mismatches bad;
   bad.where = cs.name;
@@ -373,7 +465,7 @@ bool run_case(const Case& cs) {
       terms[sg::ST_GRAD_SQ][(size_t)e] = g * g;
       if (!super) continue;
       const double h = a.h != nullptr ? a.h[i] : sg::masked(sg::table_log_mask(table, gf), gf);
-      const double u = load_at(a.mu, sp.state_dtype, i);
+      const double u = state_at(a, sp, 2, i);
       terms[sg::ST_H_SQ][(size_t)e] = h * h;
       terms[sg::ST_H_MU][(size_t)e] = h * u;
       terms[sg::ST_H_GRAD][(size_t)e] = h * g;
@@ -424,6 +516,46 @@ bool run_case(const Case& cs) {
     Arrays& a = ref[i];
     if (sp.no_grad) continue;
     const sg::Scalars k = sg::scalars_from_row(&scalars[(size_t)sp.tensor * sg::N_COLUMNS]);
+    if (sp.state_dtype == sg::Q8) {  // block by block: the update, then the block's codes
+      for (int64_t lo = 0; lo < sp.numel;) {
+        const int64_t b = block_of(sp, lo);
+        int64_t hi = lo;
+        while (hi < sp.numel && block_of(sp, hi) == b) ++hi;
+        std::vector<float> m, v, u;
+        for (int64_t j = lo; j < hi; ++j) {
+          float p = load_at(a.param, sp.param_dtype, j);
+          const float g = load_at(a.grad, sp.grad_dtype, j);
+          float mj = state_at(a, sp, 0, j), vj = state_at(a, sp, 1, j), uj = state_at(a, sp, 2, j);
+          if (super) {
+            const float h = a.h != nullptr ? a.h[j] : sg::masked(sg::table_log_mask(table, g), g);
+            sg::supergrok_update(p, g, h, mj, vj, uj, k);
+          } else {
+            sg::grokadamw_update(p, g, mj, vj, uj, k);
+          }
+          store_at(a.param, sp.param_dtype, j, p);
+          m.push_back(mj);
+          v.push_back(vj);
+          u.push_back(uj);
+        }
+        const float am = absmax(m), av = absmax(v), au = absmax(u);
+        for (int64_t j = lo; j < hi; ++j) {
+          const size_t e = (size_t)(j - lo);
+          static_cast<int8_t*>(a.exp_avg)[j] = sg::quantize_signed(m[e], sg::inverse_scale(am), false, 0u);
+          static_cast<uint8_t*>(a.exp_avg_sq)[j] = sg::quantize_unsigned(v[e], sg::inverse_scale(av), false, 0u);
+          static_cast<int8_t*>(a.mu)[j] = sg::quantize_signed(u[e], sg::inverse_scale(au), false, 0u);
+        }
+        a.scales[0][b] = am;
+        a.scales[1][b] = av;
+        a.scales[2][b] = au;
+        if (!std::isfinite(am) || !std::isfinite(av) || !std::isfinite(au)) {
+          fprintf(stderr, "FAIL %s: segment %zu block %lld: the host update is not finite: fix "
+                  "the case's data\n", cs.name.c_str(), i, (long long)b);
+          return false;
+        }
+        lo = hi;
+      }
+      continue;
+    }
     for (int64_t j = 0; j < sp.numel; ++j) {
       float p = load_at(a.param, sp.param_dtype, j);
       const float g = load_at(a.grad, sp.grad_dtype, j);
@@ -469,6 +601,15 @@ bool run_case(const Case& cs) {
                         {"exp_avg_sq", dev[i].exp_avg_sq, ref[i].exp_avg_sq, sp.state_dtype},
                         {"mu", dev[i].mu, ref[i].mu, sp.state_dtype},
                         {"h", dev[i].h, ref[i].h, sg::F32}};
+    const char* const scale_names[] = {"exp_avg_scale", "exp_avg_sq_scale", "mu_scale"};
+    for (int q = 0; q < 3 && sp.state_dtype == sg::Q8; ++q)
+      for (int64_t b = 0; b < blocks_of(sp.start, sp.numel); ++b) {
+        const float want = ref[i].scales[q][b], got = dev[i].scales[q][b];
+        if (sg::f32_to_bits(want) != sg::f32_to_bits(got))
+          bad.report("phase 2 segment " + std::to_string(i) + " " + scale_names[q] + "[" +
+                         std::to_string(b) + "]",
+                     sg::f32_to_bits(want), sg::f32_to_bits(got), want, got);
+      }
     for (const auto& arr : arrays) {
       if (arr.d == nullptr) continue;
       for (int64_t j = 0; j < sp.numel; ++j) {
