@@ -40,6 +40,10 @@ from .header import CHECKOUT_CSRC, PACKAGED_CSRC, find_csrc
 CSRC = find_csrc()
 ENV_ISA = "SHARDGROK_CPU_ISA"
 
+#: set to 1: the CPU kernels also carry debug information (-g; the same code otherwise), for a
+#: profile by source line (benchmarks/profile_formats.py)
+ENV_DEBUG_INFO = "SHARDGROK_DEBUG_INFO"
+
 CPU_SOURCES = ("bindings.cpp", "plan.cpp", "test_hooks.cpp", "cpu/dispatch.cpp",
                "cpu/isa_avx512.cpp", "cpu/isa_avx2.cpp", "cpu/isa_generic.cpp")
 HEADERS = ("bindings.h", "grok_math.h", "job.h", "cpu/kernel.h", "cpu/loops.h", "cpu/dispatch.h",
@@ -118,7 +122,8 @@ class Op:
         """Compiler arguments with the digest baked in (as ``ext.digest``), so that a stale
         ahead-of-time build is recognised."""
         flag = f"-DSHARDGROK_DIGEST={digest}"
-        args: dict[str, Any] = {"cxx": [*self.cflags, flag], "ld": list(self.ldflags)}
+        debug = ["-g"] if ENV_DEBUG_INFO in self.digest_env and os.environ.get(ENV_DEBUG_INFO) == "1" else []
+        args: dict[str, Any] = {"cxx": [*self.cflags, *debug, flag], "ld": list(self.ldflags)}
         if self.cuda_flags:
             args["nvcc"] = [*self.cuda_flags, flag]
         return args
@@ -154,7 +159,7 @@ class Op:
 
 
 CPU = Op("cpu", CPU_SOURCES, HEADERS, "shardgrok._C_cpu", CFLAGS, LDFLAGS,
-         configure=_isa_from_env)
+         digest_env=(ENV_DEBUG_INFO,), configure=_isa_from_env)
 CUDA = Op("cuda", CUDA_SOURCES, CUDA_HEADERS, "shardgrok._C_cuda", ("-O3",),
           cuda_flags=CUDA_FLAGS, digest_env=("TORCH_CUDA_ARCH_LIST",),
           unavailable_here=_no_cuda_here)
