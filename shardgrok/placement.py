@@ -14,6 +14,7 @@ unwraps the local storage of an engine's sharded tensors.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ def like_dtensor(local: torch.Tensor, like: torch.Tensor, shape: tuple[int, ...]
     DTensor ``like``: same mesh and placements, rows cut where ``like``'s are."""
     from torch.distributed.tensor import DTensor
 
-    stride = tuple(int(torch.tensor(shape[i + 1:]).prod()) for i in range(len(shape)))
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
     return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
                               shape=torch.Size(shape), stride=stride)
 

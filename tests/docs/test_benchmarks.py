@@ -373,3 +373,28 @@ def test_grokking_report_pairs_seeds():
                   if steps[spec][k] and steps[base].get(k)]
         row = next(line for line in proc.stdout.splitlines() if line.startswith(f"| {op} |"))
         assert row.rstrip(" |").endswith(f"{statistics.median(ratios):.3f}"), row
+
+
+def test_profile_reads_callgrind_annotate():
+    """benchmarks/profile_formats.py's parsing of callgrind_annotate's two reports (functions;
+    source lines, inlined copies summed, a header's path as the compiler wrote it), and its
+    refusal of a bad configuration. The valgrind runs themselves are not a test (minutes)."""
+    prof = load_script("benchmarks/profile_formats.py")
+    funcs = ("--------\n 600 (60.00%)  PROGRAM TOTALS\n"
+             " 400 (40.00%)  /x/csrc/cpu/../grok_math.h:void (anonymous namespace)::store_codes<true>"
+             "(sg::Segment const&, long) [/y.so]\n"
+             " 200 (20.00%)  /x/csrc/cpu/loops.h:void (anonymous namespace)::store_codes<true>"
+             "(sg::Segment const&, long) [/y.so]\n")
+    rows = prof.top_functions(funcs, 600, 100, 5)
+    assert len(rows) == 2 and "4.00/elem  grok_math.h: void store_codes<true>" in rows[0]
+    lines = ("-- Auto-annotated source: /x/csrc/cpu/../grok_math.h\n"
+             "  30 ( 5.00%)    x *= 0x7FEB352Du;\n"
+             "  20 ( 3.33%)    x *= 0x7FEB352Du;\n"
+             "   5 ( 0.83%)  => /x/other.h:f (2x)\n"
+             "-- Auto-annotated source: /x/other.h\n"
+             "  99 (16.50%)    y = 1;\n")
+    (row,) = prof.top_lines(lines, 600, 10, 5)
+    assert "grok_math.h: x *= 0x7FEB352Du;" in row and "5.00/elem" in row
+    with pytest.raises(SystemExit) as e:
+        prof.main(["--configs", "adam:fp32"])
+    assert e.value.code == 2
