@@ -70,7 +70,7 @@ def profile(config: str, args, tmp: Path) -> tuple[str, int, str, str]:
         raise RuntimeError(f"{config}: exit {run.returncode}\n{run.stderr[-3000:]}")
     funcs = subprocess.run(["callgrind_annotate", "--inclusive=no", str(out)],
                            capture_output=True, text=True, check=True).stdout
-    lines = subprocess.run(["callgrind_annotate", str(out), *[str(ROOT / s) for s in SOURCES]],
+    lines = subprocess.run(["callgrind_annotate", "--auto=yes", str(out)],
                            capture_output=True, text=True, check=True).stdout
     total = int(re.search(r"([\d,]+) \([ \d.]+%\)\s+PROGRAM TOTALS", funcs).group(1).replace(",", ""))
     return config, total, funcs, lines
@@ -90,19 +90,34 @@ def top_functions(funcs: str, total: int, elements: int, top: int) -> list[str]:
 
 
 def top_lines(lines: str, total: int, elements: int, top: int) -> list[str]:
-    """The source lines of SOURCES with the most instructions (every inlined copy summed)."""
+    """The source lines of SOURCES with the most instructions (callgrind_annotate sums every
+    inlined copy of a line), as ``file:line: text``."""
     counts: dict[str, int] = {}
-    section = None
+    section, lineno = None, 0
     for raw in lines.splitlines():
-        head = re.match(r"-- Auto-annotated source: (.+)$", raw)
+        head = re.match(r"-- (?:Auto|User)-annotated source: (.+)$", raw)
         if head:
             path = os.path.normpath(head.group(1).strip())  # csrc/cpu/../grok_math.h
             section = Path(path).name if any(path.endswith(s) for s in SOURCES) else None
             continue
-        m = re.match(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s{2,}(.*\S)\s*$", raw)
-        if section and m and not m.group(2).startswith("=>"):
-            key = f"{section}: {m.group(2).strip()}"
+        at = re.match(r"-- line (\d+) -+", raw)
+        if at:
+            lineno = int(at.group(1))
+            continue
+        if section is None or raw.startswith("--"):
+            continue
+        m = re.match(r"^\s*([\d,]+|\.)(?: \(\s*[\d.]+%\))?(?:\s(.*))?$", raw)
+        if not m:
+            continue
+        text = (m.group(2) or "").strip()
+        if text.startswith("=>"):
+            continue  # a call's cost, counted in its callee's lines
+        if text == "events annotated":
+            continue
+        if m.group(1) != ".":
+            key = f"{section}:{lineno}: {text}"
             counts[key] = counts.get(key, 0) + int(m.group(1).replace(",", ""))
+        lineno += 1
     best = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
     return [f"    {100 * c / total:5.1f}%  {c / elements:6.2f}/elem  {line[:110]}" for line, c in best]
 

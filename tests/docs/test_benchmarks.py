@@ -388,13 +388,19 @@ def test_profile_reads_callgrind_annotate():
     rows = prof.top_functions(funcs, 600, 100, 5)
     assert len(rows) == 2 and "4.00/elem  grok_math.h: void store_codes<true>" in rows[0]
     lines = ("-- Auto-annotated source: /x/csrc/cpu/../grok_math.h\n"
+             "-- line 182 ----------\n"
+             "        .           x ^= x >> 16;\n"
              "  30 ( 5.00%)    x *= 0x7FEB352Du;\n"
-             "  20 ( 3.33%)    x *= 0x7FEB352Du;\n"
              "   5 ( 0.83%)  => /x/other.h:f (2x)\n"
-             "-- Auto-annotated source: /x/other.h\n"
+             "-- line 190 ----------\n"
+             "  20 ( 3.33%)    x *= 0x7FEB352Du;\n"
+             " 599 (99.80%)  events annotated\n"
+             "-- User-annotated source: /x/other.h\n"
              "  99 (16.50%)    y = 1;\n")
-    (row,) = prof.top_lines(lines, 600, 10, 5)
-    assert "grok_math.h: x *= 0x7FEB352Du;" in row and "5.00/elem" in row
+    rows = prof.top_lines(lines, 600, 10, 5)
+    assert len(rows) == 2, rows
+    assert "3.00/elem  grok_math.h:183: x *= 0x7FEB352Du;" in rows[0]
+    assert "2.00/elem  grok_math.h:190: x *= 0x7FEB352Du;" in rows[1]
     with pytest.raises(SystemExit) as e:
         prof.main(["--configs", "adam:fp32"])
     assert e.value.code == 2
