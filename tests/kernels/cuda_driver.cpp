@@ -516,6 +516,18 @@ bool run_case(const Case& cs) {
     Arrays& a = ref[i];
     if (sp.no_grad) continue;
     const sg::Scalars k = sg::scalars_from_row(&scalars[(size_t)sp.tensor * sg::N_COLUMNS]);
+    // element j's update of the state values m, v, u (in place); the parameter is written
+    auto update = [&](int64_t j, float& m, float& v, float& u) {
+      float p = load_at(a.param, sp.param_dtype, j);
+      const float g = load_at(a.grad, sp.grad_dtype, j);
+      if (super) {
+        const float h = a.h != nullptr ? a.h[j] : sg::masked(sg::table_log_mask(table, g), g);
+        sg::supergrok_update(p, g, h, m, v, u, k);
+      } else {
+        sg::grokadamw_update(p, g, m, v, u, k);
+      }
+      store_at(a.param, sp.param_dtype, j, p);
+    };
     if (sp.state_dtype == sg::Q8) {  // block by block: the update, then the block's codes
       for (int64_t lo = 0; lo < sp.numel;) {
         const int64_t b = block_of(sp, lo);
@@ -523,16 +535,8 @@ bool run_case(const Case& cs) {
         while (hi < sp.numel && block_of(sp, hi) == b) ++hi;
         std::vector<float> m, v, u;
         for (int64_t j = lo; j < hi; ++j) {
-          float p = load_at(a.param, sp.param_dtype, j);
-          const float g = load_at(a.grad, sp.grad_dtype, j);
           float mj = state_at(a, sp, 0, j), vj = state_at(a, sp, 1, j), uj = state_at(a, sp, 2, j);
-          if (super) {
-            const float h = a.h != nullptr ? a.h[j] : sg::masked(sg::table_log_mask(table, g), g);
-            sg::supergrok_update(p, g, h, mj, vj, uj, k);
-          } else {
-            sg::grokadamw_update(p, g, mj, vj, uj, k);
-          }
-          store_at(a.param, sp.param_dtype, j, p);
+          update(j, mj, vj, uj);
           m.push_back(mj);
           v.push_back(vj);
           u.push_back(uj);
@@ -557,18 +561,10 @@ bool run_case(const Case& cs) {
       continue;
     }
     for (int64_t j = 0; j < sp.numel; ++j) {
-      float p = load_at(a.param, sp.param_dtype, j);
-      const float g = load_at(a.grad, sp.grad_dtype, j);
       float m = load_at(a.exp_avg, sp.state_dtype, j);
       float v = load_at(a.exp_avg_sq, sp.state_dtype, j);
       float u = load_at(a.mu, sp.state_dtype, j);
-      if (super) {
-        const float h = a.h != nullptr ? a.h[j] : sg::masked(sg::table_log_mask(table, g), g);
-        sg::supergrok_update(p, g, h, m, v, u, k);
-      } else {
-        sg::grokadamw_update(p, g, m, v, u, k);
-      }
-      store_at(a.param, sp.param_dtype, j, p);
+      update(j, m, v, u);
       store_at(a.exp_avg, sp.state_dtype, j, m);
       store_at(a.exp_avg_sq, sp.state_dtype, j, v);
       store_at(a.mu, sp.state_dtype, j, u);
