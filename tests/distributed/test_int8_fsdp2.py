@@ -199,7 +199,7 @@ def test_gathered_full_state_loads_in_one_process(dcp_jobs, kind):
 def test_dcp_saved_at_4_resumes_at_2(dcp_jobs, kind):
     """After the load above, the rest of the run: tensors of whole-block rows equal the
     uninterrupted world-4 run bit for bit; in the others the requantized cut blocks move the
-    parameters by at most 10% of what the three steps moved them (measured: 5%)."""
+    parameters by at most 10% of what the three steps moved them (measured: up to 6%)."""
     want, saved = dcp_jobs["save4"][0][kind]["run"], dcp_jobs["save4"][0][kind]["saved"]
     for got in dcp_jobs["from4"]:
         assert got[kind]["global_step"] == 6
