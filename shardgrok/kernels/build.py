@@ -122,7 +122,8 @@ class Op:
         """Compiler arguments with the digest baked in (as ``ext.digest``), so that a stale
         ahead-of-time build is recognised."""
         flag = f"-DSHARDGROK_DIGEST={digest}"
-        debug = ["-g"] if ENV_DEBUG_INFO in self.digest_env and os.environ.get(ENV_DEBUG_INFO) == "1" else []
+        debug = (["-g"] if ENV_DEBUG_INFO in self.digest_env
+                 and os.environ.get(ENV_DEBUG_INFO) == "1" else [])
         args: dict[str, Any] = {"cxx": [*self.cflags, *debug, flag], "ld": list(self.ldflags)}
         if self.cuda_flags:
             args["nvcc"] = [*self.cuda_flags, flag]

@@ -168,12 +168,11 @@ def test_gathered_full_state_loads_in_one_process(dcp_jobs, kind):
     """get_optimizer_state_dict(full_state_dict=True) gathers the codes and the scales by row;
     one process loads it (converted to its own blocks, within half a step) and steps on."""
     import shardgrok
-    from tests.support.int8_cases import _opt
+    from tests.support.int8_cases import _opt, fsdp2_groups
     full = torch.load(str(dcp_jobs["ckpt"] / "int8-dcp-{}-w2.full.pt".format(kind)), weights_only=False)
     saved = [r[kind]["saved"] for r in dcp_jobs["save2"]]
     params = [torch.nn.Parameter(e["param"].clone()) for e in saved[0]]
-    opt = _opt(kind, [{"params": params[:len(ALIGNED)]}, {"params": params[len(ALIGNED):]}],
-               "kernel", False)
+    opt = _opt(kind, fsdp2_groups(params), "kernel", False)
     # torch keys the whole state by parameter name; the optimizer's own form is by index
     names = sorted(full["state"], key=lambda n: int(n.split(".")[-1]))
     groups = [dict(g, params=[names.index(n) for n in g["params"]]) for g in full["param_groups"]]

@@ -173,6 +173,11 @@ def _local_view(opt, params) -> list[dict]:
 R_KEYS = ("exp_avg", "exp_avg_sq", "mu")
 
 
+def fsdp2_groups(params) -> list[dict]:
+    """Two groups: SuperGrok clips over a group, so the cut tensors' differences stay in theirs."""
+    return [{"params": params[:len(ALIGNED)]}, {"params": params[len(ALIGNED):]}]
+
+
 def fsdp2_int8_run(kind: str, backend: str, state_dtype="int8", steps=STEPS, one=False,
                    hsdp=False) -> list[dict]:
     """The schedule on FSDP2 (``one``: the same tensors whole, in this process alone)."""
@@ -181,9 +186,7 @@ def fsdp2_int8_run(kind: str, backend: str, state_dtype="int8", steps=STEPS, one
         params = [nn.Parameter(torch.randn(s, generator=g)) for s in FSDP2_SHAPES]
     else:
         params = list(_fsdp2_model(hsdp).parameters())
-    # two groups: SuperGrok clips over a group, so the cut tensors' differences stay in theirs
-    groups = [{"params": params[:len(ALIGNED)]}, {"params": params[len(ALIGNED):]}]
-    opt = _opt(kind, groups, backend, None, state_dtype)
+    opt = _opt(kind, fsdp2_groups(params), backend, None, state_dtype)
     _fsdp2_steps(kind, opt, params, range(steps))
     return _local_view(opt, params)
 
@@ -234,9 +237,7 @@ def int8_refused_fsdp1(args):
 
 # ---------------------------------------------------------------- FSDP2 checkpoints (DCP)
 def _fsdp2_opt(kind, model):
-    params = list(model.parameters())
-    groups = [{"params": params[:len(ALIGNED)]}, {"params": params[len(ALIGNED):]}]
-    return _opt(kind, groups, "kernel", None)
+    return _opt(kind, fsdp2_groups(list(model.parameters())), "kernel", None)
 
 
 def _dcp_path(args, kind, world):
