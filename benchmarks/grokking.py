@@ -1,14 +1,26 @@
-"""How fast do optimizers grok modular arithmetic? Steps and wall time to 95% and 99% validation
+"""How fast do optimizers grok modular arithmetic? Steps and wall time to 95% and 99% test
 accuracy, over operations, seeds and optimizer settings, in parallel processes.
 
     python benchmarks/grokking.py --op "x*y" --op "x+y" --op "x-y" --seeds 0,1,2 \\
         --opt adamw --opt "adam+ema" --opt grokadamw --opt "grokadamw:gamma=0,gradient_clipping=0" \\
         --opt supergrok --opt "supergrok+meta:meta_every=100" --json out.json --png out.png
 
-The task and model are the demo's (shardgrok/demo/task.py): all pairs ``[x, op, y, eq]`` of
-residues mod ``--p`` labelled by the formula (``/`` is the modular inverse; pairs dividing by 0
-are left out), ``--train-fraction`` of them for training, the 2-layer transformer. Every run of
+The task and model are the demo's (shardgrok/demo/task.py): every tuple of residues mod ``--p``
+as ``[x, op, y, eq]`` (``[a, op, b, op, ..., eq]`` for a formula in more letters) labelled by
+the formula (``/`` is the modular inverse; tuples dividing by 0 are left out), split at random
+into three disjoint parts: ``--train-fraction`` for training, ``--val-fraction`` for validation
+(the grokking signal's validation loss and SuperGrok's meta-step read it, nothing is scored on
+it) and the rest for test (every accuracy, loss and step-to-target this reports). Every run of
 one (operation, seed) starts from the same initial weights and sees the same batches.
+
+A run stops once it reaches every target, or with ``--to-budget`` trains the whole budget and
+records the lowest test accuracy after first reaching each target (did it stay there?).
+
+``--json`` is written after every finished run, and a command given an existing file resumes
+it: runs already there (same operation, seed and spec) are kept, the rest are run; the settings
+that make runs comparable (everything but the lists of operations, seeds and specs, ``--jobs``
+and the output paths) must match the file's. Each run records the invocation (``session``) it
+ran in, so wall times are compared only within one set of runs measured side by side.
 
 Optimizers, by name, with keyword overrides after a colon (Python literals:
 ``"grokadamw:lamb=5,betas=(0.9,0.99)"``): the specs of shardgrok/demo/recipes.py, which the demo
@@ -16,12 +28,13 @@ uses too (adamw, adam, adam+ema, grokadamw, supergrok, supergrok+meta; a bare na
 optimizer at its own defaults). ``lr``, ``betas`` and ``weight_decay`` default to ``--lr``,
 ``--betas``, ``--weight-decay``.
 
-The JSON holds the configuration, every run (its curve: step, validation accuracy and loss at
-each evaluation, training loss and accuracy averaged over the batches since the previous one,
+The JSON holds the configuration, every run (its curve: step, test accuracy and loss and
+validation accuracy and loss at each evaluation, training loss and accuracy averaged over the batches since the previous one,
 GrokAdamW's and SuperGrok's alpha, clipping coefficient and gate share at the last step; steps
-and seconds to each target) and per (operation, optimizer) the medians over seeds, and its
-``provenance`` (step_common.provenance: command line, git commit and whether the tree was
-dirty, date, CPU model, torch threads per run). ``--png`` draws validation accuracy against step
+and seconds to each target) and per (operation, optimizer) the medians over seeds, and the
+``provenance`` of each session (step_common.provenance: command line, git commit and whether
+the tree was dirty, date, CPU model, torch threads per run). ``--png`` draws test accuracy
+against step
 (needs matplotlib: ``pip install -e .[demo]``), with the same provenance in the image's
 ``Description`` text field.
 """
@@ -43,7 +56,12 @@ import torch
 import step_common
 from shardgrok.demo.recipes import NAMES, parse_spec
 
-SCHEMA = "shardgrok.grokking/1"
+SCHEMA = "shardgrok.grokking/2"
+OLD_SCHEMA = "shardgrok.grokking/1"   # scored on the validation split (no test split): read only
+# the settings a resumed file must share with the command (the rest: which runs, and how)
+COMPARABLE = ("p", "steps", "lr", "betas", "weight_decay", "lr_warmup", "batch_size",
+              "eval_every", "train_fraction", "val_fraction", "width", "heads", "stop_at_target",
+              "targets", "threads_per_job")
 PROG = "benchmarks/grokking.py"
 
 
@@ -55,7 +73,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     cfg = DemoConfig(**job["config"], optimizers=("adamw",), progress=False)
     name, overrides = parse_spec(job["spec"])
-    data = make_data(cfg.p, cfg.train_fraction, cfg.seed, cfg.op)
+    data = make_data(cfg.p, cfg.train_fraction, cfg.seed, cfg.op, cfg.val_fraction)
     init = {k: v.clone() for k, v in make_model(cfg).state_dict().items()}
     t0 = time.perf_counter()
     try:
@@ -69,9 +87,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "overrides": overrides, "error": error,
         "steps_to": {str(t): res.get("reached", {}).get(t) for t in job["targets"]},
         "seconds_to": {str(t): res.get("seconds_to", {}).get(t) for t in job["targets"]},
+        "lowest_after": {str(t): res.get("lowest_after", {}).get(t) for t in job["targets"]},
         "steps_run": res.get("steps_run"), "wall_time_s": time.perf_counter() - t0,
-        "final_val_acc": res.get("final_val_acc"), "final_train_loss": res.get("final_train_loss"),
-        "curve": res.get("history", []),
+        "final_test_acc": res.get("final_test_acc"), "final_train_loss": res.get("final_train_loss"),
+        "session": job["session"], "curve": res.get("history", []),
     }
 
 
@@ -85,6 +104,19 @@ def _median(values: list) -> float | None:
     return None if math.isinf(m) else m
 
 
+def _spread(values: list) -> str:
+    """``median (min-max)`` of steps to a target over seeds, ``never`` for a run that did not
+    reach it (counted as the slowest)."""
+    if not values:
+        return "-"
+    v = sorted(math.inf if x is None else x for x in values)
+    fmt = lambda x: "never" if math.isinf(x) else f"{x:,.0f}"  # noqa: E731
+    m = statistics.median(v)
+    if len(v) == 1 or v[0] == v[-1]:
+        return fmt(m)
+    return f"{fmt(m)} ({fmt(v[0])}-{fmt(v[-1])})"
+
+
 def summarise(runs: list[dict], targets: list[float]) -> list[dict]:
     rows = []
     keys = sorted({(r["op"], r["spec"]) for r in runs}, key=lambda k: (k[0], k[1]))
@@ -96,6 +128,12 @@ def summarise(runs: list[dict], targets: list[float]) -> list[dict]:
             row[f"median_steps_to_{t}"] = _median([r["steps_to"][str(t)] for r in mine])
             row[f"median_seconds_to_{t}"] = _median([r["seconds_to"][str(t)] for r in mine])
             row[f"reached_{t}"] = sum(r["steps_to"][str(t)] is not None for r in mine)
+            # of those that reached it, how many never fell below it again (a run stopped at its
+            # last target has its lowest accuracy after this one up to that stop); None for
+            # files from before the harness recorded it
+            row[f"held_{t}"] = (sum(r["steps_to"][str(t)] is not None
+                                    and r["lowest_after"].get(str(t), 0) >= t for r in mine)
+                                if all("lowest_after" in r for r in mine) else None)
         rows.append(row)
     return rows
 
@@ -114,14 +152,14 @@ def plot(result: dict, path: str, prov: dict) -> None:
         for r in result["runs"]:
             if r["op"] != op or not r["curve"]:
                 continue
-            ax.plot([c["step"] for c in r["curve"]], [c["val_acc"] for c in r["curve"]],
+            ax.plot([c["step"] for c in r["curve"]], [c[ACC] for c in r["curve"]],
                     color=colors[r["spec"]], alpha=0.7, lw=1,
                     label=r["spec"] if r["seed"] == min(x["seed"] for x in result["runs"]) else None)
         for t in result["config"]["targets"]:
             ax.axhline(t, color="grey", lw=0.5, ls=":")
         ax.set_title(f"{op} mod {result['config']['p']}")
         ax.set_xlabel("step")
-        ax.set_ylabel("validation accuracy")
+        ax.set_ylabel("test accuracy")
         ax.set_ylim(0, 1.02)
     handles, names = axes[0][0].get_legend_handles_labels()
     rows = -(-len(names) // 2)   # the legend below the panels, two columns
@@ -130,43 +168,61 @@ def plot(result: dict, path: str, prov: dict) -> None:
     fig.savefig(path, dpi=120, metadata={"Description": json.dumps(prov)})
 
 
+ACC = "test_acc"   # the curves' scored accuracy (read_runs maps the old files' onto it)
+
+
+def same_run_set(a: list[dict], b: list[dict]) -> bool:
+    """Whether two rows' wall times may be compared: every run of both from one file and one
+    session (one invocation, its runs interleaved on the same machine)."""
+    where = {(r.get("file"), r.get("session")) for r in a + b}
+    return len(where) == 1
+
+
 def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = None,
-             only: list[str] | None = None) -> str:
-    """The tables of docs/grokking.md from result files' runs: per operation and spec the
-    medians over seeds of steps and seconds to each target, how many seeds reached it, the
-    median final validation accuracy and wall time per step (of the whole run); with ``versus``, the ratio of each spec's median steps and
-    seconds to the first target over those of each listed spec (>1: the listed spec is slower);
-    with ``only``, just those specs' rows."""
+             only: list[str] | None = None, split: str = "test") -> str:
+    """The tables of docs/grokking.md from result files' runs: per operation and spec, over
+    seeds, the median (min-max) steps to each target, how many runs reached it and how many of
+    those stayed at or above it, the median (min-max) test accuracy at the end, the median wall
+    time per step and seconds to the first target; with ``versus``, the ratio of each listed
+    spec's median steps to the first target over the row's (>1: the listed spec is slower), and
+    of their seconds where both rows were measured in one run set (:func:`same_run_set`);
+    with ``only``, just those specs' rows. ``split`` names the accuracy's split in the header."""
     every = summarise(runs, targets)
     by = {(r["op"], r["spec"]): r for r in every}
     rows = [r for r in every if not only or r["spec"] in only]
-    def fmt(x, d=0):
-        return "-" if x is None else f"{x:,.{d}f}"
+    held = all(r[f"held_{t}"] is not None for r in rows for t in targets)
     head = ["operation", "optimizer", "seeds"]
     for t in targets:
-        head += [f"steps to {t:.0%}", f"s to {t:.0%}", f"reached {t:.0%}"]
-    head += ["final val acc", "ms per step"]
+        head += [f"steps to {t:.0%}", f"reached / held {t:.0%}" if held else f"reached {t:.0%}"]
+    head += [f"{split} acc at the end", "ms per step", f"s to {targets[0]:.0%}"]
     t0 = targets[0]
     for v in versus or []:
         head.append(f"{v}: steps / s ratio")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    of = lambda op, spec: [x for x in runs if x["op"] == op and x["spec"] == spec]  # noqa: E731
     for r in rows:
-        mine = [x for x in runs if x["op"] == r["op"] and x["spec"] == r["spec"]]
-        acc = statistics.median(x["final_val_acc"] or 0.0 for x in mine)
+        mine = of(r["op"], r["spec"])
         cells = [r["op"], f"`{r['spec']}`", str(r["seeds"])]
         for t in targets:
-            cells += [fmt(r[f"median_steps_to_{t}"]), fmt(r[f"median_seconds_to_{t}"]),
-                      f"{r[f'reached_{t}']}/{r['seeds']}"]
+            cells += [_spread([x["steps_to"][str(t)] for x in mine]),
+                      f"{r[f'reached_{t}']} / {r[f'held_{t}']}" if held else str(r[f"reached_{t}"])]
         errors = [x["error"] for x in mine if x["error"]]
-        cells.append(f"error ({errors[0]})" if len(errors) == len(mine) else f"{100 * acc:.1f}%")
+        accs = sorted(100 * (x["final_test_acc"] or 0.0) for x in mine)
+        acc = f"{statistics.median(accs):.1f}%" + (
+            f" ({accs[0]:.1f}-{accs[-1]:.1f})" if accs and accs[0] != accs[-1] else "")
+        cells.append(f"error ({errors[0]})" if len(errors) == len(mine) else acc)
         per_step = [1000 * x["wall_time_s"] / x["steps_run"] for x in mine if x.get("steps_run")]
         cells.append(f"{statistics.median(per_step):.0f}" if per_step else "-")
+        sec = r[f"median_seconds_to_{t0}"]
+        cells.append("-" if sec is None else f"{sec:,.0f}")
         for v in versus or []:
             o = by.get((r["op"], v))
             a, b = r[f"median_steps_to_{t0}"], o and o[f"median_steps_to_{t0}"]
             sa, sb = r[f"median_seconds_to_{t0}"], o and o[f"median_seconds_to_{t0}"]
-            if a and b and sa and sb:
-                cells.append(f"{b / a:.2f}x / {sb / sa:.2f}x")
+            if a and b:
+                timed = (f"{sb / sa:.2f}x" if sa and sb and same_run_set(mine, of(r["op"], v))
+                         else "other run set")
+                cells.append(f"{b / a:.2f}x / {timed}")
             else:
                 cells.append("-" if not a else f"{v}: median not reached")
         lines.append("| " + " | ".join(cells) + " |")
@@ -224,19 +280,39 @@ def diagnostics(runs: list[dict], only: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def read_runs(paths: list[str]) -> tuple[list[dict], list[float], dict]:
+    """(runs, targets, the first file's config with ``split``: the split their accuracies are
+    scored on) of result files, each run tagged with its ``file``. Files of the first schema, scored on the validation split before the harness had
+    a test split, are read with their validation accuracy as the scored one (``test_acc``);
+    mixing them with current files is refused."""
+    runs, targets, config, schemas = [], None, None, set()
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        schema = d.get("schema")
+        if schema not in (SCHEMA, OLD_SCHEMA):
+            raise SystemExit(f"--report {path}: not a {SCHEMA} file (schema {schema!r})")
+        schemas.add(schema)
+        for r in d["runs"]:
+            r = {**r, "file": path}
+            if schema == OLD_SCHEMA:
+                r["final_test_acc"] = r.get("final_val_acc")
+                r["curve"] = [{**c, ACC: c.get("val_acc")} for c in r.get("curve", [])]
+            runs.append(r)
+        targets = targets or d["config"]["targets"]
+        config = config or d["config"]
+    if len(schemas) > 1:
+        raise SystemExit(f"--report: {', '.join(paths)} mix files scored on the validation "
+                         f"split ({OLD_SCHEMA}) with files scored on the test split ({SCHEMA})")
+    config = {**config, "split": "test" if SCHEMA in schemas else "validation"}
+    return runs, targets, config
+
+
 def report(paths: list[str], versus: list[str] | None, only: list[str] | None,
            png: str | None, diag: bool = False, pool_ops: bool = False,
            argv: list[str] | None = None, pairs: list[list[str]] | None = None) -> int:
     """``--report``: the markdown tables (and plot) of result files, without training."""
-    runs, targets, config = [], None, None
-    for path in paths:
-        with open(path) as f:
-            d = json.load(f)
-        if d.get("schema") != SCHEMA:
-            raise SystemExit(f"--report {path}: not a {SCHEMA} file (schema {d.get('schema')!r})")
-        runs += d["runs"]
-        targets = targets or d["config"]["targets"]
-        config = config or d["config"]
+    runs, targets, config = read_runs(paths)
     if pool_ops:   # one row per spec over every operation and seed
         runs = [{**r, "op": "all"} for r in runs]
     known = {r["spec"] for r in runs}
@@ -247,7 +323,8 @@ def report(paths: list[str], versus: list[str] | None, only: list[str] | None,
     if pairs:
         print(paired(runs, pairs, targets[0]))
         return 0
-    print(diagnostics(runs, only) if diag else markdown(runs, targets, versus, only))
+    print(diagnostics(runs, only) if diag else
+          markdown(runs, targets, versus, only, config["split"]))
     if png:
         plot({"runs": runs, "config": config}, png, step_common.provenance(PROG, argv))
         print(f"plot: {png}")
@@ -267,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--opt", action="append", help="an optimizer spec, name[:key=value,...] "
                     f"(repeatable; names: {', '.join(NAMES)}; default: each name at its defaults)")
     ap.add_argument("--steps", type=int, default=4000, help="step budget per run (%(default)s)")
-    ap.add_argument("--targets", default="0.95,0.99", help="validation accuracies (%(default)s)")
+    ap.add_argument("--targets", default="0.95,0.99", help="test accuracies (%(default)s)")
+    ap.add_argument("--to-budget", action="store_true",
+                    help="train every run to the step budget instead of stopping at the targets")
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--betas", type=float, nargs=2, default=d.betas)
     ap.add_argument("--weight-decay", type=float, default=d.weight_decay,
@@ -276,12 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--eval-every", type=int, default=d.eval_every)
     ap.add_argument("--train-fraction", type=float, default=d.train_fraction)
+    ap.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                    help="share for validation, read only by the grokking signal and the "
+                         "meta-step (%(default)s); the rest is the test split")
     ap.add_argument("--width", type=int, default=d.width)
     ap.add_argument("--heads", type=int, default=d.heads)
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)),
                     help="parallel processes (%(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (%(default)s)")
-    ap.add_argument("--json", metavar="PATH", help="write the results here")
+    ap.add_argument("--json", metavar="PATH",
+                    help="write the results here, after every run; an existing file is resumed")
     ap.add_argument("--png", metavar="PATH", help="plot validation accuracy against step here")
     ap.add_argument("--quiet", action="store_true", help="no per-run lines")
     ap.add_argument("--report", nargs="+", metavar="JSON",
@@ -301,6 +384,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --report: GrokAdamW's and SuperGrok's alpha and clipping "
                          "coefficient from the curves, instead of the steps")
     return ap
+
+
+def run_set(path: str | None, base: dict, ops: list[str], seeds: list[int], specs: list[str],
+            targets: list[float]) -> tuple[dict | None, list[dict]]:
+    """(the file's result so far or None, the runs it holds that this command plans). A file
+    whose comparable settings differ from the command's is refused, naming them."""
+    if not path or not os.path.exists(path):
+        return None, []
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("schema") != SCHEMA:
+        raise SystemExit(f"--json {path}: exists and is not a {SCHEMA} file; give a new path")
+    mine = {**base, "targets": targets}
+    differ = [k for k in COMPARABLE if json.dumps(old["config"].get(k)) != json.dumps(mine.get(k))]
+    if differ:
+        raise SystemExit(f"--json {path}: holds runs with other settings ("
+                         + ", ".join(f"{k}: {old['config'].get(k)!r} there, {mine.get(k)!r} here"
+                                     for k in differ) + "); give a new path to start afresh")
+    planned = {(op, seed, spec) for op in ops for seed in seeds for spec in specs}
+    return old, [r for r in old["runs"] if (r["op"], r["seed"], r["spec"]) in planned]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,48 +432,82 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(p=args.p, steps=args.steps, lr=args.lr, betas=tuple(args.betas),
                 weight_decay=args.weight_decay, lr_warmup=args.lr_warmup,
                 batch_size=args.batch_size, eval_every=args.eval_every,
-                train_fraction=args.train_fraction, width=args.width, heads=args.heads,
+                train_fraction=args.train_fraction, val_fraction=args.val_fraction,
+                width=args.width, heads=args.heads, stop_at_target=not args.to_budget,
                 threads=None)
-    jobs = [{"config": {**base, "op": op, "seed": seed}, "spec": spec, "targets": targets,
-             "threads": args.threads}
-            for op in ops for seed in seeds for spec in specs]
+    try:   # every setting checked before the first run
+        from shardgrok.demo.task import DemoConfig
+        for op in ops:
+            DemoConfig(**base, op=op, progress=False)
+    except ValueError as e:
+        ap.error(str(e))
+    base["threads_per_job"] = args.threads
+    old, done = run_set(args.json, base, ops, seeds, specs, targets)
     prov = step_common.provenance(PROG, argv, threads=args.threads)
+    session = prov["date"]
+    have = {(r["op"], r["seed"], r["spec"]) for r in done}
+    config_keys = {k: v for k, v in base.items() if k != "threads_per_job"}
+    jobs = [{"config": {**config_keys, "op": op, "seed": seed}, "spec": spec, "targets": targets,
+             "threads": args.threads, "session": session}
+            for op in ops for seed in seeds for spec in specs if (op, seed, spec) not in have]
+    if done and not args.quiet:
+        print(f"{args.json}: {len(done)} of the planned runs are there, {len(jobs)} to run",
+              flush=True)
+    kept = [r for r in (old or {}).get("runs", []) if r not in done]  # other studies' runs
+    every_op = list(dict.fromkeys([*(old or {}).get("config", {}).get("ops", []), *ops]))
+    every_seed = list(dict.fromkeys([*(old or {}).get("config", {}).get("seeds", []), *seeds]))
+    every_spec = list(dict.fromkeys([*(old or {}).get("config", {}).get("specs", []), *specs]))
+    sessions = (old or {}).get("sessions", []) + [prov]
     t0 = time.perf_counter()
-    runs = []
+    runs = list(done)
+
+    def result() -> dict:
+        every = kept + runs
+        every.sort(key=lambda r: (every_op.index(r["op"]), r["seed"], every_spec.index(r["spec"])))
+        return {"schema": SCHEMA, "command": prov["command"],
+                "config": {**base, "ops": every_op, "seeds": every_seed, "specs": every_spec,
+                           "targets": targets, "jobs": args.jobs},
+                "machine": {"torch": torch.__version__, "python": platform.python_version(),
+                            "cpus": os.cpu_count()},
+                "provenance": sessions[0], "sessions": sessions,
+                "wall_time_s": (old or {}).get("wall_time_s", 0.0) + time.perf_counter() - t0,
+                "runs": every, "summary": summarise(every, targets)}
+
+    def save() -> None:
+        if args.json:   # whole or not at all: an interrupted write leaves the previous file
+            tmp = f"{args.json}.tmp"
+            step_common.write_json(tmp, result())
+            os.replace(tmp, args.json)
+
     ctx = mp.get_context("spawn")  # fresh interpreters: no torch thread state inherited
-    with ctx.Pool(min(args.jobs, len(jobs))) as pool:
-        for r in pool.imap_unordered(run_one, jobs):
-            runs.append(r)
-            if not args.quiet:
-                reach = ", ".join(f"{float(t):.0%}: {r['steps_to'][t] if r['steps_to'][t] is not None else '-'}"
-                                  for t in r["steps_to"])
-                print(f"[{len(runs)}/{len(jobs)}] {r['op']} seed {r['seed']} {r['spec']}: {reach}"
-                      f"  ({r['wall_time_s']:.0f} s){'  ' + r['error'] if r['error'] else ''}",
-                      flush=True)
-    runs.sort(key=lambda r: (ops.index(r["op"]), r["seed"], specs.index(r["spec"])))
-    result = {"schema": SCHEMA,
-              "command": prov["command"],
-              "config": {**base, "ops": ops, "seeds": seeds, "specs": specs, "targets": targets,
-                         "jobs": args.jobs, "threads_per_job": args.threads},
-              "machine": {"torch": torch.__version__, "python": platform.python_version(),
-                          "cpus": os.cpu_count()},
-              "provenance": prov,
-              "wall_time_s": time.perf_counter() - t0,
-              "runs": runs, "summary": summarise(runs, targets)}
+    if jobs:
+        with ctx.Pool(min(args.jobs, len(jobs))) as pool:
+            for r in pool.imap_unordered(run_one, jobs):
+                runs.append(r)
+                save()
+                if not args.quiet:
+                    reach = ", ".join(
+                        f"{float(t):.0%}: {r['steps_to'][t] if r['steps_to'][t] is not None else '-'}"
+                        for t in r["steps_to"])
+                    print(f"[{len(runs) - len(done)}/{len(jobs)}] {r['op']} seed {r['seed']} "
+                          f"{r['spec']}: {reach}  ({r['wall_time_s']:.0f} s)"
+                          f"{'  ' + r['error'] if r['error'] else ''}", flush=True)
+    result_now = result()
+    result_now["summary"] = summarise(runs, targets)
     print(f"\n{'op':<8} {'optimizer':<44} " + " ".join(
         f"{'steps ' + format(t, '.0%'):>10} {'s ' + format(t, '.0%'):>8}" for t in targets))
-    for row in result["summary"]:
+    for row in result_now["summary"]:
         cells = []
         for t in targets:
             st, sec = row[f"median_steps_to_{t}"], row[f"median_seconds_to_{t}"]
             cells.append(f"{'-' if st is None else int(st):>10} {'-' if sec is None else f'{sec:.0f}':>8}")
         print(f"{row['op']:<8} {row['spec']:<44} " + " ".join(cells))
     if args.json:
-        step_common.write_json(args.json, result)
+        save()
         print(f"JSON: {args.json}")
     if args.png:
         try:
-            plot(result, args.png, prov)
+            plot(result(), args.png, prov)
             print(f"plot: {args.png}")
         except ImportError:
             print("plot skipped: matplotlib is not installed (pip install -e .[demo])",

@@ -1,11 +1,13 @@
 """``python -m shardgrok.demo``: how fast do AdamW, GrokAdamW and SuperGrok grok x*y mod 97?
 
 The task is Grokfast's modular multiplication: all 97*97 pairs as sequences ``[x, op, y, eq]``
-(vocabulary 99), a seeded random half for training and the other half for validation, the answer
+(vocabulary 99), split at random into three disjoint parts: half for training, a tenth for
+validation (read only by SuperGrok's grokking signal and meta-step) and the rest for test (every
+accuracy the demo reports), the answer
 read from the last position of a decoder-only transformer (2 layers, width 128, 4 heads, pre-LN,
 4x GELU MLP, causal attention); batch 512, lr 1e-3, betas (0.9, 0.98), a 10-step warm-up. The
 optimizers are trained one after another from the same initial weights on the same batch
-sequence; each run stops as soon as validation accuracy reaches 95% (checked every
+sequence; each run stops as soon as test accuracy reaches 95% (checked every
 ``--eval-every`` steps, without autograd) or at the step budget.
 
 Each optimizer runs at the settings recommended by the study in docs/grokking.md
@@ -21,7 +23,7 @@ added over the shards in another order); a meta-step's gradient is summed over t
 shards in another order and agrees to rounding.
 
 Output: a progress bar per optimizer, a table of the steps and wall time to 95%, a PNG of
-training and validation accuracy against step (``--png``, needs matplotlib from the ``demo``
+training and test accuracy against step (``--png``, needs matplotlib from the ``demo``
 extra) and, with ``--json``, every result and curve as JSON.
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m shardgrok.demo",
         description="Train x*y mod 97 (Grokfast's grokking task) with AdamW, GrokAdamW and "
                     "SuperGrok at their recommended settings from the same initial weights and "
-                    "report the step and wall time at which each reaches 95%% validation "
+                    "report the step and wall time at which each reaches 95%% test "
                     "accuracy.")
     ap.add_argument("--steps", type=int, default=d.steps, help="step budget per optimizer (%(default)s)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS),
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, default=d.eval_every,
                     help="validate every K steps (%(default)s)")
     ap.add_argument("--target", type=float, default=d.target,
-                    help="validation accuracy to reach (%(default)s)")
+                    help="test accuracy to reach (%(default)s)")
     ap.add_argument("--train-fraction", type=float, default=d.train_fraction,
                     help="share of the pairs used for training (%(default)s)")
     ap.add_argument("--width", type=int, default=d.width, help=argparse.SUPPRESS)
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="data-parallel ranks on this machine, launched with torchrun; the "
                          "optimizer state is sharded over them (%(default)s)")
     ap.add_argument("--png", default="grokking_demo.png", metavar="PATH",
-                    help="plot of training and validation accuracy against step (%(default)s)")
+                    help="plot of training and test accuracy against step (%(default)s)")
     ap.add_argument("--no-png", action="store_true", help="no plot")
     ap.add_argument("--json", nargs="?", const="-", metavar="PATH",
                     help="write every result and curve as JSON to PATH (no PATH: stdout, "
@@ -133,13 +135,13 @@ def parse_args(argv=None) -> tuple[DemoConfig, argparse.Namespace]:
 # ------------------------------------------------------------------------------------ output
 def table(results: dict, cfg: DemoConfig) -> str:
     pct = f"{100 * cfg.target:g}%"
-    rows = [("optimizer", f"steps to {pct}", f"time to {pct}", "final val acc", "steps run",
+    rows = [("optimizer", f"steps to {pct}", f"time to {pct}", "final test acc", "steps run",
              "wall time")]
     for label, r in results.items():
         reached = r["reached_step"] is not None
         rows.append((label, str(r["reached_step"]) if reached else f"> {cfg.steps}",
                      f"{r['seconds_to'][str(cfg.target)]:.1f} s" if reached else "-",
-                     f"{100 * r['final_val_acc']:.1f}%", str(r["steps_run"]),
+                     f"{100 * r['final_test_acc']:.1f}%", str(r["steps_run"]),
                      f"{r['wall_time_s']:.1f} s"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
@@ -167,8 +169,8 @@ def plot(results: dict, cfg: DemoConfig, world: int, path: str) -> None:
     for i, (label, r) in enumerate(results.items()):
         h = r["history"]
         c = f"C{i}"
-        ax.plot([e["step"] for e in h], [e["val_acc"] for e in h], color=c, lw=1.6,
-                label=f"{label} validation")
+        ax.plot([e["step"] for e in h], [e["test_acc"] for e in h], color=c, lw=1.6,
+                label=f"{label} test")
         ax.plot([e["step"] for e in h if e["train_acc"] is not None],
                 [e["train_acc"] for e in h if e["train_acc"] is not None], color=c, lw=1,
                 ls="--", label=f"{label} training")

@@ -1,17 +1,19 @@
-"""Binary operations mod a prime, given as formulas in x and y: ``"x*y"``, ``"x+y"``,
-``"x-y"``, ``"x/y"``, ``"x**2+x*y+y**2"``...
+"""Operations mod a prime, given as formulas: ``"x*y"``, ``"x+y"``, ``"x-y"``, ``"x/y"``,
+``"x**2+x*y+y**2"``, or in more variables, ``"a*c+b*d-e"``...
 
-A formula is parsed with :mod:`ast` and only these are accepted: the names ``x`` and ``y``,
-non-negative integer literals, ``+ - * /``, ``**`` with a non-negative integer literal exponent,
+A formula is parsed with :mod:`ast` and only these are accepted: variables (single lowercase
+letters), non-negative integer literals, ``+ - * /``, ``**`` with a non-negative integer literal exponent,
 unary minus and parentheses. Evaluation is exact integer arithmetic mod p, and ``/`` is the
 modular inverse, so ``a / b`` is ``a * b^(p-2)`` (a formula that divides needs p prime). A pair whose divisor is 0
 mod p has no answer and is left out of the task, as in Power et al.'s division tasks.
+
+The operands are ``x`` and ``y`` when the formula names no other letter (so ``"x*x"`` is still a
+task over every pair); otherwise they are the letters the formula names, in alphabetical order
+(``"a*c+b*d-e"`` takes five: a, b, c, d, e).
 """
 from __future__ import annotations
 
 import ast
-from typing import Callable
-
 import torch
 
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
@@ -25,11 +27,12 @@ def is_prime(p: int) -> bool:
 
 
 class Op:
-    """A parsed formula: ``op(x, y)`` on int64 tensors of residues gives ``(value, defined)``."""
+    """A parsed formula: ``op(*operands)`` on int64 tensors of residues, one per name of
+    :attr:`variables` in that order, gives ``(value, defined)``."""
 
     def __init__(self, formula: str, p: int):
         if not isinstance(formula, str) or not formula.strip():
-            raise ValueError("op must be a formula in x and y, e.g. 'x*y' or 'x/y'; got "
+            raise ValueError("op must be a formula, e.g. 'x*y', 'x/y' or 'a*c+b*d-e'; got "
                              f"{formula!r}")
         if not isinstance(p, int) or p < 2:
             raise ValueError(f"p must be an integer >= 2, got {p!r}")
@@ -47,6 +50,7 @@ class Op:
                              f"invertible); got p = {p}")
         self._tree = tree.body
         self.uses = {n.id for n in ast.walk(tree.body) if isinstance(n, ast.Name)}
+        self.variables = ("x", "y") if self.uses <= {"x", "y"} else tuple(sorted(self.uses))
 
     def _check(self, node: ast.AST) -> None:
         where = f"op {self.formula!r}"
@@ -68,18 +72,24 @@ class Op:
                 raise ValueError(f"{where}: only unary minus is allowed")
             self._check(node.operand)
         elif isinstance(node, ast.Name):
-            if node.id not in ("x", "y"):
-                raise ValueError(f"{where}: unknown name {node.id!r} (the operands are x and y)")
+            if not (len(node.id) == 1 and "a" <= node.id <= "z"):
+                raise ValueError(f"{where}: unknown name {node.id!r} (operands are single "
+                                 "lowercase letters: x and y, or a, b, c, ...)")
         elif isinstance(node, ast.Constant):
             if type(node.value) is not int or node.value < 0:
                 raise ValueError(f"{where}: constants must be non-negative integers, got "
                                  f"{node.value!r}")
         else:
-            raise ValueError(f"{where}: {type(node).__name__} is not allowed (only x, y, integers, "
-                             "+ - * / ** and parentheses)")
+            raise ValueError(f"{where}: {type(node).__name__} is not allowed (only variables, "
+                             "integers, + - * / ** and parentheses)")
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, *operands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(operands) != len(self.variables):
+            raise ValueError(f"op {self.formula!r} takes {len(self.variables)} operands "
+                             f"({', '.join(self.variables)}), got {len(operands)}")
         p = self.p
+        env = dict(zip(self.variables, operands))
+        x = operands[0]
         defined = torch.ones_like(x, dtype=torch.bool)
 
         def pow_mod(base: torch.Tensor, e: int) -> torch.Tensor:
@@ -95,7 +105,7 @@ class Op:
         def ev(node) -> torch.Tensor:
             nonlocal defined
             if isinstance(node, ast.Name):
-                return (x if node.id == "x" else y) % p
+                return env[node.id] % p
             if isinstance(node, ast.Constant):
                 return torch.full_like(x, node.value % p)
             if isinstance(node, ast.UnaryOp):
@@ -118,6 +128,6 @@ class Op:
         return value, defined
 
 
-def parse_op(formula: str, p: int) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
+def parse_op(formula: str, p: int) -> Op:
     """The formula as an :class:`Op` (raises ValueError naming what is wrong)."""
     return Op(formula, p)

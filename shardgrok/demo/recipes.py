@@ -5,9 +5,13 @@ A spec is ``"name"`` or ``"name:key=value,key=value"`` (Python literals), for ex
 and ``weight_decay`` (defaults from the run's :class:`~shardgrok.demo.task.DemoConfig`); the
 other keywords go to the optimizer, except those the loop reads itself (:data:`LOOP_KEYS`):
 
-    adamw            torch.optim.AdamW (decoupled weight decay)
+    adamw            torch.optim.AdamW (decoupled weight decay); max_grad_norm=C clips the
+                     gradients' global norm to C before the step (torch.nn.utils.clip_grad_norm_)
     adam             torch.optim.Adam (weight decay coupled into the gradient, as in Grokfast)
     adam+ema         adam with shardgrok.gradfilter_ema (alpha=0.98, lamb=2.0 unless given)
+    adamw+ema        adamw with shardgrok.gradfilter_ema (alpha, lamb as adam+ema; max_grad_norm
+                     as adamw, applied to the filtered gradient): GrokAdamW's ingredients
+                     without its clipping, layer-wise beta1 or signal
     grokadamw        shardgrok.GrokAdamW at its own defaults; layer_groups=True gives one param
                      group per transformer layer (layer_index) instead of one per tensor;
                      signal=True passes (val - train) / train as the grokking signal
@@ -31,9 +35,10 @@ from torch import nn
 from ..gradfilters import gradfilter_ema
 from ..optim import GrokAdamW, SuperGrok
 
-NAMES = ("adamw", "adam", "adam+ema", "grokadamw", "supergrok", "supergrok+meta")
+NAMES = ("adamw", "adam", "adam+ema", "adamw+ema", "grokadamw", "supergrok", "supergrok+meta")
 # keywords the loop reads itself; the rest go to the optimizer
-LOOP_KEYS = {"adam+ema": ("alpha", "lamb"), "grokadamw": ("layer_groups", "signal"),
+LOOP_KEYS = {"adamw": ("max_grad_norm",), "adam+ema": ("alpha", "lamb"),
+             "adamw+ema": ("alpha", "lamb", "max_grad_norm"), "grokadamw": ("layer_groups", "signal"),
              "supergrok": ("layer_groups",), "supergrok+meta": ("layer_groups", "meta_every")}
 
 # The settings the study in docs/grokking.md recommends ("Recommended settings"): per optimizer
@@ -126,18 +131,28 @@ def recipe_for(spec: str, cfg):
             return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **common, **kw)
         return cls(model.parameters(), **common, **kw)
 
-    if name == "adamw":
-        return Recipe(make_opt=lambda m, s: torch_opt(torch.optim.AdamW, m))
-    if name in ("adam", "adam+ema"):
-        make = lambda m, s: torch_opt(torch.optim.Adam, m)  # noqa: E731
-        if name == "adam":
-            return Recipe(make_opt=make)
+    clip = own.get("max_grad_norm")
+    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+        raise ValueError(f"optimizer spec {spec!r}: max_grad_norm must be a number > 0, got "
+                         f"{clip!r}")
+
+    def clipped(model):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+
+    if name in ("adamw", "adam"):
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        return Recipe(make_opt=lambda m, s: torch_opt(cls, m),
+                      after_backward=clipped if clip is not None else None)
+    if name in ("adam+ema", "adamw+ema"):
+        cls = torch.optim.AdamW if name == "adamw+ema" else torch.optim.Adam
         state: dict = {}
         alpha, lamb = own.get("alpha", 0.98), own.get("lamb", 2.0)
 
         def ema(model):
             gradfilter_ema(model, state, alpha=alpha, lamb=lamb)
-        return Recipe(make_opt=make, after_backward=ema)
+            if clip is not None:
+                clipped(model)
+        return Recipe(make_opt=lambda m, s: torch_opt(cls, m), after_backward=ema)
     if name == "grokadamw":
         def make(m, s):
             return GrokAdamW(params(m), grokking_signal_fn=s if own.get("signal") else None,

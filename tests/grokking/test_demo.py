@@ -25,10 +25,10 @@ def demo(*args, timeout=600):
     return r
 
 
-def test_data_is_x_times_y_mod_p_split_in_half():
-    x_tr, y_tr, x_va, y_va = make_data(11, 0.5, seed=0)
-    x, y = torch.cat([x_tr, x_va]), torch.cat([y_tr, y_va])
-    assert len(x) == 121 and abs(len(x_tr) - 60.5) <= 1
+def test_data_is_x_times_y_mod_p_split_three_ways():
+    d = make_data(11, 0.5, seed=0)
+    x, y = torch.cat([d.x_train, d.x_val, d.x_test]), torch.cat([d.y_train, d.y_val, d.y_test])
+    assert len(x) == 121 and abs(len(d.x_train) - 60.5) <= 1 and len(d.x_val) == 12
     assert torch.equal(y, (x[:, 0] * x[:, 2]) % 11)
     assert (x[:, 1] == 11).all() and (x[:, 3] == 12).all()
     assert len({tuple(r) for r in x.tolist()}) == 121  # every pair once

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from shardgrok.demo.ops import parse_op
-from shardgrok.demo.task import make_data
+from shardgrok.demo.task import DemoConfig, make_data
 
 from tests.support.paths import ROOT, load_script
 
+load_script("benchmarks/step_common.py")   # grokking.py imports it from its own folder
 grokking = load_script("benchmarks/grokking.py")
 
 
@@ -36,23 +37,56 @@ def brute(formula: str, p: int) -> dict[tuple[int, int], int]:
             elif formula == "-(x+3)/(y*2)":
                 if y:
                     out[x, y] = next(z for z in range(p) if z * 2 * y % p == (-(x + 3)) % p)
+            elif formula == "x*x":
+                out[x, y] = x * x % p
     return out
 
 
-@pytest.mark.parametrize("formula", ["x*y", "x+y", "x-y", "x/y", "x**2+x*y+y**2", "-(x+3)/(y*2)"])
+@pytest.mark.parametrize("formula", ["x*y", "x+y", "x-y", "x/y", "x**2+x*y+y**2", "-(x+3)/(y*2)",
+                                     "x*x"])
 def test_formulas_match_brute_force(formula):
     p = 7
     want = brute(formula, p)
-    x_tr, y_tr, x_va, y_va = make_data(p, 0.5, seed=0, op=formula)
-    x, y = torch.cat([x_tr, x_va]), torch.cat([y_tr, y_va])
+    d = make_data(p, 0.5, seed=0, op=formula)
+    x, y = torch.cat([d.x_train, d.x_val, d.x_test]), torch.cat([d.y_train, d.y_val, d.y_test])
     got = {(int(a), int(b)): int(c) for (a, _, b, _), c in zip(x.tolist(), y.tolist())}
+    assert len(got) == len(x)   # the three splits are disjoint
     assert got == want  # every defined pair once, dividing by 0 left out
+
+
+def test_formulas_in_more_letters():
+    """(a*c + b*d - e) mod 5 over every 5-tuple, as [a, op, b, op, c, op, d, op, e, eq]."""
+    p = 5
+    d = make_data(p, 0.5, seed=1, op="a*c+b*d-e")
+    x, y = torch.cat([d.x_train, d.x_val, d.x_test]), torch.cat([d.y_train, d.y_val, d.y_test])
+    assert x.shape == (p ** 5, 10)
+    assert (x[:, 1:-1:2] == p).all() and (x[:, -1] == p + 1).all()
+    got = {tuple(r[0::2]): int(c) for r, c in zip(x.tolist(), y.tolist())}
+    assert got == {(a, b, c, e_, f): (a * c + b * e_ - f) % p
+                   for a in range(p) for b in range(p) for c in range(p) for e_ in range(p)
+                   for f in range(p)}
+    assert parse_op("b-a", 7).variables == ("a", "b") and parse_op("y", 7).variables == ("x", "y")
+    with pytest.raises(ValueError, match="takes 2 operands"):
+        parse_op("b-a", 7)(torch.arange(3))
+
+
+def test_three_disjoint_splits():
+    d = make_data(97, 0.5, seed=3, op="x*y", val_fraction=0.1)
+    assert (len(d.y_train), len(d.y_val), len(d.y_test)) == (4704, 941, 3764)
+    rows = [tuple(r) for t in (d.x_train, d.x_val, d.x_test) for r in t.tolist()]
+    assert len(set(rows)) == 97 * 97
+    # the training split does not depend on how the rest is divided
+    other = make_data(97, 0.5, seed=3, op="x*y", val_fraction=0.3)
+    assert torch.equal(other.x_train, d.x_train) and len(other.y_val) == 2823
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        DemoConfig(train_fraction=0.5, val_fraction=0.5)
 
 
 @pytest.mark.parametrize("formula,message", [
     ("x//y", "FloorDiv is not allowed"),
     ("x%y", "Mod is not allowed"),
-    ("z+1", "unknown name 'z'"),
+    ("zz+1", "unknown name 'zz'"),
+    ("X+1", "unknown name 'X'"),
     ("x**y", "exponent of \\*\\* must be an integer literal"),
     ("x+", "is not a formula"),
     ("", "must be a formula"),
@@ -104,7 +138,7 @@ def test_short_run_json(tmp_path):
         assert set(r["steps_to"]) == set(r["seconds_to"]) == {"0.95", "0.99"}
         assert r["steps_run"] <= 30 and r["curve"][0]["step"] == 0
         assert [c["step"] for c in r["curve"]] == sorted(c["step"] for c in r["curve"])
-        assert all(0.0 <= c["val_acc"] <= 1.0 for c in r["curve"])
+        assert all(0.0 <= c["test_acc"] <= 1.0 and 0.0 <= c["val_acc"] <= 1.0 for c in r["curve"])
         if r["steps_to"]["0.95"] is None:
             assert r["steps_run"] == 30
     # the same (op, seed) start from the same weights: the first evaluation agrees
@@ -115,10 +149,32 @@ def test_short_run_json(tmp_path):
     assert {(row["op"], row["spec"]) for row in d["summary"]} == {(r["op"], r["spec"]) for r in d["runs"]}
     for row in d["summary"]:
         assert row["seeds"] == 2 and row["errors"] == 0
+    # the meta-step's record: its look-ahead loss and the meta-net's log-mask at each evaluation
+    meta = next(r for r in d["runs"] if r["spec"].startswith("supergrok+meta"))
+    last = meta["curve"][-1]
+    assert last["meta_loss"] > 0 and len(last["log_mask"]) == 9 and "rescale" in last
+    assert "meta_loss" not in next(r for r in d["runs"] if r["spec"] == "adamw")["curve"][-1]
+
+    # resumed: the runs there are kept as they are, only the missing ones run
+    before = {(r["op"], r["seed"], r["spec"]): r for r in d["runs"]}
+    more = [c if c != "0,1" else "0,1,2" for c in cmd]
+    more = more[:more.index("--opt")] + ["--opt", "adamw", "--opt", "adam+ema:lamb=3"]
+    r = subprocess.run([c for c in more if c != "--quiet"], check=True, capture_output=True,
+                       text=True, timeout=600)
+    assert "8 of the planned runs are there, 4 to run" in r.stdout, r.stdout
+    d2 = json.loads(out.read_text())
+    assert len(d2["runs"]) == 16 + 4 and len(d2["sessions"]) == 2
+    for r in d2["runs"]:
+        key = (r["op"], r["seed"], r["spec"])
+        assert r == before[key] if key in before else r["seed"] == 2
+    # another setting that changes what a run measures is refused, naming it
+    bad = [c if c != "3e-3" else "1e-3" for c in more]
+    r = subprocess.run(bad, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "lr: 0.003 there, 0.001 here" in r.stderr
 
 
 def test_medians_count_unreached_runs_as_slowest():
-    runs = [{"op": "x*y", "spec": "adamw", "seed": s, "error": None, "final_val_acc": 1.0,
+    runs = [{"op": "x*y", "spec": "adamw", "seed": s, "error": None, "final_test_acc": 1.0,
              "steps_to": {"0.95": st}, "seconds_to": {"0.95": sec}}
             for s, (st, sec) in enumerate([(100, 10.0), (300, 20.0), (None, None)])]
     row, = grokking.summarise(runs, [0.95])
@@ -132,8 +188,8 @@ def test_medians_count_unreached_runs_as_slowest():
 def test_report_tables_from_json(tmp_path):
     """--report: the docs' tables from result files, with the ratio to a baseline spec."""
     def run(spec, seed, steps, secs):
-        return {"op": "x+y", "spec": spec, "seed": seed, "error": None, "final_val_acc": 0.99,
-                "wall_time_s": secs, "steps_run": steps,
+        return {"op": "x+y", "spec": spec, "seed": seed, "error": None, "final_test_acc": 0.99,
+                "wall_time_s": secs, "steps_run": steps, "lowest_after": {"0.95": 0.96},
                 "steps_to": {"0.95": steps}, "seconds_to": {"0.95": secs}, "curve": []}
     d = {"schema": grokking.SCHEMA, "config": {"targets": [0.95], "p": 11},
          "runs": [run("adamw", 0, 400, 40.0), run("adamw", 1, 600, 50.0),
@@ -144,9 +200,9 @@ def test_report_tables_from_json(tmp_path):
                           str(path), "--versus", "adamw"], capture_output=True, text=True,
                          check=True, timeout=120).stdout
     rows = {line.split("|")[2].strip(): line for line in out.splitlines()[2:]}
-    assert "| 500 | 45 | 2/2 |" in rows["`adamw`"] and "1.00x / 1.00x" in rows["`adamw`"]
-    assert "| 250 | 25 | 2/2 |" in rows["`grokadamw`"] and "2.00x / 1.80x" in rows["`grokadamw`"]
-    assert "| 99.0% | 92 |" in rows["`adamw`"]   # ms per step: median of 100 and 83.3
+    # median (min-max) steps, reached / held, accuracy at the end, ms per step, s to the target
+    assert "| 500 (400-600) | 2 / 2 | 99.0% | 92 | 45 | 1.00x / 1.00x |" in rows["`adamw`"]
+    assert "| 250 (200-300) | 2 / 2 | 99.0% | 108 | 25 | 2.00x / 1.80x |" in rows["`grokadamw`"]
     only = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
                            str(path), "--only", "grokadamw", "--versus", "adamw"],
                           capture_output=True, text=True, check=True, timeout=120).stdout
@@ -156,7 +212,7 @@ def test_report_tables_from_json(tmp_path):
     pooled = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
                              str(path), "--pool-ops", "--only", "adamw"], capture_output=True,
                             text=True, check=True, timeout=120).stdout
-    assert pooled.splitlines()[2].startswith("| all | `adamw` | 3 | 600 | 50 | 3/3 |")
+    assert pooled.splitlines()[2].startswith("| all | `adamw` | 3 | 600 (400-800) | 3 / 3 |")
     d["runs"].pop()
     # --diagnostics: alpha and clipping from the curves (medians over seeds)
     d["runs"][2]["curve"] = [{"step": 0, "train_loss": None, "train_acc": None},
@@ -176,4 +232,4 @@ def test_report_tables_from_json(tmp_path):
     bad.write_text(json.dumps({"schema": "other"}))
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
                         str(bad)], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "not a shardgrok.grokking/1 file" in r.stderr
+    assert r.returncode != 0 and "not a shardgrok.grokking/2 file" in r.stderr
