@@ -194,7 +194,7 @@ def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = 
     head = ["operation", "optimizer", "seeds"]
     for t in targets:
         head += [f"steps to {t:.0%}", f"reached / held {t:.0%}" if held else f"reached {t:.0%}"]
-    head += [f"{split} acc at the end", "ms per step", f"s to {targets[0]:.0%}"]
+    head += [f"{split} acc at the last evaluation", "ms per step", f"s to {targets[0]:.0%}"]
     t0 = targets[0]
     for v in versus or []:
         head.append(f"{v}: steps / s ratio")

@@ -1,9 +1,11 @@
-"""Keep docs/grokking.md's tables what ``benchmarks/grokking.py --report`` prints.
+"""Keep docs/grokking.md's tables and figures what the report commands print.
 
-Each ``grokking.py --report`` command in a ```bash block of the page is run (without ``--png``)
-and the first markdown table after the block is replaced by its output (kept at the table's
-indentation). ``--check`` changes nothing and exits 1 when a table differs from its command's
-output, which the tests use.
+Two forms. Each ``grokking.py --report`` command in a ```bash block of the page is run (without
+``--png``) and the first markdown table after the block is replaced by its output (kept at the
+table's indentation). And everything between ``<!-- output: python benchmarks/SCRIPT ARGS -->``
+and ``<!-- end output -->`` is replaced by what that command prints (tables, and the prose whose
+figures come from the results files). ``--check`` changes nothing and exits 1 when a table or
+an output block differs from its command's output, which the tests use.
 
     python benchmarks/grokking_doc.py            # rewrite the tables
     python benchmarks/grokking_doc.py --check    # are they current?
@@ -48,13 +50,38 @@ def render(args: list[str]) -> list[str]:
     return [line for line in r.stdout.splitlines() if line.startswith("|")]
 
 
+BEGIN = re.compile(r"^<!-- output: python (benchmarks/\S+\.py)(.*) -->$")
+END = "<!-- end output -->"
+
+
+def run_script(script: str, args: list[str]) -> list[str]:
+    r = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True,
+                       text=True)
+    if r.returncode:
+        raise SystemExit(f"{script} {' '.join(args)} failed:\n{r.stderr}")
+    return r.stdout.rstrip("\n").splitlines()
+
+
 def sync(lines: list[str]) -> tuple[list[str], list[str]]:
-    """(the page with its tables re-rendered, the commands whose table differed)."""
+    """(the page with its tables and output blocks re-rendered, the commands whose output
+    differed)."""
     out, stale, i = [], [], 0
     while i < len(lines):
         line = lines[i]
         out.append(line)
         i += 1
+        m = BEGIN.match(line.strip())
+        if m:
+            start = i
+            while i < len(lines) and lines[i].strip() != END:
+                i += 1
+            if i == len(lines):
+                raise SystemExit(f"docs/grokking.md: {line.strip()} has no {END}")
+            new = run_script(m.group(1), shlex.split(m.group(2)))
+            if new != lines[start:i]:
+                stale.append(f"{m.group(1)}{m.group(2)}")
+            out.extend(new)
+            continue
         if line.strip() != "```bash":
             continue
         block = []
@@ -78,7 +105,7 @@ def sync(lines: list[str]) -> tuple[list[str], list[str]]:
         indent = re.match(r"\s*", old[0]).group(0) if old else ""
         new = [indent + row for row in render(cmds[0])]
         if new != old:
-            stale.append(" ".join(cmds[0]))
+            stale.append("benchmarks/grokking.py " + " ".join(cmds[0]))
         out.extend(new)
     return out, stale
 
@@ -91,7 +118,7 @@ def main(argv=None) -> int:
     new, stale = sync(lines)
     if a.check:
         for cmd in stale:
-            print(f"stale table: grokking.py {cmd}")
+            print(f"stale: {cmd}")
         return 1 if stale else 0
     DOC.write_text("\n".join(new) + "\n")
     print(f"{DOC.relative_to(ROOT)}: {len(stale)} table(s) rewritten")

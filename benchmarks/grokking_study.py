@@ -5,6 +5,9 @@
     python benchmarks/grokking_study.py heldout    # the choices, baselines and ablations, held out
     python benchmarks/grokking_study.py multivar   # SuperGrok with and without meta-steps, harder
     python benchmarks/grokking_study.py STAGE --dry-run   # the benchmarks/grokking.py command
+    python benchmarks/grokking_study.py progress   # runs done per stage, and the CPU time spent
+    python benchmarks/grokking_study.py goal       # the held-out goal, operation by operation
+    python benchmarks/grokking_study.py meta [STAGE]  # what SuperGrok's meta-step learned
 
 The plan (benchmarks/grokking_plan.toml) was committed before any held-out run: the tuning set
 (operations and seeds the settings are chosen on), the held-out set (operations and seeds never
@@ -27,6 +30,9 @@ import tomllib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PLAN = ROOT / "benchmarks" / "grokking_plan.toml"
 STAGES = ("tune", "select", "heldout", "multivar")
+REPORTS = ("progress", "goal", "meta")
+BASELINES = ("adamw", "adamw+ema")   # the families the goal's "best tuned baseline" is taken from
+CONTENDERS = ("grokadamw", "supergrok")
 
 
 def load_plan(path: pathlib.Path = PLAN) -> dict:
@@ -146,10 +152,143 @@ def command(plan: dict, stage: str, specs: list[str]) -> list[str]:
     return cmd
 
 
+def progress_table(plan: dict) -> str:
+    """Per stage: runs planned, runs in its results file, and the CPU time they took (the sum
+    of their wall times: one core each)."""
+    import grokking
+    fams = plan["families"]
+    planned = {"tuning": sum(len(grid(f)) for f in fams.values()),
+               "heldout": len(fams) * bool(plan["heldout"].get("choices"))
+               + len(plan["heldout"].get("fixed", [])) + len(plan["heldout"].get("derived", [])),
+               "multivar": len(plan["multivar"].get("derived", []))}
+    head = ["stage", "operations x seeds x settings", "runs planned", "runs done", "CPU hours"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for stage, n in planned.items():
+        s = plan[stage]
+        path = ROOT / s["results"]
+        runs = grokking.read_runs([str(path)])[0] if path.exists() else []
+        total = len(s["ops"]) * len(s["seeds"]) * n
+        lines.append(f"| {stage} | {len(s['ops'])} x {len(s['seeds'])} x {n} | {total} | "
+                     f"{len(runs)} | {sum(r['wall_time_s'] for r in runs) / 3600:.1f} |")
+    return "\n".join(lines)
+
+
+def stage_runs(plan: dict, stage: str) -> list[dict]:
+    import grokking   # the script's folder is first on sys.path
+    path = ROOT / plan[stage]["results"]
+    if not path.exists():
+        raise SystemExit(f"{path.relative_to(ROOT)} does not exist: run the {stage} stage first")
+    return grokking.read_runs([str(path)])[0]
+
+
+def _cell(runs: list[dict], op: str, s: str, target: float) -> dict:
+    """One (operation, spec): median steps to ``target`` (None: most runs did not get there),
+    median seconds to it, median test accuracy at the end, its runs."""
+    import grokking
+    mine = [r for r in runs if r["op"] == op and r["spec"] == s]
+    if not mine:
+        raise SystemExit(f"no run of {s!r} on {op!r}")
+    return {"steps": grokking._median([r["steps_to"][str(target)] for r in mine]),
+            "seconds": grokking._median([r["seconds_to"][str(target)] for r in mine]),
+            "acc": statistics.median(r["final_test_acc"] or 0.0 for r in mine), "runs": mine}
+
+
+def _better(a: dict, b: dict) -> bool:
+    """Whether cell ``a`` beats ``b``: fewer median steps to the target, or, where neither
+    median got there, a higher median test accuracy at the end."""
+    if a["steps"] is not None or b["steps"] is not None:
+        return b["steps"] is None or (a["steps"] is not None and a["steps"] < b["steps"])
+    return a["acc"] > b["acc"]
+
+
+def goal_table(plan: dict, chosen: dict[str, str], runs: list[dict]) -> str:
+    """Per held-out operation: the best tuned baseline (the better of the AdamW and AdamW + EMA
+    choices there), then each contender's median steps over the baseline's (the goal: at most
+    0.8) and median seconds over its (the goal: below 1; both rows from one run set), or, where
+    neither median reached the target, their test accuracies at the end."""
+    import grokking
+    target = plan["common"]["targets"][0]
+    goal = plan["heldout"]["goal_steps_ratio"]
+    head = ["operation", "best baseline", "its steps (s)", "optimizer", "steps (s)",
+            "steps ratio", "time ratio", "goal"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for op in plan["heldout"]["ops"]:
+        cells = {f: _cell(runs, op, chosen[f], target) for f in BASELINES + CONTENDERS}
+        base = BASELINES[0]
+        for f in BASELINES[1:]:
+            if _better(cells[f], cells[base]):
+                base = f
+        b = cells[base]
+        def steps(c):
+            if c["steps"] is None:
+                return f"never ({100 * c['acc']:.1f}% at the end)"
+            return f"{c['steps']:,.0f} ({c['seconds']:,.0f} s)"
+        for f in CONTENDERS:
+            c = cells[f]
+            if c["steps"] is not None and b["steps"] is not None:
+                ratio = c["steps"] / b["steps"]
+                timed = grokking.same_run_set(c["runs"], b["runs"])
+                tratio = c["seconds"] / b["seconds"] if timed else None
+                met = ratio <= goal and (tratio is not None and tratio < 1)
+                r, t = f"{ratio:.2f}", "other run set" if tratio is None else f"{tratio:.2f}"
+            elif b["steps"] is None and c["steps"] is None:
+                met, r, t = c["acc"] > b["acc"], f"accuracy {100 * c['acc']:.1f}% vs {100 * b['acc']:.1f}%", "-"
+            else:
+                met = c["steps"] is not None
+                r, t = "only " + (f if met else "the baseline") + " got there", "-"
+            lines.append(f"| {op} | `{chosen[base]}` | {steps(b)} | `{chosen[f]}` | {steps(c)} | "
+                         f"{r} | {t} | {'met' if met else 'missed'} |")
+    return "\n".join(lines)
+
+
+def meta_table(runs: list[dict], target: float) -> str:
+    """What the meta-step learned, per operation over the ``supergrok+meta`` runs: the look-ahead
+    validation loss at the first and the last evaluation, the meta-net's log-mask f(g) at the
+    last evaluation (median per probe; f = 0 leaves g as it is) and its rescale; then the paired
+    comparison with the same SuperGrok without meta-steps (the spec without ``+meta`` and
+    ``meta_every``): per-seed ratio of steps to ``target``, and the test accuracy at the end."""
+    from shardgrok.demo.task import MASK_PROBES
+    med = statistics.median
+    head = (["operation", "runs", "meta-loss first -> last", "rescale at the end"]
+            + [f"f({g:g})" for g in MASK_PROBES]
+            + [f"steps to {target:.0%} with / without", "test acc at the end with / without"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for op in dict.fromkeys(r["op"] for r in runs):
+        metas = [r for r in runs if r["op"] == op and r["spec"].startswith("supergrok+meta")]
+        metas = [r for r in metas if any("meta_loss" in c for c in r["curve"])]
+        if not metas:
+            continue
+        firsts = [next(c for c in r["curve"] if "meta_loss" in c) for r in metas]
+        lasts = [[c for c in r["curve"] if "meta_loss" in c][-1] for r in metas]
+        cells = [op, str(len(metas)),
+                 f"{med(c['meta_loss'] for c in firsts):.3g} -> {med(c['meta_loss'] for c in lasts):.3g}",
+                 f"{med(c['rescale'] for c in lasts):.3g}"]
+        cells += [f"{med(c['log_mask'][i] for c in lasts):.2g}" for i in range(len(MASK_PROBES))]
+        pairs, accs = [], []
+        for r in metas:
+            plain = _without_meta(r["spec"])
+            other = [o for o in runs if o["op"] == op and o["seed"] == r["seed"] and o["spec"] == plain]
+            if other:
+                a, b = r["steps_to"][str(target)], other[0]["steps_to"][str(target)]
+                pairs.append(f"{'never' if a is None else a}/{'never' if b is None else b}")
+                accs.append(f"{100 * (r['final_test_acc'] or 0):.1f}/{100 * (other[0]['final_test_acc'] or 0):.1f}")
+        cells += ["; ".join(pairs) or "-", "; ".join(accs) or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _without_meta(s: str) -> str:
+    name, _, rest = s.partition(":")
+    kept = [kv for kv in rest.split(",") if kv and not kv.startswith("meta_every=")]
+    return "supergrok" + (":" + ",".join(kept) if kept else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=STAGES)
+    ap.add_argument("stage", choices=STAGES + REPORTS)
+    ap.add_argument("of", nargs="?", default="heldout", choices=("heldout", "multivar"),
+                    help="meta: the stage whose runs to read (%(default)s)")
     ap.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     ap.add_argument("--plan", default=str(PLAN), help="the plan (%(default)s)")
     a = ap.parse_args(argv)
@@ -157,6 +296,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage == "select":
         runs = tuning_runs(plan)
         print(selection_table(plan, runs))
+        return 0
+    if a.stage == "progress":
+        print(progress_table(plan))
+        return 0
+    if a.stage == "goal":
+        chosen = {k: v for k, (v, _) in select(plan, tuning_runs(plan)).items()}
+        print(goal_table(plan, chosen, stage_runs(plan, "heldout")))
+        return 0
+    if a.stage == "meta":
+        print(meta_table(stage_runs(plan, a.of), plan["common"]["targets"][0]))
         return 0
     if a.stage == "tune":
         specs = [s for ss in grid_specs(plan).values() for s in ss]

@@ -6,10 +6,11 @@ from .metanet import SimpleMetaNet
 from .integrations.deepspeed import optimizer_of
 from .integrations.deepspeed import register as register_deepspeed
 from .optim import GrokAdamW, SuperGrok
+from .recommended import recommended, recommended_meta_schedule
 
 register_deepspeed()  # torch.optim.GrokAdamW / SuperGrok for DeepSpeed's config "type"
 
 __version__ = "0.1.0"
 __all__ = ["GrokAdamW", "SuperGrok", "SimpleMetaNet", "gradfilter_ema", "gradfilter_ma",
-           "consolidate_state_dict", "init_distributed", "shutdown_distributed", "DistInfo", "register_deepspeed", "optimizer_of",
+           "recommended", "recommended_meta_schedule", "consolidate_state_dict", "init_distributed", "shutdown_distributed", "DistInfo", "register_deepspeed", "optimizer_of",
            "__version__"]

@@ -21,7 +21,7 @@ other keywords go to the optimizer, except those the loop reads itself (:data:`L
                      (default 100)
 
 A bare name is the optimizer at its own defaults (the seeds'), not the recommended settings:
-those are :data:`RECOMMENDED`, measured in docs/grokking.md.
+those are :data:`RECOMMENDED`, the specs of :func:`shardgrok.recommended` (docs/grokking.md).
 """
 from __future__ import annotations
 
@@ -41,15 +41,27 @@ LOOP_KEYS = {"adamw": ("max_grad_norm",), "adam+ema": ("alpha", "lamb"),
              "adamw+ema": ("alpha", "lamb", "max_grad_norm"), "grokadamw": ("layer_groups", "signal"),
              "supergrok": ("layer_groups",), "supergrok+meta": ("layer_groups", "meta_every")}
 
-# The settings the study in docs/grokking.md recommends ("Recommended settings"): per optimizer
-# the candidate with the best median steps to 95% over 3 operations x 3 seeds (AdamW's weight
-# decay chosen the same way). The demo trains the first three.
-RECOMMENDED = {
-    "adamw": "adamw:weight_decay=3.0",
-    "grokadamw": "grokadamw:alpha_init=0.9,weight_decay=4.0",
-    "supergrok": "supergrok:kappa=0,alpha_init=0.9,weight_decay=3.0",
-    "supergrok+meta": "supergrok+meta:weight_decay=3.0,meta_every=20",
-}
+
+
+def spec_of(name: str, kwargs: dict[str, Any]) -> str:
+    """The spec of optimizer ``name`` with these keyword arguments (Python literals, no
+    spaces): ``spec_of("adamw", {"lr": 1e-3})`` is ``"adamw:lr=0.001"``."""
+    def lit(v):
+        return f"({','.join(map(lit, v))})" if isinstance(v, tuple) else repr(v)
+    return f"{name}:{','.join(f'{k}={lit(v)}' for k, v in kwargs.items())}" if kwargs else name
+
+
+def _recommended() -> dict[str, str]:
+    from ..recommended import recommended, recommended_meta_schedule
+    out = {n: spec_of(n, recommended(n)) for n in ("adamw", "grokadamw", "supergrok")}
+    out["supergrok+meta"] = spec_of("supergrok+meta", {
+        **recommended("supergrok"), "meta_every": recommended_meta_schedule()["every"]})
+    return out
+
+
+# The study's recommended settings (shardgrok.recommended, task "modular-arithmetic") as specs;
+# supergrok+meta adds the recommended meta-step schedule. The demo trains the first three.
+RECOMMENDED = _recommended()
 
 
 @dataclass

@@ -20,3 +20,14 @@ def test_a_changed_cell_is_caught():
     lines[i] = lines[i].replace("| 1,040 (", "| 1,000 (", 1)
     new, stale = grokking_doc.sync(lines)
     assert len(stale) == 1 and "| 1,040 (" in new[i]
+
+
+def test_a_changed_output_block_is_caught():
+    grokking_doc = load_script("benchmarks/grokking_doc.py")
+
+    lines = grokking_doc.DOC.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("<!-- output: python "))
+    assert grokking_doc.sync(lines)[1] == []
+    edited = lines[:i + 1] + ["| a figure typed by hand |"] + lines[i + 1:]
+    new, stale = grokking_doc.sync(edited)
+    assert stale == [lines[i][len("<!-- output: python "):-len(" -->")]] and new == lines

@@ -1,0 +1,108 @@
+"""benchmarks/grokking_study.py: the committed plan's shape, the selection rule worked by hand,
+the stages' commands, and the goal and meta-step tables from made-up runs."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.paths import ROOT, load_script
+
+load_script("benchmarks/step_common.py")   # grokking.py imports it from its own folder
+load_script("benchmarks/grokking.py")
+study = load_script("benchmarks/grokking_study.py")
+PLAN = study.load_plan()
+
+
+def test_the_plan_is_fair_and_held_out():
+    sizes = {name: len(study.grid(fam)) for name, fam in PLAN["families"].items()}
+    assert len(set(sizes.values())) == 1, sizes          # the same grid size for every family
+    tuned = {name: "lr" in fam["grid"] for name, fam in PLAN["families"].items()}
+    assert all(tuned.values()) or not any(tuned.values())   # lr tuned for all or for none
+    t, h = PLAN["tuning"], PLAN["heldout"]
+    assert not set(t["seeds"]) & set(h["seeds"]) and len(h["seeds"]) >= 5
+    assert not set(t["ops"]) & set(h["ops"]) and len(h["ops"]) >= 3
+    assert h["to_budget"] and not t.get("to_budget")
+    assert any("**" in op for op in h["ops"])                # a non-linear one
+    assert PLAN["multivar"]["steps"] <= 20000
+
+
+def run(op, seed, s, steps, acc=0.99, secs=None, curve=()):
+    return {"op": op, "seed": seed, "spec": s, "error": None,
+            "steps_to": {"0.95": steps, "0.99": steps}, "final_test_acc": acc,
+            "seconds_to": {"0.95": secs if secs is not None else steps and steps / 10,
+                           "0.99": None},
+            "curve": list(curve), "session": "s", "file": "f"}
+
+
+def test_selection_rule_worked_by_hand():
+    plan = {"tuning": {"ops": ["a", "b"], "steps": 1000}, "common": {"targets": [0.95]},
+            "families": {"f": {"spec": "adamw", "grid": {"lr": [1, 2]}}}}
+    one, two = "adamw:lr=1", "adamw:lr=2"
+    runs = [run("a", 0, one, 400), run("a", 1, one, 600), run("b", 0, one, 900), run("b", 1, one, 100),
+            # lr=2: fast on a, never on one seed of b (counts as 2 x 1000)
+            run("a", 0, two, 200), run("a", 1, two, 200), run("b", 0, two, 300), run("b", 1, two, None)]
+    assert study.grid_specs(plan) == {"f": [one, two]}
+    # per operation the median over seeds, then the geometric mean over operations
+    assert study.score(runs, one, ["a", "b"], 1000, 0.95) == pytest.approx(math.sqrt(500 * 500))
+    assert study.score(runs, two, ["a", "b"], 1000, 0.95) == pytest.approx(math.sqrt(200 * 1150))
+    assert study.select(plan, runs) == {"f": (two, pytest.approx(math.sqrt(200 * 1150)))}
+    runs[-1]["steps_to"]["0.95"] = None
+    runs[-2]["steps_to"]["0.95"] = None   # lr=2 now never gets b: 200 x 2000 > 500 x 500
+    assert study.select(plan, runs)["f"][0] == one
+    with pytest.raises(SystemExit, match="no tuning run"):
+        study.score(runs, one, ["a", "c"], 1000, 0.95)
+
+
+def test_stage_specs_and_commands():
+    chosen = {f: study.grid(fam)[0] for f, fam in PLAN["families"].items()}
+    specs = study.stage_specs(PLAN, "heldout", chosen)
+    assert specs[:len(chosen)] == list(chosen.values()) and "adam+ema" in specs
+    g = chosen["grokadamw"]
+    assert g + ",gradient_clipping=0" in specs and g + ",gamma=0" in specs
+    assert "supergrok+meta:" + chosen["supergrok"].partition(":")[2] + ",meta_every=20" in specs
+    assert study.derive("adamw", "adamw", "max_grad_norm=1.0") == "adamw:max_grad_norm=1.0"
+    cmd = study.command(PLAN, "heldout", specs)
+    assert "--to-budget" in cmd and cmd[cmd.index("--seeds") + 1] == "100,101,102,103,104"
+    assert cmd.count("--opt") == len(specs)
+    mv = study.command(PLAN, "multivar", ["supergrok"])
+    assert mv[mv.index("--p") + 1] == "7" and mv[mv.index("--width") + 1] == "64"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking_study.py"), "tune",
+                          "--dry-run"], capture_output=True, text=True, check=True,
+                         timeout=120).stdout
+    assert out.count("--opt") == sum(len(study.grid(f)) for f in PLAN["families"].values())
+
+
+def test_goal_table():
+    plan = {"common": {"targets": [0.95]},
+            "heldout": {"ops": ["x/y", "hard"], "goal_steps_ratio": 0.8}}
+    chosen = {"adamw": "adamw:w", "adamw+ema": "adamw+ema:w", "grokadamw": "grokadamw:w",
+              "supergrok": "supergrok:w"}
+    runs = []
+    for seed in range(3):
+        runs += [run("x/y", seed, "adamw:w", 1000), run("x/y", seed, "adamw+ema:w", 800),
+                 run("x/y", seed, "grokadamw:w", 600), run("x/y", seed, "supergrok:w", 700),
+                 run("hard", seed, "adamw:w", None, 0.4), run("hard", seed, "adamw+ema:w", None, 0.5),
+                 run("hard", seed, "grokadamw:w", None, 0.6), run("hard", seed, "supergrok:w", None, 0.3)]
+    rows = study.goal_table(plan, chosen, runs).splitlines()[2:]
+    # x/y: the best baseline is AdamW + EMA (800); 600 / 800 = 0.75 met, 700 / 800 = 0.875 missed
+    assert rows[0] == ("| x/y | `adamw+ema:w` | 800 (80 s) | `grokadamw:w` | 600 (60 s) | 0.75 | "
+                       "0.75 | met |")
+    assert rows[1].endswith("| 0.88 | 0.88 | missed |")
+    # nothing gets there: the accuracy at the end decides
+    assert "never (50.0% at the end)" in rows[2] and rows[2].endswith("| - | met |")
+    assert "accuracy 30.0% vs 50.0%" in rows[3] and rows[3].endswith("missed |")
+
+
+def test_meta_table():
+    from shardgrok.demo.task import MASK_PROBES
+    probes = len(MASK_PROBES)
+    curve = [{"step": 0}, {"step": 20, "meta_loss": 4.0, "rescale": 1.0, "log_mask": [0.0] * probes},
+             {"step": 40, "meta_loss": 2.0, "rescale": 0.5, "log_mask": [0.5] * probes}]
+    meta = "supergrok+meta:kappa=0,meta_every=20"
+    runs = [run("x", 0, meta, 300, curve=curve), run("x", 0, "supergrok:kappa=0", 400, acc=0.97)]
+    row = study.meta_table(runs, 0.95).splitlines()[2]
+    assert row.startswith("| x | 1 | 4 -> 2 | 0.5 | 0.5 |")
+    assert row.endswith("| 300/400 | 99.0/97.0 |")
