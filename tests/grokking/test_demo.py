@@ -85,6 +85,9 @@ def test_command_line_table_json_and_plot(tmp_path):
     r = d["results"]["grokadamw"]
     assert r["spec"] == SPEC and r["steps_run"] == 20
     assert [h["step"] for h in r["history"]] == [0, 10, 20]
+    # steps and seconds to the target, and every accuracy named by its split
+    assert {"reached_step", "wall_time_s", "final_test_acc"} <= set(r)
+    assert all({"test_acc", "val_acc", "train_acc"} <= set(h) for h in r["history"])
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -129,6 +132,7 @@ def test_two_ranks_train_what_one_process_trains(tmp_path):
         for a, b in zip(one["history"], two["history"], strict=True):
             assert a["step"] == b["step"]
             assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4), (label, a, b)
+            assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4), (label, a, b)
 
 
 def test_data_parallel_needs_one_micro_batch_per_rank():
