@@ -492,18 +492,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{len(runs) - len(done)}/{len(jobs)}] {r['op']} seed {r['seed']} "
                           f"{r['spec']}: {reach}  ({r['wall_time_s']:.0f} s)"
                           f"{'  ' + r['error'] if r['error'] else ''}", flush=True)
-    result_now = result()
-    result_now["summary"] = summarise(runs, targets)
     print(f"\n{'op':<8} {'optimizer':<44} " + " ".join(
         f"{'steps ' + format(t, '.0%'):>10} {'s ' + format(t, '.0%'):>8}" for t in targets))
-    for row in result_now["summary"]:
+    for row in summarise(runs, targets):   # this command's runs
         cells = []
         for t in targets:
             st, sec = row[f"median_steps_to_{t}"], row[f"median_seconds_to_{t}"]
             cells.append(f"{'-' if st is None else int(st):>10} {'-' if sec is None else f'{sec:.0f}':>8}")
         print(f"{row['op']:<8} {row['spec']:<44} " + " ".join(cells))
-    if args.json:
-        save()
+    if args.json and jobs:   # (every run there already: the file stays as it was)
         print(f"JSON: {args.json}")
     if args.png:
         try:
