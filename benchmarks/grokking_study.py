@@ -201,17 +201,16 @@ def _better(a: dict, b: dict) -> bool:
     return a["acc"] > b["acc"]
 
 
-def goal_table(plan: dict, chosen: dict[str, str], runs: list[dict]) -> str:
-    """Per held-out operation: the best tuned baseline (the better of the AdamW and AdamW + EMA
-    choices there), then each contender's median steps over the baseline's (the goal: at most
-    0.8) and median seconds over its (the goal: below 1; both rows from one run set), or, where
-    neither median reached the target, their test accuracies at the end."""
+def goal_rows(plan: dict, chosen: dict[str, str], runs: list[dict]) -> list[dict]:
+    """Per held-out operation and contender: the best tuned baseline there (the better of the
+    AdamW and AdamW + EMA choices, :func:`_better`), both cells, the steps ratio and the time
+    ratio (None where the rows are not from one run set, or a median did not get there), and
+    whether the goal is met: steps ratio at most ``goal_steps_ratio`` and time ratio below 1;
+    where neither median got there, a higher test accuracy at the end."""
     import grokking
     target = plan["common"]["targets"][0]
     goal = plan["heldout"]["goal_steps_ratio"]
-    head = ["operation", "best baseline", "its steps (s)", "optimizer", "steps (s)",
-            "steps ratio", "time ratio", "goal"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out = []
     for op in plan["heldout"]["ops"]:
         cells = {f: _cell(runs, op, chosen[f], target) for f in BASELINES + CONTENDERS}
         base = BASELINES[0]
@@ -219,25 +218,49 @@ def goal_table(plan: dict, chosen: dict[str, str], runs: list[dict]) -> str:
             if _better(cells[f], cells[base]):
                 base = f
         b = cells[base]
-        def steps(c):
-            if c["steps"] is None:
-                return f"never ({100 * c['acc']:.1f}% at the end)"
-            return f"{c['steps']:,.0f} ({c['seconds']:,.0f} s)"
         for f in CONTENDERS:
             c = cells[f]
+            row = {"op": op, "baseline": base, "base": b, "family": f, "cell": c,
+                   "steps_ratio": None, "time_ratio": None}
             if c["steps"] is not None and b["steps"] is not None:
-                ratio = c["steps"] / b["steps"]
-                timed = grokking.same_run_set(c["runs"], b["runs"])
-                tratio = c["seconds"] / b["seconds"] if timed else None
-                met = ratio <= goal and (tratio is not None and tratio < 1)
-                r, t = f"{ratio:.2f}", "other run set" if tratio is None else f"{tratio:.2f}"
+                row["steps_ratio"] = c["steps"] / b["steps"]
+                if grokking.same_run_set(c["runs"], b["runs"]):
+                    row["time_ratio"] = c["seconds"] / b["seconds"]
+                row["met"] = (row["steps_ratio"] <= goal and row["time_ratio"] is not None
+                              and row["time_ratio"] < 1)
             elif b["steps"] is None and c["steps"] is None:
-                met, r, t = c["acc"] > b["acc"], f"accuracy {100 * c['acc']:.1f}% vs {100 * b['acc']:.1f}%", "-"
+                row["met"] = c["acc"] > b["acc"]
             else:
-                met = c["steps"] is not None
-                r, t = "only " + (f if met else "the baseline") + " got there", "-"
-            lines.append(f"| {op} | `{chosen[base]}` | {steps(b)} | `{chosen[f]}` | {steps(c)} | "
-                         f"{r} | {t} | {'met' if met else 'missed'} |")
+                row["met"] = c["steps"] is not None
+            out.append(row)
+    return out
+
+
+def goal_table(plan: dict, chosen: dict[str, str], runs: list[dict]) -> str:
+    """:func:`goal_rows` as a table: each contender's median steps over the best baseline's
+    (the goal: at most ``goal_steps_ratio``) and median seconds over its (below 1), or, where
+    neither median reached the target, their test accuracies at the end."""
+    head = ["operation", "best baseline", "its steps (s)", "optimizer", "steps (s)",
+            "steps ratio", "time ratio", "goal"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def steps(c):
+        if c["steps"] is None:
+            return f"never ({100 * c['acc']:.1f}% at the end)"
+        return f"{c['steps']:,.0f} ({c['seconds']:,.0f} s)"
+
+    for row in goal_rows(plan, chosen, runs):
+        b, c = row["base"], row["cell"]
+        if row["steps_ratio"] is not None:
+            r = f"{row['steps_ratio']:.2f}"
+            t = "other run set" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}"
+        elif b["steps"] is None and c["steps"] is None:
+            r, t = f"accuracy {100 * c['acc']:.1f}% vs {100 * b['acc']:.1f}%", "-"
+        else:
+            r, t = "only " + (row["family"] if row["met"] else "the baseline") + " got there", "-"
+        lines.append(f"| {row['op']} | `{chosen[row['baseline']]}` | {steps(b)} | "
+                     f"`{chosen[row['family']]}` | {steps(c)} | {r} | {t} | "
+                     f"{'met' if row['met'] else 'missed'} |")
     return "\n".join(lines)
 
 
@@ -277,6 +300,38 @@ def meta_table(runs: list[dict], target: float) -> str:
     return "\n".join(lines)
 
 
+def meta_plot(runs: list[dict], path: str) -> None:
+    """Per operation, over the ``supergrok+meta`` runs: the look-ahead validation loss against
+    step, and the meta-net's log-mask at each probe against step (one line per run)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from shardgrok.demo.task import MASK_PROBES
+
+    metas = [r for r in runs if r["spec"].startswith("supergrok+meta")
+             and any("meta_loss" in c for c in r["curve"])]
+    ops = list(dict.fromkeys(r["op"] for r in metas))
+    if not ops:
+        raise SystemExit("meta --png: no run with meta-steps recorded")
+    fig, axes = plt.subplots(2, len(ops), figsize=(5 * len(ops), 7), squeeze=False)
+    for j, op in enumerate(ops):
+        for k, r in enumerate(r for r in metas if r["op"] == op):
+            cs = [c for c in r["curve"] if "meta_loss" in c]
+            steps = [c["step"] for c in cs]
+            axes[0][j].plot(steps, [c["meta_loss"] for c in cs], lw=1, alpha=0.7)
+            for i, g in enumerate(MASK_PROBES):
+                axes[1][j].plot(steps, [c["log_mask"][i] for c in cs], lw=1, alpha=0.7,
+                                color=f"C{i}", label=f"g = {g:g}" if k == 0 else None)
+        axes[0][j].set_title(f"{op}: look-ahead validation loss")
+        axes[0][j].set_yscale("log")
+        axes[1][j].set_title(f"{op}: meta-net log-mask f(g)")
+        axes[1][j].set_xlabel("step")
+    axes[1][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _without_meta(s: str) -> str:
     name, _, rest = s.partition(":")
     kept = [kv for kv in rest.split(",") if kv and not kv.startswith("meta_every=")]
@@ -290,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("of", nargs="?", default="heldout", choices=("heldout", "multivar"),
                     help="meta: the stage whose runs to read (%(default)s)")
     ap.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    ap.add_argument("--png", metavar="PATH", help="meta: plot the meta-loss and log-mask here")
     ap.add_argument("--plan", default=str(PLAN), help="the plan (%(default)s)")
     a = ap.parse_args(argv)
     plan = load_plan(pathlib.Path(a.plan))
@@ -305,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         print(goal_table(plan, chosen, stage_runs(plan, "heldout")))
         return 0
     if a.stage == "meta":
-        print(meta_table(stage_runs(plan, a.of), plan["common"]["targets"][0]))
+        runs = stage_runs(plan, a.of)
+        print(meta_table(runs, plan["common"]["targets"][0]))
+        if a.png:
+            meta_plot(runs, a.png)
         return 0
     if a.stage == "tune":
         specs = [s for ss in grid_specs(plan).values() for s in ss]

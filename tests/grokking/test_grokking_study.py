@@ -106,3 +106,15 @@ def test_meta_table():
     row = study.meta_table(runs, 0.95).splitlines()[2]
     assert row.startswith("| x | 1 | 4 -> 2 | 0.5 | 0.5 |")
     assert row.endswith("| 300/400 | 99.0/97.0 |")
+
+
+def test_meta_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from shardgrok.demo.task import MASK_PROBES
+    curve = [{"step": k, "meta_loss": 4.0 / k, "rescale": 1.0, "log_mask": [k / 100] * len(MASK_PROBES)}
+             for k in (20, 40, 60)]
+    runs = [run("x", seed, "supergrok+meta:meta_every=20", 300, curve=curve) for seed in (0, 1)]
+    study.meta_plot(runs, str(tmp_path / "m.png"))
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="no run with meta-steps"):
+        study.meta_plot([run("x", 0, "supergrok", 300)], str(tmp_path / "n.png"))
