@@ -238,7 +238,9 @@ def _diagnostics(opt, meta_loss: float | None = None) -> dict[str, Any]:
     """What the last step of GrokAdamW / SuperGrok decided: the EMA's alpha, the clipping
     coefficient (1: no clipping), SuperGrok's share of tensors whose cosine gate let the slow
     gradient in; with meta-steps, the last look-ahead validation loss, the meta-net's log-mask
-    at :data:`MASK_PROBES` and its ``rescale``. Empty for torch's optimizers."""
+    at :data:`MASK_PROBES`, its ``rescale``, and the kinks of its piecewise-linear table (the
+    compiled step's form of the net: ``breakpoints`` counts them, ``breakpoints_near`` lists
+    those in [-1, 1] to 4 digits). Empty for torch's optimizers."""
     if not hasattr(opt, "get_state_summary"):
         return {}
     s = opt.get_state_summary()
@@ -254,6 +256,11 @@ def _diagnostics(opt, meta_loss: float | None = None) -> dict[str, Any]:
             f = log_mask(net, torch.tensor(MASK_PROBES, dtype=dtype, device=device))
         out.update(meta_loss=float(meta_loss), log_mask=[float(v) for v in f],
                    rescale=float(torch.as_tensor(rescale_of(net)).detach()))
+        from ..metanet.table import build_table, is_tabulable
+        if is_tabulable(net):
+            bp = build_table(net).breakpoints
+            out.update(breakpoints=bp.numel(),
+                       breakpoints_near=[float(f"{v:.4g}") for v in bp[bp.abs() <= 1].tolist()])
     return out
 
 
