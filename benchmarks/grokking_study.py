@@ -105,6 +105,32 @@ def selection_table(plan: dict, runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def as_recommended(plan: dict, chosen: str) -> tuple[str, dict]:
+    """A family's chosen spec as ``shardgrok.recommended`` states it: (optimizer name, its
+    constructor keywords), the plan's betas included (``adamw+ema`` has no entry there)."""
+    import ast
+    name, _, rest = chosen.partition(":")
+    kw = {"betas": tuple(plan["common"]["betas"])}
+    if rest:
+        call = ast.parse(f"f({rest})", mode="eval").body
+        kw |= {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    return name, kw
+
+
+def recommended_mismatches(plan: dict, chosen: dict[str, str]) -> list[str]:
+    """Where ``shardgrok.recommended`` differs from the tuning stage's choices (empty: it
+    states them). Keywords are compared as values: 0 and 0.0 agree."""
+    from shardgrok import recommended
+    out = []
+    for family in ("adamw", "grokadamw", "supergrok"):
+        name, want = as_recommended(plan, chosen[family])
+        got = recommended(name)
+        if got != want:
+            out.append(f"recommended({name!r}) is {dict(sorted(got.items()))}, the tuning "
+                       f"stage chose {dict(sorted(want.items()))}")
+    return out
+
+
 def tuning_runs(plan: dict) -> list[dict]:
     import grokking   # the script's folder is first on sys.path
     path = ROOT / plan["tuning"]["results"]

@@ -153,6 +153,8 @@ def test_short_run_json(tmp_path):
     meta = next(r for r in d["runs"] if r["spec"].startswith("supergrok+meta"))
     last = meta["curve"][-1]
     assert last["meta_loss"] > 0 and len(last["log_mask"]) == 9 and "rescale" in last
+    assert last["breakpoints"] >= len(last["breakpoints_near"]) > 0
+    assert last["breakpoints_near"] == sorted(last["breakpoints_near"])
     assert "meta_loss" not in next(r for r in d["runs"] if r["spec"] == "adamw")["curve"][-1]
 
     # resumed: the runs there are kept as they are, only the missing ones run

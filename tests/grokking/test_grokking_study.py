@@ -118,3 +118,18 @@ def test_meta_plot(tmp_path):
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit, match="no run with meta-steps"):
         study.meta_plot([run("x", 0, "supergrok", 300)], str(tmp_path / "n.png"))
+
+
+def test_recommended_is_compared_with_the_choices():
+    from shardgrok import recommended
+    plan = {"common": {"betas": [0.9, 0.98]}}
+    chosen = {f: study.derive(f, f, ",".join(f"{k}={v!r}" for k, v in recommended(f).items()
+                                             if k != "betas"))
+              for f in ("adamw", "grokadamw", "supergrok")}
+    assert study.as_recommended(plan, chosen["adamw"]) == ("adamw", recommended("adamw"))
+    assert study.recommended_mismatches(plan, chosen) == []
+    chosen["grokadamw"] += ",lamb=5.0"
+    got = dict(sorted(recommended("grokadamw").items()))
+    assert study.recommended_mismatches(plan, chosen) == [
+        f"recommended('grokadamw') is {got}, the tuning stage chose "
+        f"{dict(sorted((got | {'lamb': 5.0}).items()))}"]
