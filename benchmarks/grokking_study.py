@@ -7,6 +7,7 @@
     python benchmarks/grokking_study.py STAGE --dry-run   # the benchmarks/grokking.py command
     python benchmarks/grokking_study.py progress   # runs done per stage, and the CPU time spent
     python benchmarks/grokking_study.py goal       # the held-out goal, operation by operation
+    python benchmarks/grokking_study.py summary    # the page's conclusions, with their figures
     python benchmarks/grokking_study.py meta [STAGE]  # what SuperGrok's meta-step learned
 
 The plan (benchmarks/grokking_plan.toml) was committed before any held-out run: the tuning set
@@ -30,7 +31,9 @@ import tomllib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PLAN = ROOT / "benchmarks" / "grokking_plan.toml"
 STAGES = ("tune", "select", "heldout", "multivar")
-REPORTS = ("progress", "goal", "meta")
+REPORTS = ("progress", "goal", "meta", "summary")
+NAMES = {"adamw": "AdamW", "adamw+ema": "AdamW + EMA", "grokadamw": "GrokAdamW",
+         "supergrok": "SuperGrok"}
 BASELINES = ("adamw", "adamw+ema")   # the families the goal's "best tuned baseline" is taken from
 CONTENDERS = ("grokadamw", "supergrok")
 
@@ -290,6 +293,65 @@ def goal_table(plan: dict, chosen: dict[str, str], runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _median_or_acc(c: dict) -> str:
+    return (f"{c['steps']:,.0f} steps" if c["steps"] is not None
+            else f"never ({100 * c['acc']:.1f}% at the end)")
+
+
+def summary(plan: dict, chosen: dict[str, str], heldout: list[dict],
+            multivar: list[dict] | None) -> str:
+    """The conclusions of docs/grokking.md as bullets, every figure computed here from the
+    results files: the choices, the goal per contender, whether 95% held once reached, what
+    each of GrokAdamW's parts and SuperGrok's meta-step changed."""
+    target = plan["common"]["targets"][0]
+    ops = plan["heldout"]["ops"]
+    out = ["- Chosen on the tuning set: " + "; ".join(
+        f"{NAMES[f]} `{chosen[f]}`" for f in plan["families"]) + "."]
+    rows = goal_rows(plan, chosen, heldout)
+    for f in CONTENDERS:
+        mine = [r for r in rows if r["family"] == f]
+        met = [r["op"] for r in mine if r["met"]]
+        parts = []
+        for r in mine:
+            if r["steps_ratio"] is not None:
+                t = "" if r["time_ratio"] is None else f", {r['time_ratio']:.2f}x the time"
+                parts.append(f"{r['op']} {r['steps_ratio']:.2f}x the steps{t}")
+            else:
+                parts.append(f"{r['op']} {_median_or_acc(r['cell'])} against "
+                             f"{_median_or_acc(r['base'])}")
+        out.append(f"- {NAMES[f]} at its choice met the goal on {len(met)} of {len(mine)} held-out "
+                   f"operations, against the best tuned baseline there: " + "; ".join(parts) + ".")
+    reached = [r for r in heldout if r["steps_to"][str(target)] is not None]
+    fell = [r for r in reached if (r.get("lowest_after") or {}).get(str(target), 0) < target]
+    out.append(f"- Once at {target:.0%} test accuracy, {len(reached) - len(fell)} of the "
+               f"{len(reached)} held-out runs that got there stayed at or above it to the budget"
+               + ("." if not fell else "; fell back: " + ", ".join(
+                   f"`{r['spec']}` on {r['op']} seed {r['seed']} (to "
+                   f"{100 * r['lowest_after'][str(target)]:.1f}%)" for r in fell[:6])
+                  + (f" and {len(fell) - 6} more" if len(fell) > 6 else "") + "."))
+    h = plan["heldout"]
+    for fam, name, extra in h.get("derived", []):
+        s = derive(chosen[fam], name, extra)
+        if s == chosen[fam] or not extra:
+            continue
+        cells = [f"{op} {_median_or_acc(_cell(heldout, op, s, target))} against "
+                 f"{_median_or_acc(_cell(heldout, op, chosen[fam], target))}" for op in ops]
+        out.append(f"- {NAMES[fam]}'s choice as `{name}` with `{extra}`: " + "; ".join(cells) + ".")
+    for stage, runs in (("multivar", multivar),):
+        if not runs:
+            continue
+        for fam, name, extra in plan[stage].get("derived", []):
+            s = derive(chosen[fam], name, extra)
+            if s == chosen[fam] or name == fam:
+                continue
+            for op in plan[stage]["ops"]:
+                out.append(f"- {op} mod {plan[stage]['p']}, `{name}` with `{extra}`: "
+                           f"{_median_or_acc(_cell(runs, op, s, target))} against "
+                           f"{_median_or_acc(_cell(runs, op, derive(chosen[fam], fam, ''), target))}"
+                           f" without meta-steps.")
+    return "\n".join(out)
+
+
 def meta_table(runs: list[dict], target: float) -> str:
     """What the meta-step learned, per operation over the ``supergrok+meta`` runs: the look-ahead
     validation loss at the first and the last evaluation, the meta-net's log-mask f(g) at the
@@ -385,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage == "goal":
         chosen = {k: v for k, (v, _) in select(plan, tuning_runs(plan)).items()}
         print(goal_table(plan, chosen, stage_runs(plan, "heldout")))
+        return 0
+    if a.stage == "summary":
+        chosen = {k: v for k, (v, _) in select(plan, tuning_runs(plan)).items()}
+        mv = ROOT / plan["multivar"]["results"]
+        print(summary(plan, chosen, stage_runs(plan, "heldout"),
+                      stage_runs(plan, "multivar") if mv.exists() else None))
         return 0
     if a.stage == "meta":
         runs = stage_runs(plan, a.of)

@@ -133,3 +133,38 @@ def test_recommended_is_compared_with_the_choices():
     assert study.recommended_mismatches(plan, chosen) == [
         f"recommended('grokadamw') is {got}, the tuning stage chose "
         f"{dict(sorted((got | {'lamb': 5.0}).items()))}"]
+
+
+def test_summary_figures_come_from_the_runs():
+    plan = {"common": {"targets": [0.95]},
+            "families": {"adamw": {}, "adamw+ema": {}, "grokadamw": {}, "supergrok": {}},
+            "heldout": {"ops": ["x/y"], "goal_steps_ratio": 0.8,
+                        "derived": [["grokadamw", "grokadamw", "gamma=0"]]},
+            "multivar": {"ops": ["a-b"], "p": 7,
+                         "derived": [["supergrok", "supergrok", ""],
+                                     ["supergrok", "supergrok+meta", "meta_every=20"]]}}
+    chosen = {"adamw": "adamw:w=1", "adamw+ema": "adamw+ema:w=1", "grokadamw": "grokadamw:w=1",
+              "supergrok": "supergrok:w=1"}
+    held = []
+    for seed in range(3):
+        held += [run("x/y", seed, "adamw:w=1", 1000), run("x/y", seed, "adamw+ema:w=1", 900),
+                 run("x/y", seed, "grokadamw:w=1", 450), run("x/y", seed, "supergrok:w=1", 900),
+                 run("x/y", seed, "grokadamw:w=1,gamma=0", 600)]
+    for r in held:
+        r["lowest_after"] = {"0.95": 0.97}
+    held[2]["lowest_after"] = {"0.95": 0.90}
+    mv = [run("a-b", 0, "supergrok:w=1", None, acc=0.3),
+          run("a-b", 0, "supergrok+meta:w=1,meta_every=20", None, acc=0.4)]
+    text = study.summary(plan, chosen, held, mv).splitlines()
+    assert text[0] == ("- Chosen on the tuning set: AdamW `adamw:w=1`; AdamW + EMA `adamw+ema:w=1`; "
+                       "GrokAdamW `grokadamw:w=1`; SuperGrok `supergrok:w=1`.")
+    assert text[1] == ("- GrokAdamW at its choice met the goal on 1 of 1 held-out operations, against "
+                       "the best tuned baseline there: x/y 0.50x the steps, 0.50x the time.")
+    assert "SuperGrok at its choice met the goal on 0 of 1" in text[2] and "x/y 1.00x the steps" in text[2]
+    assert text[3].startswith("- Once at 95% test accuracy, 14 of the 15 held-out runs that got there "
+                              "stayed at or above it to the budget; fell back: `grokadamw:w=1` on "
+                              "x/y seed 0 (to 90.0%).")
+    assert text[4] == ("- GrokAdamW's choice as `grokadamw` with `gamma=0`: x/y 600 steps against "
+                       "450 steps.")
+    assert text[5] == ("- a-b mod 7, `supergrok+meta` with `meta_every=20`: never (40.0% at the end) "
+                       "against never (30.0% at the end) without meta-steps.")
