@@ -100,8 +100,9 @@ def selection_table(plan: dict, runs: list[dict]) -> str:
             cells = [name, f"**`{s}`**" if s in chosen else f"`{s}`",
                      f"{score(runs, s, t['ops'], t['steps'], target):,.0f}"]
             for op in t["ops"]:
-                steps = [r["steps_to"][str(target)] for r in runs if r["op"] == op and r["spec"] == s]
-                steps = sorted(math.inf if x is None else x for x in steps)
+                steps = sorted(math.inf if r["steps_to"][str(target)] is None
+                               else r["steps_to"][str(target)]
+                               for r in runs if r["op"] == op and r["spec"] == s)
                 m = statistics.median(steps)
                 cells.append("never" if math.isinf(m) else f"{m:,.0f}")
             lines.append("| " + " | ".join(cells) + " |")
@@ -345,44 +346,48 @@ def summary(plan: dict, chosen: dict[str, str], heldout: list[dict],
             if s == chosen[fam] or name == fam:
                 continue
             for op in plan[stage]["ops"]:
+                plain = _cell(runs, op, derive(chosen[fam], fam, ""), target)
                 out.append(f"- {op} mod {plan[stage]['p']}, `{name}` with `{extra}`: "
                            f"{_median_or_acc(_cell(runs, op, s, target))} against "
-                           f"{_median_or_acc(_cell(runs, op, derive(chosen[fam], fam, ''), target))}"
-                           f" without meta-steps.")
+                           f"{_median_or_acc(plain)} without meta-steps.")
     return "\n".join(out)
 
 
 def meta_table(runs: list[dict], target: float) -> str:
-    """What the meta-step learned, per operation over the ``supergrok+meta`` runs: the look-ahead
-    validation loss at the first and the last evaluation, the meta-net's log-mask f(g) at the
-    last evaluation (median per probe; f = 0 leaves g as it is) and its rescale; then the paired
-    comparison with the same SuperGrok without meta-steps (the spec without ``+meta`` and
-    ``meta_every``): per-seed ratio of steps to ``target``, and the test accuracy at the end."""
+    """What the meta-step learned, per operation and ``supergrok+meta`` setting over its runs:
+    the look-ahead validation loss at the first and the last evaluation, the meta-net's rescale
+    and log-mask f(g) at the last evaluation (median per probe; f = 0 leaves g as it is); then
+    the paired comparison with the same SuperGrok without meta-steps (the spec without ``+meta``,
+    ``meta_every`` and ``meta_lr``): per seed, steps to ``target`` and test accuracy at the end,
+    with / without."""
     from shardgrok.demo.task import MASK_PROBES
     med = statistics.median
-    head = (["operation", "runs", "meta-loss first -> last", "rescale at the end"]
+    head = (["operation", "setting", "runs", "meta-loss first -> last", "rescale at the end"]
             + [f"f({g:g})" for g in MASK_PROBES]
             + [f"steps to {target:.0%} with / without", "test acc at the end with / without"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for op in dict.fromkeys(r["op"] for r in runs):
-        metas = [r for r in runs if r["op"] == op and r["spec"].startswith("supergrok+meta")]
-        metas = [r for r in metas if any("meta_loss" in c for c in r["curve"])]
+    keys = dict.fromkeys((r["op"], r["spec"]) for r in runs if r["spec"].startswith("supergrok+meta"))
+    for op, spec in keys:
+        metas = [r for r in runs if r["op"] == op and r["spec"] == spec
+                 and any("meta_loss" in c for c in r["curve"])]
         if not metas:
             continue
-        firsts = [next(c for c in r["curve"] if "meta_loss" in c) for r in metas]
-        lasts = [[c for c in r["curve"] if "meta_loss" in c][-1] for r in metas]
-        cells = [op, str(len(metas)),
-                 f"{med(c['meta_loss'] for c in firsts):.3g} -> {med(c['meta_loss'] for c in lasts):.3g}",
-                 f"{med(c['rescale'] for c in lasts):.3g}"]
-        cells += [f"{med(c['log_mask'][i] for c in lasts):.2g}" for i in range(len(MASK_PROBES))]
+        recorded = [[c for c in r["curve"] if "meta_loss" in c] for r in metas]
+        first = med(cs[0]["meta_loss"] for cs in recorded)
+        last = med(cs[-1]["meta_loss"] for cs in recorded)
+        cells = [op, f"`{spec}`", str(len(metas)), f"{first:.3g} -> {last:.3g}",
+                 f"{med(cs[-1]['rescale'] for cs in recorded):.3g}"]
+        cells += [f"{med(cs[-1]['log_mask'][i] for cs in recorded):.2g}"
+                  for i in range(len(MASK_PROBES))]
         pairs, accs = [], []
+        plain = _without_meta(spec)
         for r in metas:
-            plain = _without_meta(r["spec"])
-            other = [o for o in runs if o["op"] == op and o["seed"] == r["seed"] and o["spec"] == plain]
+            other = [o for o in runs if (o["op"], o["seed"], o["spec"]) == (op, r["seed"], plain)]
             if other:
                 a, b = r["steps_to"][str(target)], other[0]["steps_to"][str(target)]
                 pairs.append(f"{'never' if a is None else a}/{'never' if b is None else b}")
-                accs.append(f"{100 * (r['final_test_acc'] or 0):.1f}/{100 * (other[0]['final_test_acc'] or 0):.1f}")
+                accs.append(f"{100 * (r['final_test_acc'] or 0):.1f}/"
+                            f"{100 * (other[0]['final_test_acc'] or 0):.1f}")
         cells += ["; ".join(pairs) or "-", "; ".join(accs) or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -421,8 +426,10 @@ def meta_plot(runs: list[dict], path: str) -> None:
 
 
 def _without_meta(s: str) -> str:
-    name, _, rest = s.partition(":")
-    kept = [kv for kv in rest.split(",") if kv and not kv.startswith("meta_every=")]
+    """The ``supergrok`` spec of a ``supergrok+meta`` one: its settings less the meta-step's."""
+    rest = s.partition(":")[2]
+    kept = [kv for kv in rest.split(",")
+            if kv and not kv.startswith(("meta_every=", "meta_lr="))]
     return "supergrok" + (":" + ",".join(kept) if kept else "")
 
 

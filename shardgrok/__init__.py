@@ -12,5 +12,6 @@ register_deepspeed()  # torch.optim.GrokAdamW / SuperGrok for DeepSpeed's config
 
 __version__ = "0.1.0"
 __all__ = ["GrokAdamW", "SuperGrok", "SimpleMetaNet", "gradfilter_ema", "gradfilter_ma",
-           "recommended", "recommended_meta_schedule", "consolidate_state_dict", "init_distributed", "shutdown_distributed", "DistInfo", "register_deepspeed", "optimizer_of",
-           "__version__"]
+           "recommended", "recommended_meta_schedule", "consolidate_state_dict",
+           "init_distributed", "shutdown_distributed", "DistInfo", "register_deepspeed",
+           "optimizer_of", "__version__"]

@@ -2,8 +2,8 @@
 ``"x**2+x*y+y**2"``, or in more variables, ``"a*c+b*d-e"``...
 
 A formula is parsed with :mod:`ast` and only these are accepted: variables (single lowercase
-letters), non-negative integer literals, ``+ - * /``, ``**`` with a non-negative integer literal exponent,
-unary minus and parentheses. Evaluation is exact integer arithmetic mod p, and ``/`` is the
+letters), non-negative integer literals, ``+ - * /``, ``**`` with a non-negative integer literal
+exponent, unary minus and parentheses. Evaluation is exact integer arithmetic mod p, and ``/`` is the
 modular inverse, so ``a / b`` is ``a * b^(p-2)`` (a formula that divides needs p prime). A pair whose divisor is 0
 mod p has no answer and is left out of the task, as in Power et al.'s division tasks.
 
@@ -14,6 +14,7 @@ task over every pair); otherwise they are the letters the formula names, in alph
 from __future__ import annotations
 
 import ast
+
 import torch
 
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}

@@ -104,8 +104,12 @@ def test_meta_table():
     meta = "supergrok+meta:kappa=0,meta_every=20"
     runs = [run("x", 0, meta, 300, curve=curve), run("x", 0, "supergrok:kappa=0", 400, acc=0.97)]
     row = study.meta_table(runs, 0.95).splitlines()[2]
-    assert row.startswith("| x | 1 | 4 -> 2 | 0.5 | 0.5 |")
+    assert row.startswith("| x | `supergrok+meta:kappa=0,meta_every=20` | 1 | 4 -> 2 | 0.5 | 0.5 |")
     assert row.endswith("| 300/400 | 99.0/97.0 |")
+    # each setting its own row, paired with SuperGrok without the meta-step's keywords
+    runs.append(run("x", 0, meta + ",meta_lr=0.01", None, acc=0.5, curve=curve))
+    rows = study.meta_table(runs, 0.95).splitlines()[2:]
+    assert len(rows) == 2 and rows[1].endswith("| never/400 | 50.0/97.0 |")
 
 
 def test_meta_plot(tmp_path):
