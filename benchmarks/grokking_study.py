@@ -112,13 +112,8 @@ def selection_table(plan: dict, runs: list[dict]) -> str:
 def as_recommended(plan: dict, chosen: str) -> tuple[str, dict]:
     """A family's chosen spec as ``shardgrok.recommended`` states it: (optimizer name, its
     constructor keywords), the plan's betas included (``adamw+ema`` has no entry there)."""
-    import ast
     name, _, rest = chosen.partition(":")
-    kw = {"betas": tuple(plan["common"]["betas"])}
-    if rest:
-        call = ast.parse(f"f({rest})", mode="eval").body
-        kw |= {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-    return name, kw
+    return name, {"betas": tuple(plan["common"]["betas"])} | _keywords(rest)
 
 
 def recommended_mismatches(plan: dict, chosen: dict[str, str]) -> list[str]:
@@ -144,11 +139,19 @@ def tuning_runs(plan: dict) -> list[dict]:
     return runs
 
 
+def _keywords(text: str) -> dict:
+    import ast
+    if not text:
+        return {}
+    call = ast.parse(f"f({text})", mode="eval").body
+    return {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+
+
 def derive(chosen: str, name: str, extra: str) -> str:
     """``chosen`` (a family's spec) under optimizer ``name`` with the overrides ``extra``
-    appended: an ablation or a variant of a chosen setting."""
-    rest = chosen.partition(":")[2]
-    return f"{name}:{','.join(x for x in (rest, extra) if x)}"
+    (a key already there takes the new value): an ablation or a variant of a chosen setting."""
+    kw = _keywords(chosen.partition(":")[2]) | _keywords(extra)
+    return f"{name}:{','.join(f'{k}={v!r}' for k, v in kw.items())}" if kw else name
 
 
 def stage_specs(plan: dict, stage: str, chosen: dict[str, str]) -> list[str]:

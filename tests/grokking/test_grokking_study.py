@@ -64,6 +64,9 @@ def test_stage_specs_and_commands():
     assert g + ",gradient_clipping=0" in specs and g + ",gamma=0" in specs
     assert "supergrok+meta:" + chosen["supergrok"].partition(":")[2] + ",meta_every=20" in specs
     assert study.derive("adamw", "adamw", "max_grad_norm=1.0") == "adamw:max_grad_norm=1.0"
+    assert study.derive("supergrok:kappa=0,lr=0.002,weight_decay=3.0", "supergrok+meta",
+                        "weight_decay=0.1,meta_every=20") == \
+        "supergrok+meta:kappa=0,lr=0.002,weight_decay=0.1,meta_every=20"   # overridden in place
     cmd = study.command(PLAN, "heldout", specs)
     assert "--to-budget" in cmd and cmd[cmd.index("--seeds") + 1] == "100,101,102,103,104"
     assert cmd.count("--opt") == len(specs)
