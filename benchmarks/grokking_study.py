@@ -346,10 +346,10 @@ def summary(plan: dict, chosen: dict[str, str], heldout: list[dict],
             continue
         for fam, name, extra in plan[stage].get("derived", []):
             s = derive(chosen[fam], name, extra)
-            if s == chosen[fam] or name == fam:
+            if not name.endswith("+meta"):
                 continue
             for op in plan[stage]["ops"]:
-                plain = _cell(runs, op, derive(chosen[fam], fam, ""), target)
+                plain = _cell(runs, op, _without_meta(s), target)
                 out.append(f"- {op} mod {plan[stage]['p']}, `{name}` with `{extra}`: "
                            f"{_median_or_acc(_cell(runs, op, s, target))} against "
                            f"{_median_or_acc(plain)} without meta-steps.")

@@ -148,8 +148,9 @@ def test_summary_figures_come_from_the_runs():
             "heldout": {"ops": ["x/y"], "goal_steps_ratio": 0.8,
                         "derived": [["grokadamw", "grokadamw", "gamma=0"]]},
             "multivar": {"ops": ["a-b"], "p": 7,
-                         "derived": [["supergrok", "supergrok", ""],
-                                     ["supergrok", "supergrok+meta", "meta_every=20"]]}}
+                         "derived": [["supergrok", "supergrok", "weight_decay=0.1"],
+                                     ["supergrok", "supergrok+meta",
+                                      "weight_decay=0.1,meta_every=20"]]}}
     chosen = {"adamw": "adamw:w=1", "adamw+ema": "adamw+ema:w=1", "grokadamw": "grokadamw:w=1",
               "supergrok": "supergrok:w=1"}
     held = []
@@ -160,8 +161,9 @@ def test_summary_figures_come_from_the_runs():
     for r in held:
         r["lowest_after"] = {"0.95": 0.97}
     held[2]["lowest_after"] = {"0.95": 0.90}
-    mv = [run("a-b", 0, "supergrok:w=1", None, acc=0.3),
-          run("a-b", 0, "supergrok+meta:w=1,meta_every=20", None, acc=0.4)]
+    mv = [run("a-b", 0, "supergrok:w=1,weight_decay=0.1", None, acc=0.3),
+          run("a-b", 0, "supergrok+meta:w=1,weight_decay=0.1,meta_every=20", None, acc=0.4),
+          run("a-b", 0, "supergrok:w=1", None, acc=0.9)]   # not the multivar setting
     text = study.summary(plan, chosen, held, mv).splitlines()
     assert text[0] == ("- Chosen on the tuning set: AdamW `adamw:w=1`; AdamW + EMA `adamw+ema:w=1`; "
                        "GrokAdamW `grokadamw:w=1`; SuperGrok `supergrok:w=1`.")
@@ -173,5 +175,5 @@ def test_summary_figures_come_from_the_runs():
                               "x/y seed 0 (to 90.0%).")
     assert text[4] == ("- GrokAdamW's choice as `grokadamw` with `gamma=0`: x/y 600 steps against "
                        "450 steps.")
-    assert text[5] == ("- a-b mod 7, `supergrok+meta` with `meta_every=20`: never (40.0% at the end) "
-                       "against never (30.0% at the end) without meta-steps.")
+    assert text[5] == ("- a-b mod 7, `supergrok+meta` with `weight_decay=0.1,meta_every=20`: never "
+                       "(40.0% at the end) against never (30.0% at the end) without meta-steps.")
