@@ -205,6 +205,15 @@ def test_report_tables_from_json(tmp_path):
     # median (min-max) steps, reached / held, accuracy at the end, ms per step, s to the target
     assert "| 500 (400-600) | 2 / 2 | 99.0% | 92 | 45 | 1.00x / 1.00x |" in rows["`adamw`"]
     assert "| 250 (200-300) | 2 / 2 | 99.0% | 108 | 25 | 2.00x / 1.80x |" in rows["`grokadamw`"]
+    # the same runs with the baseline's from another file: no time ratio across run sets
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**d, "runs": d["runs"][:2]}))
+    path.write_text(json.dumps({**d, "runs": d["runs"][2:]}))
+    split = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
+                            str(path), str(other), "--versus", "adamw"], capture_output=True,
+                           text=True, check=True, timeout=120).stdout
+    assert "| 2.00x / other run set |" in split
+    path.write_text(json.dumps(d))
     only = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
                            str(path), "--only", "grokadamw", "--versus", "adamw"],
                           capture_output=True, text=True, check=True, timeout=120).stdout

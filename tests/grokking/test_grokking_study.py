@@ -37,6 +37,16 @@ def run(op, seed, s, steps, acc=0.99, secs=None, curve=()):
             "curve": list(curve), "session": "s", "file": "f"}
 
 
+CHOSEN = {f: f"{f}:w=1" for f in ("adamw", "adamw+ema", "grokadamw", "supergrok")}
+
+
+def family_runs(op, steps, acc=None):
+    """Three seeds of each family's choice in CHOSEN on ``op``: ``steps[family]`` steps to the
+    targets (None: never), test accuracy ``acc[family]`` at the end (0.99 by default)."""
+    return [run(op, seed, CHOSEN[f], st, (acc or {}).get(f, 0.99))
+            for seed in range(3) for f, st in steps.items()]
+
+
 def test_selection_rule_worked_by_hand():
     plan = {"tuning": {"ops": ["a", "b"], "steps": 1000}, "common": {"targets": [0.95]},
             "families": {"f": {"spec": "adamw", "grid": {"lr": [1, 2]}}}}
@@ -81,18 +91,13 @@ def test_stage_specs_and_commands():
 def test_goal_table():
     plan = {"common": {"targets": [0.95]},
             "heldout": {"ops": ["x/y", "hard"], "goal_steps_ratio": 0.8}}
-    chosen = {"adamw": "adamw:w", "adamw+ema": "adamw+ema:w", "grokadamw": "grokadamw:w",
-              "supergrok": "supergrok:w"}
-    runs = []
-    for seed in range(3):
-        runs += [run("x/y", seed, "adamw:w", 1000), run("x/y", seed, "adamw+ema:w", 800),
-                 run("x/y", seed, "grokadamw:w", 600), run("x/y", seed, "supergrok:w", 700),
-                 run("hard", seed, "adamw:w", None, 0.4), run("hard", seed, "adamw+ema:w", None, 0.5),
-                 run("hard", seed, "grokadamw:w", None, 0.6), run("hard", seed, "supergrok:w", None, 0.3)]
-    rows = study.goal_table(plan, chosen, runs).splitlines()[2:]
+    runs = family_runs("x/y", {"adamw": 1000, "adamw+ema": 800, "grokadamw": 600, "supergrok": 700})
+    runs += family_runs("hard", dict.fromkeys(CHOSEN),
+                        acc={"adamw": 0.4, "adamw+ema": 0.5, "grokadamw": 0.6, "supergrok": 0.3})
+    rows = study.goal_table(plan, CHOSEN, runs).splitlines()[2:]
     # x/y: the best baseline is AdamW + EMA (800); 600 / 800 = 0.75 met, 700 / 800 = 0.875 missed
-    assert rows[0] == ("| x/y | `adamw+ema:w` | 800 (80 s) | `grokadamw:w` | 600 (60 s) | 0.75 | "
-                       "0.75 | met |")
+    assert rows[0] == ("| x/y | `adamw+ema:w=1` | 800 (80 s) | `grokadamw:w=1` | 600 (60 s) | "
+                       "0.75 | 0.75 | met |")
     assert rows[1].endswith("| 0.88 | 0.88 | missed |")
     # nothing gets there: the accuracy at the end decides
     assert "never (50.0% at the end)" in rows[2] and rows[2].endswith("| - | met |")
@@ -151,20 +156,15 @@ def test_summary_figures_come_from_the_runs():
                          "derived": [["supergrok", "supergrok", "weight_decay=0.1"],
                                      ["supergrok", "supergrok+meta",
                                       "weight_decay=0.1,meta_every=20"]]}}
-    chosen = {"adamw": "adamw:w=1", "adamw+ema": "adamw+ema:w=1", "grokadamw": "grokadamw:w=1",
-              "supergrok": "supergrok:w=1"}
-    held = []
-    for seed in range(3):
-        held += [run("x/y", seed, "adamw:w=1", 1000), run("x/y", seed, "adamw+ema:w=1", 900),
-                 run("x/y", seed, "grokadamw:w=1", 450), run("x/y", seed, "supergrok:w=1", 900),
-                 run("x/y", seed, "grokadamw:w=1,gamma=0", 600)]
+    held = family_runs("x/y", {"adamw": 1000, "adamw+ema": 900, "grokadamw": 450, "supergrok": 900})
+    held += [run("x/y", seed, "grokadamw:w=1,gamma=0", 600) for seed in range(3)]
     for r in held:
         r["lowest_after"] = {"0.95": 0.97}
-    held[2]["lowest_after"] = {"0.95": 0.90}
+    held[2]["lowest_after"] = {"0.95": 0.90}   # seed 0's grokadamw run fell back
     mv = [run("a-b", 0, "supergrok:w=1,weight_decay=0.1", None, acc=0.3),
           run("a-b", 0, "supergrok+meta:w=1,weight_decay=0.1,meta_every=20", None, acc=0.4),
           run("a-b", 0, "supergrok:w=1", None, acc=0.9)]   # not the multivar setting
-    text = study.summary(plan, chosen, held, mv).splitlines()
+    text = study.summary(plan, CHOSEN, held, mv).splitlines()
     assert text[0] == ("- Chosen on the tuning set: AdamW `adamw:w=1`; AdamW + EMA `adamw+ema:w=1`; "
                        "GrokAdamW `grokadamw:w=1`; SuperGrok `supergrok:w=1`.")
     assert text[1] == ("- GrokAdamW at its choice met the goal on 1 of 1 held-out operations, against "
