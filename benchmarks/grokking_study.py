@@ -131,12 +131,7 @@ def recommended_mismatches(plan: dict, chosen: dict[str, str]) -> list[str]:
 
 
 def tuning_runs(plan: dict) -> list[dict]:
-    import grokking   # the script's folder is first on sys.path
-    path = ROOT / plan["tuning"]["results"]
-    if not path.exists():
-        raise SystemExit(f"{path.relative_to(ROOT)} does not exist: run the tune stage first")
-    runs, _, _ = grokking.read_runs([str(path)])
-    return runs
+    return stage_runs(plan, "tuning")
 
 
 def _keywords(text: str) -> dict:
@@ -207,10 +202,13 @@ def progress_table(plan: dict) -> str:
 
 
 def stage_runs(plan: dict, stage: str) -> list[dict]:
+    """The runs of a plan section's results file (``tuning``, ``heldout``, ``multivar``)."""
     import grokking   # the script's folder is first on sys.path
     path = ROOT / plan[stage]["results"]
     if not path.exists():
-        raise SystemExit(f"{path.relative_to(ROOT)} does not exist: run the {stage} stage first")
+        command = "tune" if stage == "tuning" else stage
+        raise SystemExit(f"{path.relative_to(ROOT)} does not exist: run `grokking_study.py "
+                         f"{command}` first")
     return grokking.read_runs([str(path)])[0]
 
 
