@@ -112,8 +112,9 @@ def selection_table(plan: dict, runs: list[dict]) -> str:
 def as_recommended(plan: dict, chosen: str) -> tuple[str, dict]:
     """A family's chosen spec as ``shardgrok.recommended`` states it: (optimizer name, its
     constructor keywords), the plan's betas included (``adamw+ema`` has no entry there)."""
-    name, _, rest = chosen.partition(":")
-    return name, {"betas": tuple(plan["common"]["betas"])} | _keywords(rest)
+    from shardgrok.demo.recipes import parse_spec
+    name, kw = parse_spec(chosen)
+    return name, {"betas": tuple(plan["common"]["betas"])} | kw
 
 
 def recommended_mismatches(plan: dict, chosen: dict[str, str]) -> list[str]:
@@ -134,19 +135,11 @@ def tuning_runs(plan: dict) -> list[dict]:
     return stage_runs(plan, "tuning")
 
 
-def _keywords(text: str) -> dict:
-    import ast
-    if not text:
-        return {}
-    call = ast.parse(f"f({text})", mode="eval").body
-    return {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-
-
 def derive(chosen: str, name: str, extra: str) -> str:
     """``chosen`` (a family's spec) under optimizer ``name`` with the overrides ``extra``
     (a key already there takes the new value): an ablation or a variant of a chosen setting."""
-    kw = _keywords(chosen.partition(":")[2]) | _keywords(extra)
-    return f"{name}:{','.join(f'{k}={v!r}' for k, v in kw.items())}" if kw else name
+    from shardgrok.demo.recipes import parse_spec, spec_of
+    return spec_of(name, parse_spec(chosen)[1] | parse_spec(f"{name}:{extra}")[1])
 
 
 def stage_specs(plan: dict, stage: str, chosen: dict[str, str]) -> list[str]:
