@@ -153,10 +153,16 @@ def stage_specs(plan: dict, stage: str, chosen: dict[str, str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def command(plan: dict, stage: str, specs: list[str]) -> list[str]:
+def command(plan: dict, stage: str, specs: list[str], ops: list[str] | None = None) -> list[str]:
+    """The benchmarks/grokking.py command of a stage, for ``ops`` of the stage's operations
+    (all of them by default)."""
     c, s = plan["common"], plan["tuning" if stage == "tune" else stage]
+    unknown = [op for op in ops or [] if op not in s["ops"]]
+    if unknown:
+        raise SystemExit(f"--op {unknown[0]!r}: not an operation of the {stage} stage; its "
+                         f"operations are {', '.join(map(repr, s['ops']))}")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "grokking.py")]
-    for op in s["ops"]:
+    for op in ops or s["ops"]:
         cmd += ["--op", op]
     cmd += ["--p", str(s.get("p", c["p"])), "--seeds", ",".join(map(str, s["seeds"])),
             "--steps", str(s["steps"]), "--targets", ",".join(map(str, c["targets"])),
@@ -434,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("of", nargs="?", default="heldout", choices=("heldout", "multivar"),
                     help="meta: the stage whose runs to read (%(default)s)")
     ap.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    ap.add_argument("--op", action="append", metavar="OP",
+                    help="tune/heldout/multivar: run only this operation of the stage "
+                         "(repeatable). One operation per invocation keeps each operation's "
+                         "rows in one run set, the condition for comparing their wall times")
     ap.add_argument("--png", metavar="PATH", help="meta: plot the meta-loss and log-mask here")
     ap.add_argument("--plan", default=str(PLAN), help="the plan (%(default)s)")
     a = ap.parse_args(argv)
@@ -466,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         chosen = {k: v for k, (v, _) in select(plan, tuning_runs(plan)).items()}
         specs = stage_specs(plan, a.stage, chosen)
-    cmd = command(plan, a.stage, specs)
+    cmd = command(plan, a.stage, specs, a.op)
     if a.dry_run:
         print(" ".join(cmd))
         return 0

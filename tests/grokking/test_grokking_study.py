@@ -80,6 +80,11 @@ def test_stage_specs_and_commands():
     cmd = study.command(PLAN, "heldout", specs)
     assert "--to-budget" in cmd and cmd[cmd.index("--seeds") + 1] == "100,101,102,103,104"
     assert cmd.count("--opt") == len(specs)
+    assert cmd.count("--op") == len(PLAN["heldout"]["ops"])
+    one = study.command(PLAN, "heldout", specs, ["x/y"])
+    assert one.count("--op") == 1 and one[one.index("--op") + 1] == "x/y"
+    with pytest.raises(SystemExit, match="'x\\*y': not an operation of the heldout stage"):
+        study.command(PLAN, "heldout", specs, ["x*y"])
     mv = study.command(PLAN, "multivar", ["supergrok"])
     assert mv[mv.index("--p") + 1] == "7" and mv[mv.index("--width") + 1] == "64"
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking_study.py"), "tune",
