@@ -152,6 +152,14 @@ def test_recommended_is_compared_with_the_choices():
         f"{dict(sorted((got | {'lamb': 5.0}).items()))}"]
 
 
+def test_recommended_states_the_committed_tuning_choices():
+    """shardgrok.recommended is the tuning stage's choice per family, read from the committed
+    results file by the plan's rule: a re-tune that changes a choice fails here until
+    shardgrok/recommended.py says the same."""
+    chosen = {f: s for f, (s, _) in study.select(PLAN, study.tuning_runs(PLAN)).items()}
+    assert study.recommended_mismatches(PLAN, chosen) == []
+
+
 def test_summary_figures_come_from_the_runs():
     plan = {"common": {"targets": [0.95]},
             "families": {"adamw": {}, "adamw+ema": {}, "grokadamw": {}, "supergrok": {}},
