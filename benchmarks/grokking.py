@@ -202,7 +202,7 @@ def markdown(runs: list[dict], targets: list[float], versus: list[str] | None = 
     of = lambda op, spec: [x for x in runs if x["op"] == op and x["spec"] == spec]  # noqa: E731
     for r in rows:
         mine = of(r["op"], r["spec"])
-        cells = [r["op"], f"`{r['spec']}`", str(r["seeds"])]
+        cells = [f"`{r['op']}`", f"`{r['spec']}`", str(r["seeds"])]
         for t in targets:
             cells += [_spread([x["steps_to"][str(t)] for x in mine]),
                       f"{r[f'reached_{t}']} / {r[f'held_{t}']}" if held else str(r[f"reached_{t}"])]
@@ -250,7 +250,7 @@ def paired(runs: list[dict], pairs: list[list[str]], target: float) -> str:
                 else:
                     cells.append(f"{seed}: not reached")
             med = f"{statistics.median(ratios):.3f}" if ratios else "-"
-            lines.append(f"| {op} | `{spec}` | `{base}` | {'; '.join(cells)} | {med} |")
+            lines.append(f"| `{op}` | `{spec}` | `{base}` | {'; '.join(cells)} | {med} |")
     return "\n".join(lines)
 
 
@@ -275,7 +275,7 @@ def diagnostics(runs: list[dict], only: list[str] | None = None) -> str:
                 med([min(c["clip_coef"] for c in t) for t in tagged]),
                 med([cv[-1]["train_loss"] for cv in curves if cv[-1]["train_loss"] is not None]),
                 med([cv[-1]["train_acc"] for cv in curves if cv[-1]["train_acc"] is not None])]
-        cells = [op, f"`{spec}`"] + ["-" if v is None else f"{v:.3g}" for v in vals]
+        cells = [f"`{op}`", f"`{spec}`"] + ["-" if v is None else f"{v:.3g}" for v in vals]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

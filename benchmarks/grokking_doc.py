@@ -1,11 +1,13 @@
-"""Keep docs/grokking.md's tables and figures what the report commands print.
+"""Keep docs/grokking.md's tables and figures, and the README's statement of the study's
+result, what the report commands print.
 
 Two forms. Each ``grokking.py --report`` command in a ```bash block of the page is run (without
 ``--png``) and the first markdown table after the block is replaced by its output (kept at the
 table's indentation). And everything between ``<!-- output: python benchmarks/SCRIPT ARGS -->``
 and ``<!-- end output -->`` is replaced by what that command prints (tables, and the prose whose
-figures come from the results files). ``--check`` changes nothing and exits 1 when a table or
-an output block differs from its command's output, which the tests use.
+figures come from the results files); the README has output blocks only. ``--check`` changes
+nothing and exits 1 when a table or an output block differs from its command's output, which the
+tests use.
 
     python benchmarks/grokking_doc.py            # rewrite the tables
     python benchmarks/grokking_doc.py --check    # are they current?
@@ -21,6 +23,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "grokking.md"
+PAGES = (DOC, ROOT / "README.md")
 
 
 def report_commands(block: list[str]) -> list[list[str]]:
@@ -62,7 +65,7 @@ def run_script(script: str, args: list[str]) -> list[str]:
     return r.stdout.rstrip("\n").splitlines()
 
 
-def sync(lines: list[str]) -> tuple[list[str], list[str]]:
+def sync(lines: list[str], page: str = "docs/grokking.md") -> tuple[list[str], list[str]]:
     """(the page with its tables and output blocks re-rendered, the commands whose output
     differed)."""
     out, stale, i = [], [], 0
@@ -76,7 +79,7 @@ def sync(lines: list[str]) -> tuple[list[str], list[str]]:
             while i < len(lines) and lines[i].strip() != END:
                 i += 1
             if i == len(lines):
-                raise SystemExit(f"docs/grokking.md: {line.strip()} has no {END}")
+                raise SystemExit(f"{page}: {line.strip()} has no {END}")
             new = run_script(m.group(1), shlex.split(m.group(2)))
             if new != lines[start:i]:
                 stale.append(f"{m.group(1)}{m.group(2)}")
@@ -93,7 +96,7 @@ def sync(lines: list[str]) -> tuple[list[str], list[str]]:
         if not cmds:
             continue
         if len(cmds) > 1:
-            raise SystemExit(f"docs/grokking.md: one --report command per block, got {len(cmds)}")
+            raise SystemExit(f"{page}: one --report command per block, got {len(cmds)}")
         # copy up to the next table, then replace the table
         while i < len(lines) and not lines[i].lstrip().startswith("|"):
             out.append(lines[i])
@@ -114,15 +117,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if a table is stale")
     a = ap.parse_args(argv)
-    lines = DOC.read_text().splitlines()
-    new, stale = sync(lines)
-    if a.check:
-        for cmd in stale:
-            print(f"stale: {cmd}")
-        return 1 if stale else 0
-    DOC.write_text("\n".join(new) + "\n")
-    print(f"{DOC.relative_to(ROOT)}: {len(stale)} table(s) rewritten")
-    return 0
+    failed = False
+    for path in PAGES:
+        name = str(path.relative_to(ROOT))
+        new, stale = sync(path.read_text().splitlines(), name)
+        if a.check:
+            for cmd in stale:
+                print(f"stale in {name}: {cmd}")
+            failed |= bool(stale)
+            continue
+        path.write_text("\n".join(new) + "\n")
+        print(f"{name}: {len(stale)} table(s) or block(s) rewritten")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

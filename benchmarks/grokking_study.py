@@ -8,6 +8,7 @@
     python benchmarks/grokking_study.py progress   # runs done per stage, and the CPU time spent
     python benchmarks/grokking_study.py goal       # the held-out goal, operation by operation
     python benchmarks/grokking_study.py summary    # the page's conclusions, with their figures
+    python benchmarks/grokking_study.py verdict    # the goal's answer in a few sentences (README)
     python benchmarks/grokking_study.py meta [STAGE]  # what SuperGrok's meta-step learned
 
 The plan (benchmarks/grokking_plan.toml) was committed before any held-out run: the tuning set
@@ -26,12 +27,13 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import textwrap
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PLAN = ROOT / "benchmarks" / "grokking_plan.toml"
 STAGES = ("tune", "select", "heldout", "multivar")
-REPORTS = ("progress", "goal", "meta", "summary")
+REPORTS = ("progress", "goal", "meta", "summary", "verdict")
 NAMES = {"adamw": "AdamW", "adamw+ema": "AdamW + EMA", "grokadamw": "GrokAdamW",
          "supergrok": "SuperGrok"}
 BASELINES = ("adamw", "adamw+ema")   # the families the goal's "best tuned baseline" is taken from
@@ -93,7 +95,7 @@ def selection_table(plan: dict, runs: list[dict]) -> str:
     t = plan["tuning"]
     target = plan["common"]["targets"][0]
     chosen = {s for s, _ in select(plan, runs).values()}
-    head = ["family", "setting", "score"] + [f"{op}: median steps" for op in t["ops"]]
+    head = ["family", "setting", "score"] + [f"`{op}`: median steps" for op in t["ops"]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, specs in grid_specs(plan).items():
         for s in specs:
@@ -211,6 +213,13 @@ def stage_runs(plan: dict, stage: str) -> list[dict]:
     return grokking.read_runs([str(path)])[0]
 
 
+def ops_run(plan: dict, stage: str, runs: list[dict]) -> list[str]:
+    """The stage's operations that have runs, in the plan's order: a stage run one operation
+    per invocation is reported on as far as it has got."""
+    have = {r["op"] for r in runs}
+    return [op for op in plan[stage]["ops"] if op in have]
+
+
 def _cell(runs: list[dict], op: str, s: str, target: float) -> dict:
     """One (operation, spec): median steps to ``target`` (None: most runs did not get there),
     median seconds to it, median test accuracy at the end, its runs."""
@@ -241,7 +250,7 @@ def goal_rows(plan: dict, chosen: dict[str, str], runs: list[dict]) -> list[dict
     target = plan["common"]["targets"][0]
     goal = plan["heldout"]["goal_steps_ratio"]
     out = []
-    for op in plan["heldout"]["ops"]:
+    for op in ops_run(plan, "heldout", runs):
         cells = {f: _cell(runs, op, chosen[f], target) for f in BASELINES + CONTENDERS}
         base = BASELINES[0]
         for f in BASELINES[1:]:
@@ -288,10 +297,22 @@ def goal_table(plan: dict, chosen: dict[str, str], runs: list[dict]) -> str:
             r, t = f"accuracy {100 * c['acc']:.1f}% vs {100 * b['acc']:.1f}%", "-"
         else:
             r, t = "only " + (row["family"] if row["met"] else "the baseline") + " got there", "-"
-        lines.append(f"| {row['op']} | `{chosen[row['baseline']]}` | {steps(b)} | "
+        lines.append(f"| `{row['op']}` | `{chosen[row['baseline']]}` | {steps(b)} | "
                      f"`{chosen[row['family']]}` | {steps(c)} | {r} | {t} | "
                      f"{'met' if row['met'] else 'missed'} |")
     return "\n".join(lines)
+
+
+def _codes(ops: list[str]) -> str:
+    return ", ".join(f"`{op}`" for op in ops)
+
+
+def _held(runs: list[dict], target: float) -> tuple[int, int]:
+    """(runs that reached ``target``, those of them whose test accuracy never fell below it
+    again up to the budget)."""
+    reached = [r for r in runs if r["steps_to"][str(target)] is not None]
+    held = [r for r in reached if (r.get("lowest_after") or {}).get(str(target), 0) >= target]
+    return len(reached), len(held)
 
 
 def _median_or_acc(c: dict) -> str:
@@ -305,9 +326,13 @@ def summary(plan: dict, chosen: dict[str, str], heldout: list[dict],
     results files: the choices, the goal per contender, whether 95% held once reached, what
     each of GrokAdamW's parts and SuperGrok's meta-step changed."""
     target = plan["common"]["targets"][0]
-    ops = plan["heldout"]["ops"]
+    ops = ops_run(plan, "heldout", heldout)
     out = ["- Chosen on the tuning set: " + "; ".join(
         f"{NAMES[f]} `{chosen[f]}`" for f in plan["families"]) + "."]
+    pending = [op for op in plan["heldout"]["ops"] if op not in ops]
+    if pending:
+        out.append(f"- Held-out operations not run yet: {_codes(pending)}; what follows is "
+                   f"over {_codes(ops)} only.")
     rows = goal_rows(plan, chosen, heldout)
     for f in CONTENDERS:
         mine = [r for r in rows if r["family"] == f]
@@ -316,41 +341,98 @@ def summary(plan: dict, chosen: dict[str, str], heldout: list[dict],
         for r in mine:
             if r["steps_ratio"] is not None:
                 t = "" if r["time_ratio"] is None else f", {r['time_ratio']:.2f}x the time"
-                parts.append(f"{r['op']} {r['steps_ratio']:.2f}x the steps{t}")
+                parts.append(f"`{r['op']}` {r['steps_ratio']:.2f}x the steps{t}")
             else:
-                parts.append(f"{r['op']} {_median_or_acc(r['cell'])} against "
+                parts.append(f"`{r['op']}` {_median_or_acc(r['cell'])} against "
                              f"{_median_or_acc(r['base'])}")
         out.append(f"- {NAMES[f]} at its choice met the goal on {len(met)} of {len(mine)} held-out "
                    f"operations, against the best tuned baseline there: " + "; ".join(parts) + ".")
-    reached = [r for r in heldout if r["steps_to"][str(target)] is not None]
-    fell = [r for r in reached if (r.get("lowest_after") or {}).get(str(target), 0) < target]
-    out.append(f"- Once at {target:.0%} test accuracy, {len(reached) - len(fell)} of the "
-               f"{len(reached)} held-out runs that got there stayed at or above it to the budget"
-               + ("." if not fell else "; fell back: " + ", ".join(
-                   f"`{r['spec']}` on {r['op']} seed {r['seed']} (to "
-                   f"{100 * r['lowest_after'][str(target)]:.1f}%)" for r in fell[:6])
-                  + (f" and {len(fell) - 6} more" if len(fell) > 6 else "") + "."))
+    reached, held = _held(heldout, target)
+    per_spec = {sp: _held([r for r in heldout if r["spec"] == sp], target)
+                for sp in dict.fromkeys(r["spec"] for r in heldout)}
+    out.append(f"- Once at {target:.0%} test accuracy, {held} of the {reached} held-out runs that "
+               f"got there stayed at or above it to the budget; held of reached, per setting: "
+               + "; ".join(f"`{sp}` {h} of {n}" for sp, (n, h) in per_spec.items()) + ".")
     h = plan["heldout"]
     for fam, name, extra in h.get("derived", []):
         s = derive(chosen[fam], name, extra)
         if s == chosen[fam] or not extra:
             continue
-        cells = [f"{op} {_median_or_acc(_cell(heldout, op, s, target))} against "
+        cells = [f"`{op}` {_median_or_acc(_cell(heldout, op, s, target))} against "
                  f"{_median_or_acc(_cell(heldout, op, chosen[fam], target))}" for op in ops]
         out.append(f"- {NAMES[fam]}'s choice as `{name}` with `{extra}`: " + "; ".join(cells) + ".")
-    for stage, runs in (("multivar", multivar),):
+    for c in meta_comparisons(plan, chosen, None, multivar):
+        out.append(f"- {c['task']}, `{c['name']}` with `{c['extra']}`: "
+                   f"{_median_or_acc(c['meta'])} against {_median_or_acc(c['plain'])} "
+                   f"without meta-steps.")
+    out.append("- " + _meta_verdict(meta_comparisons(plan, chosen, heldout, multivar)))
+    return "\n".join(out)
+
+
+def meta_comparisons(plan: dict, chosen: dict[str, str], heldout: list[dict] | None,
+                     multivar: list[dict] | None) -> list[dict]:
+    """Every SuperGrok-with-meta-steps setting of the held-out and multivar stages against the
+    same SuperGrok without them, per operation run: the two cells and whether the meta-step won
+    (:func:`_better`: fewer median steps to the target, or a higher accuracy at the end where
+    neither median got there)."""
+    target = plan["common"]["targets"][0]
+    out = []
+    for stage, runs in (("heldout", heldout), ("multivar", multivar)):
         if not runs:
             continue
         for fam, name, extra in plan[stage].get("derived", []):
-            s = derive(chosen[fam], name, extra)
             if not name.endswith("+meta"):
                 continue
-            for op in plan[stage]["ops"]:
+            s = derive(chosen[fam], name, extra)
+            for op in ops_run(plan, stage, runs):
+                task = f"`{op}`" if stage == "heldout" else f"`{op}` mod {plan[stage]['p']}"
+                meta = _cell(runs, op, s, target)
                 plain = _cell(runs, op, _without_meta(s), target)
-                out.append(f"- {op} mod {plan[stage]['p']}, `{name}` with `{extra}`: "
-                           f"{_median_or_acc(_cell(runs, op, s, target))} against "
-                           f"{_median_or_acc(plain)} without meta-steps.")
-    return "\n".join(out)
+                out.append({"task": task, "name": name, "extra": extra, "meta": meta,
+                            "plain": plain, "won": _better(meta, plain)})
+    return out
+
+
+def _meta_verdict(comparisons: list[dict]) -> str:
+    won = [c for c in comparisons if c["won"]]
+    text = (f"SuperGrok's meta-step beat SuperGrok without it in {len(won)} of "
+            f"{len(comparisons)} comparisons (task x meta-step setting; fewer median steps to "
+            f"the target, or a higher test accuracy at the end where neither got there)")
+    if won:
+        text += ": " + "; ".join(f"{c['task']} with `{c['extra']}`" for c in won)
+    return text + "."
+
+
+def verdict(plan: dict, chosen: dict[str, str], heldout: list[dict],
+            multivar: list[dict] | None) -> str:
+    """The held-out stage's answer to the plan's goal in a few sentences (the README's)."""
+    ops = ops_run(plan, "heldout", heldout)
+    goal = plan["heldout"]["goal_steps_ratio"]
+    rows = goal_rows(plan, chosen, heldout)
+    met = {f: sum(r["met"] for r in rows if r["family"] == f) for f in CONTENDERS}
+    text = (f"On operations and seeds held out from choosing ({_codes(ops)}; "
+            f"{len(plan['heldout']['seeds'])} seeds each), the goal, at most {goal:g}x the median "
+            f"steps to {plan['common']['targets'][0]:.0%} test accuracy of the best tuned "
+            f"baseline (AdamW or AdamW + EMA) in less wall time, was met by "
+            + " and by ".join(f"{NAMES[f]} on {met[f]} of {len(ops)} operations"
+                              for f in CONTENDERS) + ". ")
+    target = plan["common"]["targets"][0]
+    stayed = {f: _held([r for r in heldout if r["spec"] == chosen[f]], target)
+              for f in plan["families"]}
+    text += (f"Of the runs at each family's choice that reached {target:.0%}, those that stayed "
+             "there to the budget: " + ", ".join(f"{NAMES[f]} {h} of {n}"
+                                                 for f, (n, h) in stayed.items()) + ". ")
+    text += _meta_verdict(meta_comparisons(plan, chosen, heldout, multivar)) + " "
+    pending = [op for op in plan["heldout"]["ops"] if op not in ops]
+    if pending:
+        text += (f"The held-out stage is not finished ({_codes(pending)} still to run), so "
+                 "no conclusion is drawn yet.")
+    elif all(met[f] == len(ops) for f in CONTENDERS):
+        text += "The goal is met."
+    else:
+        text += ("The goal is not met: no speed-up over a tuned AdamW is claimed for "
+                 "these settings.")
+    return text
 
 
 def meta_table(runs: list[dict], target: float) -> str:
@@ -375,7 +457,7 @@ def meta_table(runs: list[dict], target: float) -> str:
         recorded = [[c for c in r["curve"] if "meta_loss" in c] for r in metas]
         first = med(cs[0]["meta_loss"] for cs in recorded)
         last = med(cs[-1]["meta_loss"] for cs in recorded)
-        cells = [op, f"`{spec}`", str(len(metas)), f"{first:.3g} -> {last:.3g}",
+        cells = [f"`{op}`", f"`{spec}`", str(len(metas)), f"{first:.3g} -> {last:.3g}",
                  f"{med(cs[-1]['rescale'] for cs in recorded):.3g}"]
         cells += [f"{med(cs[-1]['log_mask'][i] for cs in recorded):.2g}"
                   for i in range(len(MASK_PROBES))]
@@ -459,11 +541,16 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {k: v for k, (v, _) in select(plan, tuning_runs(plan)).items()}
         print(goal_table(plan, chosen, stage_runs(plan, "heldout")))
         return 0
-    if a.stage == "summary":
+    if a.stage in ("summary", "verdict"):
         chosen = {k: v for k, (v, _) in select(plan, tuning_runs(plan)).items()}
         mv = ROOT / plan["multivar"]["results"]
-        print(summary(plan, chosen, stage_runs(plan, "heldout"),
-                      stage_runs(plan, "multivar") if mv.exists() else None))
+        args = (plan, chosen, stage_runs(plan, "heldout"),
+                stage_runs(plan, "multivar") if mv.exists() else None)
+        if a.stage == "summary":
+            print(summary(*args))
+        else:   # a paragraph of the README, wrapped as its prose is
+            print(textwrap.fill(verdict(*args), 96, break_long_words=False,
+                                break_on_hyphens=False))
         return 0
     if a.stage == "meta":
         runs = stage_runs(plan, a.of)

@@ -223,7 +223,7 @@ def test_report_tables_from_json(tmp_path):
     pooled = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
                              str(path), "--pool-ops", "--only", "adamw"], capture_output=True,
                             text=True, check=True, timeout=120).stdout
-    assert pooled.splitlines()[2].startswith("| all | `adamw` | 3 | 600 (400-800) | 3 / 3 |")
+    assert pooled.splitlines()[2].startswith("| `all` | `adamw` | 3 | 600 (400-800) | 3 / 3 |")
     d["runs"].pop()
     # --diagnostics: alpha and clipping from the curves (medians over seeds)
     d["runs"][2]["curve"] = [{"step": 0, "train_loss": None, "train_acc": None},
@@ -237,7 +237,7 @@ def test_report_tables_from_json(tmp_path):
     diag = subprocess.run([sys.executable, str(ROOT / "benchmarks/grokking.py"), "--report",
                            str(path), "--diagnostics"], capture_output=True, text=True,
                           check=True, timeout=120).stdout
-    assert diag.splitlines()[2] == "| x+y | `grokadamw` | 0.6 | 0.6 | 0.5 | 0.4 | 2 | 0.5 |"
+    assert diag.splitlines()[2] == "| `x+y` | `grokadamw` | 0.6 | 0.6 | 0.5 | 0.4 | 2 | 0.5 |"
     assert len(diag.splitlines()) == 3   # adamw records no alpha: no row
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"schema": "other"}))

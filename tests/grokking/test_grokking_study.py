@@ -101,7 +101,7 @@ def test_goal_table():
                         acc={"adamw": 0.4, "adamw+ema": 0.5, "grokadamw": 0.6, "supergrok": 0.3})
     rows = study.goal_table(plan, CHOSEN, runs).splitlines()[2:]
     # x/y: the best baseline is AdamW + EMA (800); 600 / 800 = 0.75 met, 700 / 800 = 0.875 missed
-    assert rows[0] == ("| x/y | `adamw+ema:w=1` | 800 (80 s) | `grokadamw:w=1` | 600 (60 s) | "
+    assert rows[0] == ("| `x/y` | `adamw+ema:w=1` | 800 (80 s) | `grokadamw:w=1` | 600 (60 s) | "
                        "0.75 | 0.75 | met |")
     assert rows[1].endswith("| 0.88 | 0.88 | missed |")
     # nothing gets there: the accuracy at the end decides
@@ -117,7 +117,7 @@ def test_meta_table():
     meta = "supergrok+meta:kappa=0,meta_every=20"
     runs = [run("x", 0, meta, 300, curve=curve), run("x", 0, "supergrok:kappa=0", 400, acc=0.97)]
     row = study.meta_table(runs, 0.95).splitlines()[2]
-    assert row.startswith("| x | `supergrok+meta:kappa=0,meta_every=20` | 1 | 4 -> 2 | 0.5 | 0.5 |")
+    assert row.startswith("| `x` | `supergrok+meta:kappa=0,meta_every=20` | 1 | 4 -> 2 | 0.5 | 0.5 |")
     assert row.endswith("| 300/400 | 99.0/97.0 |")
     # each setting its own row, paired with SuperGrok without the meta-step's keywords
     runs.append(run("x", 0, meta + ",meta_lr=0.01", None, acc=0.5, curve=curve))
@@ -181,12 +181,53 @@ def test_summary_figures_come_from_the_runs():
     assert text[0] == ("- Chosen on the tuning set: AdamW `adamw:w=1`; AdamW + EMA `adamw+ema:w=1`; "
                        "GrokAdamW `grokadamw:w=1`; SuperGrok `supergrok:w=1`.")
     assert text[1] == ("- GrokAdamW at its choice met the goal on 1 of 1 held-out operations, against "
-                       "the best tuned baseline there: x/y 0.50x the steps, 0.50x the time.")
-    assert "SuperGrok at its choice met the goal on 0 of 1" in text[2] and "x/y 1.00x the steps" in text[2]
-    assert text[3].startswith("- Once at 95% test accuracy, 14 of the 15 held-out runs that got there "
-                              "stayed at or above it to the budget; fell back: `grokadamw:w=1` on "
-                              "x/y seed 0 (to 90.0%).")
-    assert text[4] == ("- GrokAdamW's choice as `grokadamw` with `gamma=0`: x/y 600 steps against "
+                       "the best tuned baseline there: `x/y` 0.50x the steps, 0.50x the time.")
+    assert "SuperGrok at its choice met the goal on 0 of 1" in text[2] and "`x/y` 1.00x the steps" in text[2]
+    assert text[3] == ("- Once at 95% test accuracy, 14 of the 15 held-out runs that got there "
+                       "stayed at or above it to the budget; held of reached, per setting: "
+                       "`adamw:w=1` 3 of 3; `adamw+ema:w=1` 3 of 3; `grokadamw:w=1` 2 of 3; "
+                       "`supergrok:w=1` 3 of 3; `grokadamw:w=1,gamma=0` 3 of 3.")
+    assert text[4] == ("- GrokAdamW's choice as `grokadamw` with `gamma=0`: `x/y` 600 steps against "
                        "450 steps.")
-    assert text[5] == ("- a-b mod 7, `supergrok+meta` with `weight_decay=0.1,meta_every=20`: never "
+    assert text[5] == ("- `a-b` mod 7, `supergrok+meta` with `weight_decay=0.1,meta_every=20`: never "
                        "(40.0% at the end) against never (30.0% at the end) without meta-steps.")
+    assert text[6] == ("- SuperGrok's meta-step beat SuperGrok without it in 1 of 1 comparisons "
+                       "(task x meta-step setting; fewer median steps to the target, or a higher "
+                       "test accuracy at the end where neither got there): `a-b` mod 7 with "
+                       "`weight_decay=0.1,meta_every=20`.")
+    assert len(text) == 7
+
+
+def verdict_plan(ops):
+    return {"common": {"targets": [0.95]},
+            "families": {"adamw": {}, "adamw+ema": {}, "grokadamw": {}, "supergrok": {}},
+            "heldout": {"ops": ops, "seeds": [1, 2, 3], "goal_steps_ratio": 0.8,
+                        "derived": [["supergrok", "supergrok+meta", "meta_every=20"]]},
+            "multivar": {"ops": ["a-b"], "p": 7, "derived": []}}
+
+
+def test_verdict_and_summary_say_what_is_missing_and_what_was_missed():
+    """The README's sentences: per contender the operations where the goal was met, the share
+    of runs that stayed at 95%, the meta-step's comparisons, and the conclusion, which is drawn
+    only once every held-out operation has run, and is negative unless both met it everywhere."""
+    runs = family_runs("x/y", {"adamw": 1000, "adamw+ema": 800, "grokadamw": 600, "supergrok": 700})
+    runs += [run("x/y", seed, "supergrok+meta:w=1,meta_every=20", 500) for seed in range(3)]
+    for r in runs:
+        r["lowest_after"] = {"0.95": 0.97 if r["seed"] else 0.5}   # seed 0 falls back
+    text = study.verdict(verdict_plan(["x/y", "z"]), CHOSEN, runs, None)
+    assert ("was met by GrokAdamW on 1 of 1 operations and by SuperGrok on 0 of 1 operations. "
+            in text)
+    assert ("those that stayed there to the budget: AdamW 2 of 3, AdamW + EMA 2 of 3, "
+            "GrokAdamW 2 of 3, SuperGrok 2 of 3. ") in text
+    assert "meta-step beat SuperGrok without it in 1 of 1 comparisons" in text
+    assert text.endswith("The held-out stage is not finished (`z` still to run), so no conclusion "
+                         "is drawn yet.")
+    assert study.summary(verdict_plan(["x/y", "z"]), CHOSEN, runs, None).splitlines()[1] == (
+        "- Held-out operations not run yet: `z`; what follows is over `x/y` only.")
+    # every operation run: SuperGrok missed (700 / 800 > 0.8), so the conclusion is negative
+    assert study.verdict(verdict_plan(["x/y"]), CHOSEN, runs, None).endswith(
+        "The goal is not met: no speed-up over a tuned AdamW is claimed for these settings.")
+    for r in runs:
+        if r["spec"] == CHOSEN["supergrok"]:
+            r["steps_to"]["0.95"], r["seconds_to"]["0.95"] = 600, 60
+    assert study.verdict(verdict_plan(["x/y"]), CHOSEN, runs, None).endswith("The goal is met.")
