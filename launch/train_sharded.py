@@ -4,7 +4,9 @@
 The model is wrapped in DistributedDataParallel (gradients are averaged over ranks); the
 optimizer shards m, v and mu over the ranks (ZeRO-1) and all-gathers the updated parameters.
 Each rank trains on its own slice of the data. Every rank prints where it sits; rank 0 prints
-the loss and checks that the parameters are identical on every rank.
+the loss and checks that the parameters are identical on every rank. ``--save`` writes the
+world-size-independent checkpoint with ``shardgrok.save_checkpoint`` (a crash cannot leave it
+half-written); ``--resume`` reads it at any world size.
 """
 import os
 
@@ -14,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
+import shardgrok
 
 
 def parameters_in_sync(net: nn.Module, device) -> bool:
@@ -46,7 +49,7 @@ def train(argv=None):
 
     opt = common.make_optimizer(args.optimizer, model.parameters(), args.lr)
     if args.resume:
-        ck = torch.load(args.resume, map_location=device, weights_only=True)
+        ck = shardgrok.load_checkpoint(args.resume, map_location=device)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
 
@@ -68,7 +71,7 @@ def train(argv=None):
                   f"; parameters identical on all ranks: {in_sync}; rank 0 keeps state for "
                   f"{local} of {total} elements")
     if rank == 0 and args.save:
-        torch.save({"model": net.state_dict(), "optimizer": full}, args.save)
+        shardgrok.save_checkpoint({"model": net.state_dict(), "optimizer": full}, args.save)
     return losses
 
 

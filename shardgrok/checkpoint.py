@@ -102,6 +102,58 @@ def checked_extra(sd: dict[str, Any], what: str = "state_dict") -> dict[str, Any
     return extra
 
 
+def check_saved_by(extra: dict[str, Any], name: str, required: tuple[str, ...]) -> None:
+    """Refuse the state of another optimizer before anything is loaded: the class named in the
+    ``"shardgrok"`` entry (checkpoints before it was recorded name none), and the entries of
+    that class's own state (``required``; SuperGrok's meta-net, for example)."""
+    saved = extra.get("optimizer")
+    if saved is not None and saved != name:
+        raise ValueError(f"state_dict was saved by {saved}; this optimizer is {name}: load a "
+                         f"{name} checkpoint (the two keep different state)")
+    missing = [k for k in required if k not in extra]
+    if missing:
+        raise ValueError(f"state_dict has no {', '.join(map(repr, missing))} in its "
+                         f"{CHECKPOINT_KEY!r} entry, which {name} keeps: it was saved by another "
+                         "optimizer")
+
+
+def check_groups(sd: dict[str, Any], sizes: list[int]) -> None:
+    """The saved param groups must have this optimizer's sizes (torch's own check, with the
+    sizes named)."""
+    groups = sd.get("param_groups")
+    if not isinstance(groups, list) or not isinstance(sd.get("state"), dict):
+        raise ValueError("state_dict must be a dict with 'state' (a dict) and 'param_groups' (a "
+                         "list), as optimizer.state_dict() returns")
+    saved = [len(g.get("params", ())) for g in groups]
+    if saved != sizes:
+        raise ValueError(f"state_dict has param groups of {saved} tensors; this optimizer's "
+                         f"have {sizes}: the checkpoint is for another model or another "
+                         "grouping of its parameters")
+
+
+def check_entries(sd: dict[str, Any], count: int) -> None:
+    """After the layout's import: one state entry per parameter 0..count-1 (the state is
+    created eagerly, so every checkpoint has them all), none for a parameter this optimizer
+    lacks, each with step, m, v and mu (and 8-bit state's scales where it has codes)."""
+    state = sd["state"]
+    foreign = [k for k in state if not (isinstance(k, int) and 0 <= k < count)]
+    if foreign:
+        raise ValueError(f"state_dict['state'] has entries {sorted(map(str, foreign))[:5]} for "
+                         f"parameters this optimizer does not have (it has {count}, keys "
+                         f"0..{count - 1}): the checkpoint is for another model")
+    absent = [i for i in range(count) if i not in state]
+    if absent:
+        raise ValueError(f"state_dict['state'] has no entry for parameter(s) {absent[:8]} of "
+                         f"{count}: the checkpoint is for another model, or was damaged")
+    for i in range(count):
+        st = state[i]
+        keys = STATE_KEYS + (SCALE_KEYS if any(k in st for k in SCALE_KEYS) else ())
+        missing = [k for k in keys if k not in st]
+        if missing:
+            raise ValueError(f"state_dict['state'][{i}] lacks {missing}: every tensor's state "
+                             f"holds {list(keys)}")
+
+
 def without_extra(sd: dict[str, Any]) -> dict[str, Any]:
     """A shallow copy of ``sd`` without the ``"shardgrok"`` entry (what torch.optim loads)."""
     groups = [dict(g) for g in sd["param_groups"]]
@@ -110,15 +162,18 @@ def without_extra(sd: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_full_state(sd: dict[str, Any], params: list[torch.Tensor]) -> None:
-    """A full state dict must hold whole tensors for these parameters (and, for 8-bit state,
-    one scale per block of each)."""
+    """A full state dict must hold whole tensors for these parameters: m, v and mu (or their
+    8-bit codes) of the parameter's shape, and for 8-bit state one scale per block of each."""
     for i, p in enumerate(params):
         for key, v in sd.get("state", {}).get(i, {}).items():
-            want = (p.numel() if key in STATE_KEYS[1:] else
-                    -(-p.numel() // QBLOCK) if key in SCALE_KEYS else None)
+            if key in STATE_KEYS[1:] and tuple(v.shape) != tuple(p.shape):
+                raise ValueError(f"state_dict['state'][{i}][{key!r}] has shape {tuple(v.shape)} "
+                                 f"but parameter {i} has shape {tuple(p.shape)}: the checkpoint "
+                                 "is for another model")
+            want = -(-p.numel() // QBLOCK) if key in SCALE_KEYS else None
             if want is not None and v.numel() != want:
-                raise ValueError(f"state_dict['state'][{i}][{key!r}] has {v.numel()} elements "
-                                 f"but parameter {i} (shape {tuple(p.shape)}) needs {want}: "
+                raise ValueError(f"state_dict['state'][{i}][{key!r}] has {v.numel()} scales "
+                                 f"but parameter {i} (shape {tuple(p.shape)}) has {want} blocks: "
                                  "the checkpoint is for another model")
 
 

@@ -12,8 +12,9 @@ from typing import Any, Iterable
 import torch
 
 from .. import _validation as V
-from ..checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, checked_extra,
-                          values_by_row, without_extra)
+from ..checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, STATE_KEYS, check_entries,
+                          check_groups, check_saved_by, checked_extra, values_by_row,
+                          without_extra)
 from .. import kernels as K
 from ..kernels.plan import FusedPlan, TensorInfo
 from ..layouts import EngineWatch, LayoutSwitch, Segment, ZeroLayout, select_layout
@@ -371,9 +372,17 @@ class GrokOptimizerBase(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "global_step": self._global_step,
+        return {"format": CHECKPOINT_FORMAT, "optimizer": type(self).__name__,
+                "global_step": self._global_step,
                 "skipped_steps": self._skipped_steps, "rounding_seed": self.rounding_seed,
                 "int8_format": INT8_FORMAT}
+
+    #: entries of the ``"shardgrok"`` entry this class's checkpoints must have
+    _REQUIRED_EXTRA: tuple[str, ...] = ("global_step",)
+
+    def _check_extra_loads(self, extra: dict[str, Any]) -> None:
+        """Raise if ``extra`` (the ``"shardgrok"`` entry) would fail to load; called before
+        anything is loaded."""
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self._global_step = int(extra["global_step"])
@@ -443,8 +452,12 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         size, each rank slicing its own range; this rank's own ZeRO shard; or, under FSDP, what
         torch.distributed.checkpoint restored."""
         self._follow_engine()
-        self._consolidated = None
+        # Everything is checked before anything changes: a bad checkpoint leaves the state as
+        # it was.
         extra = checked_extra(state_dict)
+        check_saved_by(extra, type(self).__name__, self._REQUIRED_EXTRA)
+        check_groups(state_dict, [len(g["params"]) for g in self.param_groups])
+        self._check_extra_loads(extra)
         quantized = any(R.is_quantized(st) for st in state_dict["state"].values())
         if quantized and extra.get("int8_format") != INT8_FORMAT:
             raise ValueError(f"state_dict holds 8-bit state in codes of version "
@@ -455,6 +468,8 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         formats = [g.get("state_dtype") for g in self.param_groups]
         rest = self._layout.import_state(self, _values_by_row(without_extra(state_dict), extra),
                                          extra)
+        check_entries(rest, sum(len(g["params"]) for g in self.param_groups))
+        self._consolidated = None
         super().load_state_dict(rest)
         for g, fmt in zip(self.param_groups, formats):  # the state format is this optimizer's
             g.pop("state_dtype", None)

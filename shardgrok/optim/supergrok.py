@@ -360,6 +360,24 @@ class SuperGrok(GrokOptimizerBase):
                                      if self.meta_optimizer is not None else None))
         return extra
 
+    _REQUIRED_EXTRA = ("global_step", "cached_signal", "meta_net", "meta_optimizer")
+
+    def _check_extra_loads(self, extra: dict[str, Any]) -> None:
+        mine = self.meta_net.state_dict()
+        theirs = extra["meta_net"]
+        if set(theirs) != set(mine) or any(tuple(theirs[k].shape) != tuple(v.shape)
+                                           for k, v in mine.items()):
+            raise ValueError(
+                "state_dict's meta-net has tensors "
+                f"{ {k: tuple(v.shape) for k, v in theirs.items()} }; this SuperGrok's meta_net "
+                f"has { {k: tuple(v.shape) for k, v in mine.items()} }: construct SuperGrok with "
+                "the meta_net the checkpoint was saved with")
+        if (extra["meta_optimizer"] is None) != (self.meta_optimizer is None):
+            raise ValueError("state_dict " + ("has no" if extra["meta_optimizer"] is None else
+                                              "has a") + " meta-optimizer state and this "
+                             "SuperGrok " + ("has one" if extra["meta_optimizer"] is None
+                                             else "has none"))
+
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         super()._load_extra_state(extra)
         self._cached_signal = extra["cached_signal"]
