@@ -385,6 +385,9 @@ def meta_comparisons(plan: dict, chosen: dict[str, str], heldout: list[dict] | N
                 continue
             s = derive(chosen[fam], name, extra)
             for op in ops_run(plan, stage, runs):
+                have = {r["spec"] for r in runs if r["op"] == op}
+                if s not in have or _without_meta(s) not in have:
+                    continue   # a stage still running: compared once both have runs
                 task = f"`{op}`" if stage == "heldout" else f"`{op}` mod {plan[stage]['p']}"
                 meta = _cell(runs, op, s, target)
                 plain = _cell(runs, op, _without_meta(s), target)

@@ -131,26 +131,29 @@ def check_groups(sd: dict[str, Any], sizes: list[int]) -> None:
                          "grouping of its parameters")
 
 
-def check_entries(sd: dict[str, Any], count: int) -> None:
-    """After the layout's import: one state entry per parameter 0..count-1 (the state is
-    created eagerly, so every checkpoint has them all), none for a parameter this optimizer
-    lacks, each with step, m, v and mu (and 8-bit state's scales where it has codes)."""
+def check_entries(sd: dict[str, Any]) -> None:
+    """After the layout's import: one state entry per parameter its param groups list (the
+    state is created eagerly, so every checkpoint has them all; the keys are indices, or the
+    parameter names torch.distributed.checkpoint puts there), none for a parameter they do not
+    list, each with step, m, v and mu (and 8-bit state's scales where it has codes)."""
     state = sd["state"]
-    foreign = [k for k in state if not (isinstance(k, int) and 0 <= k < count)]
+    ids = [k for g in sd["param_groups"] for k in g["params"]]
+    listed = set(ids)
+    foreign = [k for k in state if k not in listed]
     if foreign:
         raise ValueError(f"state_dict['state'] has entries {sorted(map(str, foreign))[:5]} for "
-                         f"parameters this optimizer does not have (it has {count}, keys "
-                         f"0..{count - 1}): the checkpoint is for another model")
-    absent = [i for i in range(count) if i not in state]
+                         f"parameters its param groups do not list (they list {len(ids)}): the "
+                         "checkpoint is damaged or for another model")
+    absent = [k for k in ids if k not in state]
     if absent:
         raise ValueError(f"state_dict['state'] has no entry for parameter(s) {absent[:8]} of "
-                         f"{count}: the checkpoint is for another model, or was damaged")
-    for i in range(count):
-        st = state[i]
-        keys = STATE_KEYS + (SCALE_KEYS if any(k in st for k in SCALE_KEYS) else ())
-        missing = [k for k in keys if k not in st]
+                         f"{len(ids)}: the checkpoint is for another model, or was damaged")
+    for k in ids:
+        st = state[k]
+        keys = STATE_KEYS + (SCALE_KEYS if any(key in st for key in SCALE_KEYS) else ())
+        missing = [key for key in keys if key not in st]
         if missing:
-            raise ValueError(f"state_dict['state'][{i}] lacks {missing}: every tensor's state "
+            raise ValueError(f"state_dict['state'][{k!r}] lacks {missing}: every tensor's state "
                              f"holds {list(keys)}")
 
 

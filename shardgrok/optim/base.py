@@ -468,7 +468,7 @@ class GrokOptimizerBase(torch.optim.Optimizer):
         formats = [g.get("state_dtype") for g in self.param_groups]
         rest = self._layout.import_state(self, _values_by_row(without_extra(state_dict), extra),
                                          extra)
-        check_entries(rest, sum(len(g["params"]) for g in self.param_groups))
+        check_entries(rest)
         self._consolidated = None
         super().load_state_dict(rest)
         for g, fmt in zip(self.param_groups, formats):  # the state format is this optimizer's

@@ -371,7 +371,7 @@ def test_grokking_report_pairs_seeds():
                  for s in (spec, base)}
         ratios = [steps[spec][k] / steps[base][k] for k in steps[spec]
                   if steps[spec][k] and steps[base].get(k)]
-        row = next(line for line in proc.stdout.splitlines() if line.startswith(f"| {op} |"))
+        row = next(line for line in proc.stdout.splitlines() if line.startswith(f"| `{op}` |"))
         assert row.rstrip(" |").endswith(f"{statistics.median(ratios):.3f}"), row
 
 

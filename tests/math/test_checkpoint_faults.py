@@ -89,7 +89,8 @@ def test_another_models_checkpoint_is_refused(kind):
     refused(kind, missing, r"no entry for parameter\(s\) \[3\] of 4")
     extra = copy.deepcopy(sd)
     extra["state"][7] = copy.deepcopy(sd["state"][0])
-    refused(kind, extra, r"entries \['7'\] for parameters this optimizer does not have")
+    refused(kind, extra, r"entries \['7'\] for parameters its param groups do not list \(they "
+                         r"list 4\)")
     refused(kind, saved(kind, net=model(hidden=12)),
             r"\['exp_avg'\] has shape \(12, 8\) but parameter 0 has shape \(16, 8\)")
     refused(kind, saved(kind, net=model(layers=1)), r"param groups of \[2\] tensors; this "
@@ -100,6 +101,9 @@ def test_another_models_checkpoint_is_refused(kind):
     lacking = copy.deepcopy(sd)
     del lacking["state"][2]["mu"]
     refused(kind, lacking, r"state_dict\['state'\]\[2\] lacks \['mu'\]")
+    wrong_id = copy.deepcopy(sd)
+    wrong_id["state"]["w.0"] = wrong_id["state"].pop(0)   # names where the groups list indices
+    refused(kind, wrong_id, r"entries \['w.0'\] for parameters its param groups do not list")
 
 
 @pytest.mark.parametrize("kind", list(OPTS))
