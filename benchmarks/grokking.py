@@ -117,6 +117,13 @@ def _spread(values: list) -> str:
     return f"{fmt(m)} ({fmt(v[0])}-{fmt(v[-1])})"
 
 
+def held(run: dict, target: float) -> bool:
+    """Whether a run reached ``target`` and its test accuracy never fell below it again up to
+    the budget (``--to-budget`` runs record the lowest accuracy after reaching it)."""
+    return (run["steps_to"][str(target)] is not None
+            and (run.get("lowest_after") or {}).get(str(target), 0) >= target)
+
+
 def summarise(runs: list[dict], targets: list[float]) -> list[dict]:
     rows = []
     keys = sorted({(r["op"], r["spec"]) for r in runs}, key=lambda k: (k[0], k[1]))
@@ -131,8 +138,7 @@ def summarise(runs: list[dict], targets: list[float]) -> list[dict]:
             # of those that reached it, how many never fell below it again (a run stopped at its
             # last target has its lowest accuracy after this one up to that stop); None for
             # files from before the harness recorded it
-            row[f"held_{t}"] = (sum(r["steps_to"][str(t)] is not None
-                                    and r["lowest_after"].get(str(t), 0) >= t for r in mine)
+            row[f"held_{t}"] = (sum(held(r, t) for r in mine)
                                 if all("lowest_after" in r for r in mine) else None)
         rows.append(row)
     return rows

@@ -310,9 +310,9 @@ def _codes(ops: list[str]) -> str:
 def _held(runs: list[dict], target: float) -> tuple[int, int]:
     """(runs that reached ``target``, those of them whose test accuracy never fell below it
     again up to the budget)."""
-    reached = [r for r in runs if r["steps_to"][str(target)] is not None]
-    held = [r for r in reached if (r.get("lowest_after") or {}).get(str(target), 0) >= target]
-    return len(reached), len(held)
+    import grokking
+    return (sum(r["steps_to"][str(target)] is not None for r in runs),
+            sum(grokking.held(r, target) for r in runs))
 
 
 def _median_or_acc(c: dict) -> str:
