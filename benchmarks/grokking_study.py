@@ -402,8 +402,16 @@ def _meta_verdict(comparisons: list[dict]) -> str:
             f"{len(comparisons)} comparisons (task x meta-step setting; fewer median steps to "
             f"the target, or a higher test accuracy at the end where neither got there)")
     if won:
-        text += ": " + "; ".join(f"{c['task']} with `{c['extra']}`" for c in won)
+        text += ": " + "; ".join(f"{c['task']} with `{c['extra']}` ({_with_time(c['meta'])} "
+                                 f"against {_with_time(c['plain'])} without)" for c in won)
     return text + "."
+
+
+def _with_time(cell: dict) -> str:
+    """Median steps and, where it got there, median seconds to the target (both cells of a
+    meta comparison come from one run set: one operation's runs of one invocation)."""
+    text = _median_or_acc(cell)
+    return text if cell["steps"] is None else f"{text} in {cell['seconds']:.0f} s"
 
 
 def verdict(plan: dict, chosen: dict[str, str], heldout: list[dict],

@@ -168,14 +168,19 @@ def test_summary_figures_come_from_the_runs():
             "multivar": {"ops": ["a-b"], "p": 7,
                          "derived": [["supergrok", "supergrok", "weight_decay=0.1"],
                                      ["supergrok", "supergrok+meta",
-                                      "weight_decay=0.1,meta_every=20"]]}}
+                                      "weight_decay=0.1,meta_every=20"],
+                                     ["supergrok", "supergrok+meta",
+                                      "weight_decay=0.1,meta_every=20,meta_lr=0.01"]]}}
     held = family_runs("x/y", {"adamw": 1000, "adamw+ema": 900, "grokadamw": 450, "supergrok": 900})
     held += [run("x/y", seed, "grokadamw:w=1,gamma=0", 600) for seed in range(3)]
     for r in held:
         r["lowest_after"] = {"0.95": 0.97}
     held[2]["lowest_after"] = {"0.95": 0.90}   # seed 0's grokadamw run fell back
-    mv = [run("a-b", 0, "supergrok:w=1,weight_decay=0.1", None, acc=0.3),
+    mv = [run("a-b", 0, "supergrok:w=1,weight_decay=0.1", 1000, secs=80),
           run("a-b", 0, "supergrok+meta:w=1,weight_decay=0.1,meta_every=20", None, acc=0.4),
+          # fewer steps, more seconds: the verdict gives both
+          run("a-b", 0, "supergrok+meta:w=1,weight_decay=0.1,meta_every=20,meta_lr=0.01", 900,
+              secs=100),
           run("a-b", 0, "supergrok:w=1", None, acc=0.9)]   # not the multivar setting
     text = study.summary(plan, CHOSEN, held, mv).splitlines()
     assert text[0] == ("- Chosen on the tuning set: AdamW `adamw:w=1`; AdamW + EMA `adamw+ema:w=1`; "
@@ -190,12 +195,15 @@ def test_summary_figures_come_from_the_runs():
     assert text[4] == ("- GrokAdamW's choice as `grokadamw` with `gamma=0`: `x/y` 600 steps against "
                        "450 steps.")
     assert text[5] == ("- `a-b` mod 7, `supergrok+meta` with `weight_decay=0.1,meta_every=20`: never "
-                       "(40.0% at the end) against never (30.0% at the end) without meta-steps.")
-    assert text[6] == ("- SuperGrok's meta-step beat SuperGrok without it in 1 of 1 comparisons "
+                       "(40.0% at the end) against 1,000 steps without meta-steps.")
+    assert text[6] == ("- `a-b` mod 7, `supergrok+meta` with `weight_decay=0.1,meta_every=20,"
+                       "meta_lr=0.01`: 900 steps against 1,000 steps without meta-steps.")
+    assert text[7] == ("- SuperGrok's meta-step beat SuperGrok without it in 1 of 2 comparisons "
                        "(task x meta-step setting; fewer median steps to the target, or a higher "
                        "test accuracy at the end where neither got there): `a-b` mod 7 with "
-                       "`weight_decay=0.1,meta_every=20`.")
-    assert len(text) == 7
+                       "`weight_decay=0.1,meta_every=20,meta_lr=0.01` (900 steps in 100 s against "
+                       "1,000 steps in 80 s without).")
+    assert len(text) == 8
     # a multivar stage still running: the setting without meta-steps has no run yet
     partial = [r for r in mv if "+meta" in r["spec"]]
     assert study.meta_comparisons(plan, CHOSEN, None, partial) == []
