@@ -60,10 +60,10 @@ def toy_data(n: int, generator: torch.Generator | None = None,
     return x.to(device), x[:, :4].sum(1, keepdim=True).to(device)
 
 
-def make_optimizer(name: str, params, lr: float):
+def make_optimizer(name: str, params, lr: float, **kwargs):
     if name == "grokadamw":
-        return shardgrok.GrokAdamW(params, lr=lr)
-    return shardgrok.SuperGrok(params, lr=lr, warmup_steps=10)
+        return shardgrok.GrokAdamW(params, lr=lr, **kwargs)
+    return shardgrok.SuperGrok(params, lr=lr, warmup_steps=10, **kwargs)
 
 
 def optimizer_step(opt, loss: torch.Tensor, t: int, meta_loss=None, val_loss=None) -> None:
@@ -105,7 +105,10 @@ def run_steps(step, steps: int, start: int = 0) -> list[float]:
 
 def report(what: str, losses: list[float], global_step: int, extra: str = "") -> None:
     """Rank 0's summary line, the one the tests read back."""
-    if rank() == 0:
+    if rank() == 0 and not losses:
+        print(f"{what}: no steps left (global step {global_step}); world size "
+              f"{world_size()}{extra}", flush=True)
+    elif rank() == 0:
         print(f"{what}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps (global "
               f"step {global_step}); world size {world_size()}{extra}", flush=True)
 

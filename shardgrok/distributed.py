@@ -11,6 +11,10 @@ launcher's environment, in this order:
    come from mpi4py's ``COMM_WORLD``, the local rank from a shared-memory split, and rank 0's
    host name and a free port are broadcast as the rendezvous address unless already set;
 4. none of these: a single process, nothing to initialise.
+
+Under torchrun with ``--max-restarts``, each restart round's process group is made on a store
+of its own (:func:`_restart_store`): torchrun keeps one rendezvous store for the whole job, and
+without it a restarted rank reads a peer address the previous round left there.
 """
 from __future__ import annotations
 
@@ -79,6 +83,25 @@ def discover() -> DistInfo:
     return DistInfo(0, 1, 0, "single")
 
 
+def _restart_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """The store this restart round's process group is made on, under torchrun; None elsewhere.
+
+    torchrun's agent hosts one TCP store for the whole job and its workers connect to it
+    (``TORCHELASTIC_USE_AGENT_STORE``) with no per-round prefix: both the static and the c10d
+    rendezvous keep that store across restarts. gloo's rendezvous then finds each rank's
+    address from the previous round still under the same key, and a restarted rank may dial a
+    process that no longer exists ("Gloo connectFullMesh failed ... Connection refused"; NCCL
+    the same way). Prefixing the keys with ``TORCHELASTIC_RESTART_COUNT`` gives every round
+    fresh keys on the same store."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    round_ = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"shardgrok/restart_{round_}", store)
+
+
 def default_backend(cuda_available: bool | None = None) -> str:
     """``"cpu:gloo,cuda:nccl"`` when CUDA is available (CUDA tensors through NCCL, CPU tensors
     through gloo: torch.distributed.checkpoint, object gathers and a user's CPU tensors keep
@@ -95,7 +118,9 @@ def init_distributed(backend: str | None = None,
     tensors plus NCCL for CUDA ones when CUDA is available, else gloo. With NCCL the CUDA device
     is set to the local rank before the group is made and bound to it (``device_id``), so NCCL
     connects eagerly on the right GPU. ``timeout`` bounds how long a collective waits for a
-    rank that stopped: after it, the waiting ranks raise instead of hanging.
+    rank that stopped: after it, the waiting ranks raise instead of hanging. Under torchrun
+    the group is made on a store prefixed by the restart round, so ranks restarted by
+    ``--max-restarts`` connect to each other and not to the previous round's addresses.
 
     Idempotent: if the default group already exists, it only reports it.
     """
@@ -117,8 +142,13 @@ def init_distributed(backend: str | None = None,
                                "pass backend='gloo'")
         torch.cuda.set_device(info.local_rank)
         kwargs["device_id"] = torch.device("cuda", info.local_rank)
-    dist.init_process_group(backend, init_method="env://", rank=info.rank,
-                            world_size=info.world_size, timeout=timeout, **kwargs)
+    store = _restart_store(info.world_size, timeout)
+    if store is None:
+        kwargs["init_method"] = "env://"
+    else:
+        kwargs["store"] = store
+    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+                            timeout=timeout, **kwargs)
     return info
 
 

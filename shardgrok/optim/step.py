@@ -159,7 +159,14 @@ class StepDriver:
             buf = reduction_buffer(info.n, k, failure, local_in, opt._step_device())
             buf[: info.n * (k + 1)] = 0.0
         n = info.n
-        red.all_reduce_(buf, scalars=2 + opt.N_VALUES)
+        try:
+            red.all_reduce_(buf, scalars=2 + opt.N_VALUES)
+        except Exception as e:
+            raise collective_failed(
+                opt, red, "the all-reduce of the step's sums", e,
+                "Nothing was changed on this rank by this step: its parameters and optimizer "
+                f"state are as after step {opt._global_step}, and a checkpoint saved before "
+                "loads as usual.") from e
         stats = buf[: n * k].view(n, k)
         # The step's one host sync: the present flags, the failure and bad-input counts, the
         # reduced scalar inputs and whether every sum is finite, in one copy (none on the CPU).
@@ -190,8 +197,29 @@ class StepDriver:
             opt._kernel_phase2(plan, table, aux)
         else:
             opt._phase2(segs, table, aux)
-        layout.post_step(opt)
+        try:
+            layout.post_step(opt)
+        except Exception as e:
+            if red.world_size == 1:
+                raise
+            raise collective_failed(
+                opt, red, "the all-gather of the updated parameters", e,
+                "This rank's part of the state and parameters was updated, other ranks' may not "
+                "be: resume every rank from the last checkpoint.") from e
         return loss
+
+
+def collective_failed(opt, red, what: str, cause: BaseException, state: str) -> RuntimeError:
+    """The error a rank raises when one of the step's collectives does not complete: a rank
+    stopped answering (suspended, swapping, stuck in its own code) past the process group's
+    timeout, or left. gloo and NCCL say only which operation timed out, not that it was the
+    optimizer's, nor what became of the state."""
+    return RuntimeError(
+        f"{type(opt).__name__}.step() (optimizer step {opt._step_number}): {what} across "
+        f"{red.world_size} ranks did not complete, most often because another rank stopped "
+        "answering within the process group's timeout (init_distributed(timeout=...) or "
+        f"init_process_group's) or left the job. {state} ({type(cause).__name__}: "
+        f"{str(cause)[:300]})")
 
 
 def reduction_buffer(n: int, k: int, failure, local_in: StepInputs,

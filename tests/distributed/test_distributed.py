@@ -7,6 +7,11 @@ single-process runs of the same scenarios (tests/support/scenarios.py, shard=Fal
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -16,7 +21,7 @@ from tests.support import scenarios as S
 from tests.support.helpers import toy
 from tests.kernels.test_kernel import FP32_RTOL
 from tests.support.multirank import (assert_matches_oracle, assert_same_run, emulated_cuda_target,
-                                     launch, max_diff, meta_gradient_error, ok)
+                                     launch, max_diff, meta_gradient_error, ok, worker_env)
 
 MAIN = ("exact_grokadamw", "exact_supergrok", "exact_supergrok_nometa", "reference_grokadamw",
         "reference_supergrok", "collectives", "memory",
@@ -276,6 +281,56 @@ def test_nonfinite_on_one_shard_follows_the_policy_everywhere(jobs, world):
 def test_parameter_mismatch_is_detected_at_construction(jobs, world):
     for res in ok(jobs[world], "mismatch"):
         assert "differ between ranks" in res["error"] and "rank 1" in res["error"]
+
+
+@pytest.mark.parametrize("where", ["reduce", "gather"])
+def test_suspended_rank_inside_step_ends_in_an_error_naming_the_step(tmp_path, where):
+    """Rank 1 suspended (not killed) inside step(): between phase 1 and the all-reduce, or
+    between its update and the all-gather of the updated parameters. Rank 0 raises within the
+    timeout naming the optimizer step and the collective and saying what became of its state,
+    and the checkpoint saved before the step loads. Rank 1 never resumes: the job is killed."""
+    timeout, out = 5.0, tmp_path / "out"
+    out.mkdir()
+    name = "suspended_rank" if where == "reduce" else "suspended_rank_gather"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "tests.support.dist_worker", "--out", str(out), "--ckpt", str(tmp_path),
+           "--scenarios", name, "--timeout", str(timeout)]
+    proc = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    result, res = out / f"{name}.0.pt", None
+    try:
+        deadline = time.monotonic() + 240
+        while res is None and time.monotonic() < deadline:
+            done = proc.poll() is not None
+            try:   # torch.save writes in place: a file still being written does not load
+                res = torch.load(result, weights_only=False)
+            except (FileNotFoundError, RuntimeError, EOFError):
+                if done:
+                    break
+                time.sleep(0.5)
+    finally:
+        # the ranks run in sessions of their own (torchrun's), the agent in the one made here
+        for f in out.glob("*.pid.*"):
+            try:
+                os.kill(int(f.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)
+        log = proc.communicate(timeout=60)[0].decode(errors="replace")
+    assert res is not None, f"rank 0 wrote no result\n{log[-5000:]}"
+    r0 = ok({name: [res]}, name)[0]
+    assert r0["error"] is not None, "rank 0's step returned although rank 1 was suspended"
+    assert "SuperGrok.step() (optimizer step 3)" in r0["error"], r0["error"]
+    assert timeout * 0.8 < r0["elapsed"] < 3 * timeout
+    if where == "reduce":
+        assert "the all-reduce of the step's sums across 2 ranks did not complete" in r0["error"]
+        assert "Nothing was changed on this rank" in r0["error"]
+        assert r0["unchanged"] and r0["step"] == 2
+    else:
+        assert "the all-gather of the updated parameters across 2 ranks did not complete" in r0["error"]
+        assert "resume every rank from the last checkpoint" in r0["error"]
+        assert not r0["unchanged"] and r0["step"] == 3
+    assert r0["same_state"] and r0["loaded_step"] == 2
 
 
 def test_stuck_rank_ends_in_an_error_after_the_timeout(tmp_path):

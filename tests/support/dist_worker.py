@@ -15,6 +15,7 @@ Each scenario runs on every rank and its result (or traceback) is saved to
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 import traceback
@@ -381,6 +382,64 @@ def stuck_rank(args):
     return {"error": err, "elapsed": time.monotonic() - t0}
 
 
+@scenario
+def suspended_rank(args):
+    """Rank 1 is suspended (SIGSTOP) inside ``step()``, after phase 1 and before the step's
+    all-reduce; it never comes back (the test kills it). Rank 0 must raise after about the
+    timeout with an error naming the step and the collective, its parameters as before the
+    step, and the checkpoint it saved before must load with the state it held then."""
+    return _suspended(args, "reduce")
+
+
+@scenario
+def suspended_rank_gather(args):
+    """The same, rank 1 suspended after its update and before the all-gather of the updated
+    parameters (ZeRO-1's post-step): rank 0 has updated its part and must say so."""
+    return _suspended(args, "gather")
+
+
+def _suspended(args, where: str):
+    import signal
+    # torchrun starts each worker in a session of its own: the test kills the ranks by pid
+    with open(os.path.join(args.out, f"{where}.pid.{RANK}"), "w") as f:
+        f.write(str(os.getpid()))
+    model = toy(S.DTYPE)
+    opt = S.make("supergrok", model, RANK, WORLD, shard=True)
+    S.train("supergrok", model, opt, range(2), RANK, WORLD)
+    # a copy: like torch.optim's state_dict(), it holds the live state tensors where it can
+    full = copy.deepcopy(opt.full_state_dict(to=0))
+    path = os.path.join(args.out, f"{where}_before_step.pt")
+    if RANK == 0:
+        shardgrok.save_checkpoint(full, path)
+    dist.barrier()
+    backward(model, 2)
+    if RANK == 1:
+        owner, name = ((opt._layout.reducer, "all_reduce_") if where == "reduce"
+                       else (opt._layout, "post_step"))
+        real = getattr(owner, name)
+
+        def suspended(*a, **kw):
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return real(*a, **kw)
+        setattr(owner, name, suspended)
+    before = S.params(model)
+    t0 = time.monotonic()
+    try:
+        opt.step(train_loss=1.0)
+        err = None
+    except Exception as e:
+        err = str(e)
+    elapsed = time.monotonic() - t0
+    fresh = S.make("supergrok", toy(S.DTYPE), shard=False)
+    fresh.load_state_dict(shardgrok.load_checkpoint(path))
+    loaded = fresh.state_dict()
+    same_state = all(torch.equal(loaded["state"][i][k], full["state"][i][k])
+                     for i in full["state"] for k in full["state"][i])
+    return {"error": err, "elapsed": elapsed, "same_state": same_state,
+            "loaded_step": fresh.get_global_step(), "step": opt.get_global_step(),
+            "unchanged": all(torch.equal(a, b) for a, b in zip(before, S.params(model), strict=True))}
+
+
 def main():
     global RANK, WORLD
     ap = argparse.ArgumentParser()
@@ -416,7 +475,7 @@ def main():
         except Exception:
             result = {"traceback": traceback.format_exc()}
         torch.save(result, os.path.join(args.out, f"{name}.{RANK}.pt"))
-    if "stuck_rank" not in args.scenarios:
+    if "stuck_rank" not in args.scenarios and "suspended_rank" not in args.scenarios:
         shardgrok.shutdown_distributed()
 
 
