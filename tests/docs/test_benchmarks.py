@@ -117,6 +117,26 @@ def test_state_formats_benchmark_runs(tmp_path):
         assert rows[other]["median_ms"] is not None or rows[other]["note"].startswith("cannot run")
 
 
+@pytest.mark.parametrize("optimizer", ["grokadamw", "supergrok"])
+def test_long_run_benchmark_runs(tmp_path, optimizer):
+    """The smoke run, one process: samples every 100 steps, the plan cache inside its bound,
+    and after a group added at step 300 and five load_state_dict round trips the state still
+    equals the reference path's run to fp32 rounding."""
+    out = tmp_path / "long.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "long_run.py"), "--optimizer", optimizer,
+                           "--steps", "600", "--every", "100", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_provenance_lines(proc.stdout, "  ")
+    res = json.loads(out.read_text())
+    _check_provenance(res["provenance"], "long_run.py", 1)
+    (samples,) = res["samples_per_rank"]
+    assert [s["step"] for s in samples] == list(range(100, 601, 100))
+    assert 1 <= res["max_plans"] <= res["plan_bound"]
+    diffs = res["relative_diff_from_reference"]
+    assert diffs["step"] == 0 and max(diffs.values()) < 1e-5, diffs
+
+
 def test_grokking_results_carry_their_provenance(tmp_path):
     out, png = tmp_path / "g.json", tmp_path / "g.png"
     proc = subprocess.run([sys.executable, str(BENCH / "grokking.py"), "--p", "5", "--op", "x+y",
