@@ -15,6 +15,7 @@ pytest.importorskip("lightning")
 import lightning as L  # noqa: E402
 
 from shardgrok.integrations.lightning import GrokCallback  # noqa: E402
+from tests.support.helpers import assert_same_tree  # noqa: E402
 from tests.support.multirank import worker_env  # noqa: E402
 from tests.support.paths import ROOT, load_script  # noqa: E402
 
@@ -32,21 +33,6 @@ def load(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def assert_equal(got, want, where="") -> None:
-    if isinstance(want, dict):
-        assert got.keys() == want.keys(), where
-        for k in want:
-            assert_equal(got[k], want[k], f"{where}/{k}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_equal(g, w, f"{where}/{i}")
-    elif isinstance(want, torch.Tensor):
-        assert torch.equal(got, want), where
-    else:
-        assert got == want, where
-
-
 def full_state(opt_state: dict, model_state: dict) -> None:
     """The checkpoint's optimizer state is whole (consolidated), not rank 0's shard."""
     shapes = [tuple(v.shape) for v in model_state.values()]
@@ -61,8 +47,8 @@ def test_trainer_ddp_resume_equals_the_uninterrupted_run(tmp_path, optimizer):
     half, want, got = (load(tmp_path / f) for f in ("ck/step=10.ckpt", "ref.ckpt", "end.ckpt"))
     full_state(half["optimizer_states"][0], half["state_dict"])
     assert half["global_step"] == 10 and got["global_step"] == want["global_step"] == 20
-    assert_equal(got["state_dict"], want["state_dict"])
-    assert_equal(got["optimizer_states"], want["optimizer_states"])
+    assert_same_tree(got["state_dict"], want["state_dict"])
+    assert_same_tree(got["optimizer_states"], want["optimizer_states"])
     # the latest validation loss SuperGrok is fed travels in the callback's own state
     assert got["callbacks"]["GrokCallback"] == want["callbacks"]["GrokCallback"]
     assert want["callbacks"]["GrokCallback"]["val_loss"] is not None
@@ -76,8 +62,8 @@ def test_fabric_ddp_resume_equals_the_uninterrupted_run(tmp_path, optimizer):
     half, want, got = (load(tmp_path / f) for f in ("ck/step=10.ckpt", "ref.ckpt", "end.ckpt"))
     full_state(half["optimizer"], half["model"])
     assert half["step"] == 10 and got["step"] == want["step"] == 20
-    assert_equal(got["model"], want["model"])
-    assert_equal(got["optimizer"], want["optimizer"])
+    assert_same_tree(got["model"], want["model"])
+    assert_same_tree(got["optimizer"], want["optimizer"])
 
 
 # ---------------------------------------------------------------- the callback, in one process

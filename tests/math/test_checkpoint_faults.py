@@ -18,6 +18,7 @@ from shardgrok import GrokAdamW, SuperGrok, load_checkpoint, save_checkpoint
 from shardgrok.metanet import SimpleMetaNet
 from tests.compat.fixtures.make_compat import KINDS, build
 from tests.compat.test_compat import load as load_fixture
+from tests.support.helpers import assert_same_tree
 
 OPTS = {"grokadamw": GrokAdamW, "supergrok": SuperGrok}
 
@@ -46,21 +47,6 @@ def step(opt, net, g):
     opt.step()
 
 
-def assert_same(a, b, where="state_dict"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), (where, set(a) ^ set(b))
-        for k in a:
-            assert_same(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
-
-
 def refused(kind, bad, match, **kw):
     """Loading ``bad`` raises ``match``; the optimizer's state_dict is what it was, and it
     steps on exactly as an untouched twin does."""
@@ -69,7 +55,7 @@ def refused(kind, bad, match, **kw):
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(bad)
-    assert_same(opt.state_dict(), before)
+    assert_same_tree(opt.state_dict(), before)
     g, h = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     step(opt, net, g)
     step(twin, twin_net, h)
@@ -134,7 +120,7 @@ def test_an_old_checkpoint_of_the_other_optimizer_is_refused():
     with pytest.raises(ValueError, match="no 'cached_signal', 'meta_net', 'meta_optimizer' in "
                                          "its 'shardgrok' entry, which SuperGrok keeps"):
         sg.load_state_dict(old)
-    assert_same(sg.state_dict(), before)
+    assert_same_tree(sg.state_dict(), before)
 
 
 def test_another_meta_net_is_refused():
@@ -159,7 +145,7 @@ def test_save_and_load_checkpoint_round_trip(tmp_path):
     _, opt = trained("supergrok")
     path = tmp_path / "ckpt.pt"
     save_checkpoint({"optimizer": opt.state_dict(), "step": 2}, path)
-    assert_same(load_checkpoint(path), {"optimizer": opt.state_dict(), "step": 2})
+    assert_same_tree(load_checkpoint(path), {"optimizer": opt.state_dict(), "step": 2})
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]   # no temporary file left
     with pytest.raises(FileNotFoundError, match="the folder of path .*nowhere.* does not exist"):
         save_checkpoint({}, tmp_path / "nowhere" / "ckpt.pt")

@@ -133,3 +133,20 @@ def assert_bitwise_across_threads_and_isas(ext, outputs) -> None:
     for other in rest:
         for j, (a, b) in enumerate(zip(runs[first], runs[other], strict=True)):
             assert torch.equal(a, b), f"{other} differs from {first} in output {j}"
+
+
+def assert_same_tree(a, b, where="state_dict"):
+    """``a`` equals ``b`` exactly, leaf by leaf through dicts, lists and tuples: tensors of the
+    same dtype and values, everything else by ``==``; the failing leaf named by its path."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, set(a) ^ set(b))
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
