@@ -90,8 +90,8 @@ def _restart_store(world_size: int, timeout: timedelta) -> dist.Store | None:
     (``TORCHELASTIC_USE_AGENT_STORE``) with no per-round prefix: both the static and the c10d
     rendezvous keep that store across restarts. gloo's rendezvous then finds each rank's
     address from the previous round still under the same key, and a restarted rank may dial a
-    process that no longer exists ("Gloo connectFullMesh failed ... Connection refused"; NCCL
-    the same way). Prefixing the keys with ``TORCHELASTIC_RESTART_COUNT`` gives every round
+    process that no longer exists ("Gloo connectFullMesh failed ... Connection refused").
+    Prefixing the keys with ``TORCHELASTIC_RESTART_COUNT`` gives every round
     fresh keys on the same store."""
     env = os.environ
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):

@@ -3,8 +3,9 @@
 ``Trainer(..., callbacks=[GrokCallback()])``, the optimizer returned by the module's
 ``configure_optimizers``. Checkpoints need nothing from it: Lightning's strategies call the
 optimizer's ``consolidate_state_dict()`` before they save, so under ``strategy="ddp"`` rank 0's
-checkpoint holds the full, world-size-independent state, and ``trainer.fit(ckpt_path=...)``
-resumes it at any world size (Fabric's ``fabric.save`` does the same). The callback:
+checkpoint holds the full, world-size-independent state, which ``trainer.fit(ckpt_path=...)``
+gives every rank to slice (Fabric's ``fabric.save`` and ``fabric.load`` do the same). The
+callback:
 
 - **feeds SuperGrok its losses**: before each optimizer step, the training loss of that step
   (what Lightning backpropagates, summed over the step's accumulated micro-batches, each of
