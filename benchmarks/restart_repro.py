@@ -70,14 +70,19 @@ def main(argv=None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tries", type=int, default=4)
+    ap.add_argument("--inits", default="plain,shardgrok",
+                    help="which process group starts to try, comma-separated")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if args.tries < 1:
         ap.error(f"--tries must be >= 1, got {args.tries}")
+    inits = args.inits.split(",")
+    if not inits or any(i not in ("plain", "shardgrok") for i in inits):
+        ap.error(f"--inits must name plain and/or shardgrok, got {args.inits!r}")
     import step_common
     rows = []
     for rendezvous in ("static", "c10d"):
-        for init in ("plain", "shardgrok"):
+        for init in inits:
             ok = sum(one_try(rendezvous, init) for _ in range(args.tries))
             rows.append({"rendezvous": rendezvous, "init": init, "tries": args.tries,
                          "got_through": ok})

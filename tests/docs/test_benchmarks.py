@@ -137,6 +137,21 @@ def test_long_run_benchmark_runs(tmp_path, optimizer):
     assert diffs["step"] == 0 and max(diffs.values()) < 1e-5, diffs
 
 
+def test_restart_repro_runs(tmp_path):
+    """The smoke run, one try per rendezvous, init_distributed's rows only (a plain row's
+    failed restart waits out the 30 s timeout, and may or may not fail: that race is what the
+    script counts): both restarts get through."""
+    out = tmp_path / "restart.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "restart_repro.py"), "--tries", "1",
+                           "--inits", "shardgrok", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_provenance_lines(proc.stdout, "  ")
+    res = json.loads(out.read_text())
+    rows = {(r["rendezvous"], r["init"]): r["got_through"] for r in res["rows"]}
+    assert rows == {("static", "shardgrok"): 1, ("c10d", "shardgrok"): 1}
+
+
 def test_grokking_results_carry_their_provenance(tmp_path):
     out, png = tmp_path / "g.json", tmp_path / "g.png"
     proc = subprocess.run([sys.executable, str(BENCH / "grokking.py"), "--p", "5", "--op", "x+y",
