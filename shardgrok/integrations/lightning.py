@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..optim import SuperGrok
 from ..optim.base import GrokOptimizerBase
+from .clipping import warn_double_clipping
 from .deepspeed import optimizer_of
 
 __all__ = ["GrokCallback"]
@@ -65,16 +66,11 @@ class GrokCallback(Callback):
                             "returned " + (", ".join(type(o).__name__ for o in trainer.optimizers)
                                            or "no optimizer"))
         clip = trainer.gradient_clip_val
-        for opt in ours:
-            clipping = [g["gradient_clipping"] for g in opt.param_groups
-                        if g["gradient_clipping"] > 0]
-            if clip and clip > 0 and clipping:
-                warnings.warn(
-                    f"Lightning clips the gradients (Trainer(gradient_clip_val={clip})) and then "
-                    f"{type(opt).__name__} clips its filtered gradient to "
-                    f"gradient_clipping={clipping[0]} per param group: leave gradient_clip_val "
-                    "unset to leave clipping to the optimizer, or pass gradient_clipping=0 to "
-                    "the optimizer to leave it to Lightning", UserWarning, stacklevel=2)
+        if clip and clip > 0:
+            for opt in ours:
+                warn_double_clipping(
+                    opt, f"Lightning clips the gradients (Trainer(gradient_clip_val={clip}))",
+                    "leave gradient_clip_val unset", "Lightning")
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         if self.feed_losses:

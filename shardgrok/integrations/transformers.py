@@ -39,6 +39,7 @@ from transformers import TrainerCallback
 
 from ..optim import GrokAdamW, SuperGrok
 from ..optim.supergrok import loss_signal
+from .clipping import warn_double_clipping
 from .deepspeed import optimizer_of
 
 __all__ = ["GrokCallback"]
@@ -120,19 +121,15 @@ class GrokCallback(TrainerCallback):
             raise TypeError(f"GrokCallback drives GrokAdamW or SuperGrok; Trainer's optimizer is "
                             f"{type(optimizer).__name__}") from None
         opt = self.optimizer
-        clipping = [g["gradient_clipping"] for g in opt.param_groups if g["gradient_clipping"] > 0]
         # Under DeepSpeed max_grad_norm becomes the engine's clipping, which GrokAdamW takes as
         # its own and SuperGrok warns about (shardgrok.integrations.deepspeed)
         deepspeed = bool(getattr(args, "deepspeed", None)) or getattr(
             args, "deepspeed_plugin", None) is not None
-        if args.max_grad_norm and args.max_grad_norm > 0 and clipping and not deepspeed:
-            warnings.warn(
-                f"Trainer clips the gradients to norm {args.max_grad_norm} "
-                f"(TrainingArguments.max_grad_norm, 1.0 unless set) and then "
-                f"{type(opt).__name__} clips its filtered "
-                f"gradient to gradient_clipping={clipping[0]} per param group: pass "
-                "max_grad_norm=0 to leave clipping to the optimizer, or gradient_clipping=0 "
-                "to the optimizer to leave it to Trainer", UserWarning, stacklevel=2)
+        if args.max_grad_norm and args.max_grad_norm > 0 and not deepspeed:
+            warn_double_clipping(
+                opt, f"Trainer clips the gradients to norm {args.max_grad_norm} "
+                     "(TrainingArguments.max_grad_norm, 1.0 unless set)",
+                "pass max_grad_norm=0", "Trainer")
         # the latest evaluation loss survives a resume in Trainer's own log
         for entry in reversed(state.log_history or []):
             if self.eval_loss_key in entry:

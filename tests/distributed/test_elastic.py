@@ -7,8 +7,8 @@ rounding of a gradient averaged over another number of ranks.
 
 The restart only gets through because ``shardgrok.init_distributed`` makes each round's process
 group on keys of its own: torchrun keeps one store for the job, and a restarted rank otherwise
-dials the previous round's addresses (with torch's plain ``init_process_group`` 3 of 4 such
-restarts failed here at gloo's connect)."""
+dials the previous round's addresses at gloo's connect (benchmarks/restart_repro.py measures how
+often, with torch's plain ``init_process_group``: benchmarks/results/restart_repro.json)."""
 from __future__ import annotations
 
 import subprocess
